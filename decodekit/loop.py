@@ -1,0 +1,301 @@
+"""The decoding loop: prefill the prompt, then per step process logits, sample, append, check stops.
+
+:func:`generate` drives any model that follows :class:`decodekit.models.protocol.CausalLM`.
+Rows stop independently at EOS (or when a stopping criterion says so); the loop ends when every
+row has stopped or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows, processor_name
+from decodekit.random import RowRandom, row_seeds
+from decodekit.samplers.base import Greedy
+
+# A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
+StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]
+# A streaming callback: (step, tokens [B], finished [B]) -> None, called once per new token.
+TokenCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+FINISH_REASONS = ("length", "eos", "stop")  # codes 0, 1, 2
+
+
+@dataclass
+class GenerateOutput:
+    """What :func:`generate` returns.
+
+    Attributes:
+        tokens: ``[B, N]`` the new tokens; after a row finished, ``pad_token_id``.
+        lengths: ``[B]`` how many of ``tokens`` each row made (its EOS included).
+        finish_reasons: per row ``"eos"``, ``"stop"`` (a stopping criterion) or ``"length"``.
+        sequences: ``[B, T0 + N]`` the prompt as given (padding included) then ``tokens``.
+        logprobs: ``[B, N]`` log-probability of each chosen token under the processed
+            distribution (``output_scores=True`` only).
+        scores: the processed logits ``[B, V]`` of every step (``output_scores=True`` only).
+        sequence_scores: ``[B]`` a sequence's score, for samplers that rank (beam search).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    finish_reasons: list[str]
+    sequences: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    scores: list[torch.Tensor] | None = None
+    sequence_scores: torch.Tensor | None = None
+
+    def rows(self) -> list[list[int]]:
+        """The new tokens of each row as lists, cut at the row's length."""
+        lengths = self.lengths.tolist()
+        return [row[:n] for row, n in zip(self.tokens.tolist(), lengths)]
+
+
+def as_chain(processors: Any) -> ProcessorChain:
+    """``None``, one processor, a list of them, or a chain: always a :class:`ProcessorChain`."""
+    if processors is None:
+        return ProcessorChain()
+    if isinstance(processors, ProcessorChain):
+        return processors
+    if callable(processors):
+        return ProcessorChain([processors])
+    return ProcessorChain(list(processors))
+
+
+def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if any(not isinstance(i, int) or i < 0 for i in ids):
+        raise ConfigError(f"eos_token_id={eos_token_id!r} is not allowed: must be token id(s) >= 0")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def prepare_inputs(
+    model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check and move the prompt and its mask to the model's device; ``[B, T0]`` each."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is not allowed: must be an integer >= 1")
+    ids = torch.as_tensor(input_ids, device=model.device)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"input_ids: must be integer token ids, got dtype {ids.dtype}")
+    ids = ids.long()
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ConfigError(f"input_ids: must be [batch, length] with length >= 1, got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= model.vocab_size):
+        raise ConfigError(f"input_ids: token ids must be in [0, {model.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+    if attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        mask = torch.as_tensor(attention_mask, device=model.device).bool()
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask: shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    return ids, mask
+
+
+def crop_to_context(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the last ``model.max_context`` positions of a prompt that alone is too long (warns)."""
+    context = getattr(model, "max_context", None)
+    if context is not None and ids.shape[1] > context:
+        warnings.warn(
+            f"the prompt has {ids.shape[1]} tokens, more than the model's context of {context}; "
+            f"keeping its last {context}",
+            stacklevel=3,
+        )
+        return ids[:, -context:], mask[:, -context:]
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a left-padded mask: ``cumsum(mask) - 1``, 0 on padding. ``[B, T]``."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache_length: int) -> tuple[torch.Tensor, Any]:
+    """Run the whole prompt through a fresh cache; returns next-token logits ``[B, V]`` and the cache."""
+    cache = model.new_cache(ids.shape[0], cache_length)
+    return model.step(ids, position_ids=positions(mask), attention_mask=mask, cache=cache)
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    *,
+    processors: Any = None,
+    sampler: Any = None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: Any = None,
+    seed: int | list[int] | None = None,
+    stopping: Sequence[StoppingCriterion] = (),
+    on_token: TokenCallback | None = None,
+    output_scores: bool = False,
+    check_every: int | None = None,
+) -> GenerateOutput:
+    """Decode up to ``max_new_tokens`` tokens after each row of ``input_ids``.
+
+    Args:
+        model: follows :class:`decodekit.models.protocol.CausalLM`.
+        input_ids: ``[B, T0]`` (or ``[T0]``) prompt token ids, left-padded when lengths differ.
+        processors: a processor, a list of them or a :class:`ProcessorChain` (default: none).
+        sampler: a sampler (default :class:`~decodekit.samplers.Greedy`).
+        max_new_tokens: the most tokens to add per row.
+        eos_token_id: token id(s) that end a row (kept as the row's last token).
+        pad_token_id: what fills a row after it finished (default: the first EOS id, else 0).
+        attention_mask: ``[B, T0]``, 1 for real tokens, 0 for left padding (default all ones).
+        seed: an int (row ``b`` uses ``seed + b``), one int per row, or None (drawn from torch's
+            global generator). The same seeds give the same tokens, whatever else is in the batch.
+        stopping: extra stopping criteria, ``(sequences, n_new) -> [B] bool``.
+        on_token: streaming callback ``(step, tokens [B], finished [B])``, once per step.
+        output_scores: also return the processed logits of every step and chosen-token logprobs.
+        check_every: how often (in steps) to look at the device for "all rows done" and invalid
+            logits; default 1 on CPU, 8 elsewhere (each look is a host-device sync).
+
+    Returns:
+        :class:`GenerateOutput`.
+
+    Raises:
+        ConfigError: a bad argument (the message names it).
+        InvalidLogitsError: the model's logits hold NaN or +inf.
+        PluginError: a processor or sampler raised or returned bad values (named).
+    """
+    ids, mask = prepare_inputs(model, input_ids, attention_mask, max_new_tokens)
+    chain = as_chain(processors)
+    sampler = Greedy() if sampler is None else sampler
+    if getattr(sampler, "drives_loop", False):
+        return sampler.generate(
+            model, ids, processors=chain, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, attention_mask=mask, seed=seed, stopping=stopping,
+            on_token=on_token, output_scores=output_scores,
+        )  # fmt: skip
+    device = ids.device
+    eos = _eos_tensor(eos_token_id, device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 8
+    batch, prompt_len = ids.shape
+    rng = RowRandom(row_seeds(seed, batch, device))
+
+    # Buffers for the whole run; the loop works on growing views of them.
+    seq = torch.full((batch, prompt_len + max_new_tokens), pad, dtype=torch.long, device=device)
+    seq[:, :prompt_len] = ids
+    full_mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.bool, device=device)
+    full_mask[:, :prompt_len] = mask
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    reason = torch.zeros(batch, dtype=torch.int8, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    scores: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+
+    # Prefill: the (cropped) prompt in one forward pass.
+    window_ids, window_mask = crop_to_context(model, ids, mask)
+    context = getattr(model, "max_context", None)
+    cache_length = prompt_len + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
+    logits, cache = prefill(model, window_ids, window_mask, cache_length)  # logits: [B, V]
+    cached = window_ids.shape[1]
+    chain.begin(ids)
+    if hasattr(sampler, "begin"):
+        sampler.begin(ids)
+
+    steps = 0
+    for step in range(max_new_tokens):
+        end = prompt_len + step
+        history = seq[:, :end]  # [B, T] prompt + tokens so far
+        raw = logits.float()
+        processed = _process(chain, history, raw, step)  # [B, V]
+        invalid = invalid_rows(processed).any()
+        bad = bad | invalid
+        if check_every == 1 and bool(invalid):
+            _diagnose(chain, history, raw, step)
+        token = _sample(sampler, history, processed, rng, step)  # [B]
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        seq[:, end] = token
+        lengths += (~finished).long()
+        if output_scores:
+            scores.append(processed)
+            logprobs.append(torch.log_softmax(processed, dim=-1).gather(-1, token[:, None]).squeeze(-1))
+
+        # Stop checks: EOS, then the caller's criteria; a row keeps its first reason.
+        hit_eos = torch.isin(token, eos) & ~finished
+        reason = torch.where(hit_eos, torch.ones_like(reason), reason)
+        finished = finished | hit_eos
+        for criterion in stopping:
+            stop = criterion(seq[:, : end + 1], step + 1).to(device) & ~finished
+            reason = torch.where(stop, torch.full_like(reason, 2), reason)
+            finished = finished | stop
+        if on_token is not None:
+            on_token(step, token, finished)
+        steps = step + 1
+        if steps == max_new_tokens:
+            break
+        if (steps % check_every == 0) and bool(finished.all()):
+            break
+
+        # Next forward pass: one new position per row; slide the window when the cache is full.
+        if context is not None and cached + 1 > context:
+            keep = max(context // 2, 1)
+            logits, cache = prefill(model, seq[:, end + 1 - keep : end + 1], full_mask[:, end + 1 - keep : end + 1], context)
+            cached = keep
+        else:
+            attn = full_mask[:, end + 1 - (cached + 1) : end + 1]  # [B, cached + 1]
+            pos = positions(attn)[:, -1:]
+            logits, cache = model.step(token[:, None], position_ids=pos, attention_mask=attn, cache=cache)
+            cached += 1
+
+    if bool(bad):
+        raise InvalidLogitsError("invalid logits (NaN, +inf or a row with no token left) appeared during decoding; "
+                                 "run on CPU, which checks every step, to find the step and processor")
+    tokens = seq[:, prompt_len : prompt_len + steps]
+    return GenerateOutput(
+        tokens=tokens,
+        lengths=lengths,
+        finish_reasons=[FINISH_REASONS[r] for r in reason.tolist()],
+        sequences=seq[:, : prompt_len + steps],
+        logprobs=torch.stack(logprobs, dim=1) if output_scores else None,
+        scores=scores if output_scores else None,
+    )
+
+
+def _process(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
+    """Run the chain; if it raises, re-run it checked to name the processor at fault."""
+    try:
+        out = chain(history, logits)
+    except Exception:
+        chain.checked(history, logits, step=step)
+        raise
+    if out.shape != logits.shape:
+        chain.checked(history, logits, step=step)
+        raise PluginError(f"the processor chain returned shape {tuple(out.shape)} at step {step}, expected {tuple(logits.shape)}")
+    return out
+
+
+def _diagnose(chain: ProcessorChain, history: torch.Tensor, raw: torch.Tensor, step: int) -> None:
+    """Find who made this step's logits invalid: the model or a named processor. Always raises."""
+    check_logits(raw, f"the model's logits at step {step}")
+    chain.checked(history, raw, step=step)
+    raise InvalidLogitsError(f"invalid logits after the processor chain at step {step}")
+
+
+def _sample(sampler: Any, history: torch.Tensor, logits: torch.Tensor, rng: RowRandom, step: int) -> torch.Tensor:
+    try:
+        token = sampler(history, logits, rng)
+    except Exception as exc:
+        raise PluginError(f"sampler {processor_name(sampler)} raised at step {step}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(token, torch.Tensor) or token.shape != logits.shape[:1] or token.dtype != torch.long:
+        got = f"{tuple(token.shape)} {token.dtype}" if isinstance(token, torch.Tensor) else type(token).__name__
+        raise PluginError(
+            f"sampler {processor_name(sampler)} returned {got} at step {step}; expected {tuple(logits.shape[:1])} torch.int64"
+        )
+    return token

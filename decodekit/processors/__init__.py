@@ -1,0 +1,47 @@
+"""Built-in logits processors, one module per family."""
+
+from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
+from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
+from decodekit.processors.temperature import Temperature
+from decodekit.processors.truncation import EpsilonCutoff, EtaCutoff, MinP, TopK, TopNSigma, TopP, TypicalP
+
+BUILTIN_PROCESSORS = [
+    RepetitionPenalty,
+    PresencePenalty,
+    FrequencyPenalty,
+    NoRepeatNGram,
+    BadWords,
+    LogitBias,
+    MinNewTokens,
+    Temperature,
+    TopK,
+    TopP,
+    MinP,
+    TypicalP,
+    EpsilonCutoff,
+    EtaCutoff,
+    TopNSigma,
+]
+
+__all__ = [
+    "BUILTIN_PROCESSORS",
+    "BadWords",
+    "BuildContext",
+    "EpsilonCutoff",
+    "EtaCutoff",
+    "FrequencyPenalty",
+    "LogitBias",
+    "LogitsProcessor",
+    "MinNewTokens",
+    "MinP",
+    "NoRepeatNGram",
+    "PresencePenalty",
+    "ProcessorChain",
+    "RepetitionPenalty",
+    "Temperature",
+    "TopK",
+    "TopNSigma",
+    "TopP",
+    "TypicalP",
+]

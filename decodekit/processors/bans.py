@@ -1,0 +1,186 @@
+"""Bans and biases: bad words, per-token logit bias, holding back EOS until a minimum length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from decodekit.errors import ConfigError
+from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
+from decodekit.validation import validate
+
+
+class BadWords(LogitsProcessor):
+    """Never generate the given token sequences.
+
+    A one-token sequence is always banned. For a longer one, its last token is banned whenever
+    the sequence so far ends with the rest of it (its prefix), so the whole sequence can never
+    be completed. transformers' ``NoBadWordsLogitsProcessor`` semantics. Sequences are grouped by
+    length and matched as tensors: the cost per step grows with the number of distinct lengths,
+    not with the number of sequences or rows. A ban that would leave a row no token is not
+    applied to that row. From settings, strings are tokenized (``bad_words=[" damn"]``); note
+    that with BPE tokenizers ``"damn"`` and ``" damn"`` are different sequences.
+    """
+
+    name = "bad_words"
+    order = 50
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        bad_words: list[str | list[int]] = Field(
+            min_length=1, description="strings or token-id sequences that must never be generated"
+        )
+
+        @field_validator("bad_words")
+        @classmethod
+        def _non_empty(cls, value: list[Any]) -> list[Any]:
+            for item in value:
+                if len(item) == 0:
+                    raise ValueError("an entry is empty")
+                if isinstance(item, list) and any(i < 0 for i in item):
+                    raise ValueError("token ids must be >= 0")
+            return value
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        if not sequences or any(not s for s in sequences):
+            raise ConfigError("bad_words: needs at least one non-empty token sequence")
+        if any((not isinstance(t, int)) or t < 0 for s in sequences for t in s):
+            raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
+        self.sequences = [list(s) for s in sequences]
+        single = sorted({s[0] for s in self.sequences if len(s) == 1})
+        self._single = torch.tensor(single, dtype=torch.long)
+        by_len: dict[int, list[list[int]]] = {}
+        for s in self.sequences:
+            if len(s) > 1:
+                by_len.setdefault(len(s), []).append(s)
+        # length -> (prefixes [N, L-1], last tokens [N])
+        self._groups = {
+            n: (torch.tensor([s[:-1] for s in seqs]), torch.tensor([s[-1] for s in seqs]))
+            for n, seqs in sorted(by_len.items())
+        }
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, dict]] = {}
+
+    @classmethod
+    def from_params(cls, params: BaseModel, context: BuildContext) -> BadWords:
+        seqs = [context.tokens("bad_words", w) if isinstance(w, str) else list(w) for w in params.bad_words]
+        if context.vocab_size is not None:
+            for s in seqs:
+                if max(s) >= context.vocab_size:
+                    raise ConfigError(f"bad_words: token id {max(s)} is outside the vocabulary (size {context.vocab_size})")
+        return cls(seqs)
+
+    def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+        key = (vocab_size, device)
+        if key not in self._cache:
+            biggest = max(max(s) for s in self.sequences)
+            if biggest >= vocab_size:
+                raise ConfigError(f"bad_words: token id {biggest} is outside the vocabulary (size {vocab_size})")
+            always = torch.zeros(vocab_size, dtype=torch.bool)
+            always[self._single] = True
+            groups = {n: (p.to(device), last.to(device)) for n, (p, last) in self._groups.items()}
+            self._cache[key] = (always.to(device), groups)
+        return self._cache[key]
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        batch, vocab = logits.shape
+        always, groups = self._on(vocab, logits.device)
+        banned = always.expand(batch, vocab)
+        t = input_ids.shape[-1]
+        ids = input_ids.to(logits.device)
+        for n, (prefixes, last) in groups.items():
+            if t < n - 1:
+                continue
+            tail = ids[:, t - (n - 1) :]  # [B, n-1]
+            match = (tail[:, None, :] == prefixes[None, :, :]).all(dim=-1)  # [B, N]
+            hits = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
+            hits.scatter_add_(-1, last.expand(batch, -1), match.float())
+            banned = banned | (hits > 0)
+        return keep_nonempty(logits.masked_fill(banned, NEG_INF), logits)
+
+
+class LogitBias(LogitsProcessor):
+    """Add a fixed bias to chosen tokens: ``x_i' = x_i + b_i``.
+
+    OpenAI's ``logit_bias`` (range -100 to 100; -100 all but bans a token, 100 all but forces
+    it). To ban a token outright use :class:`BadWords`. transformers' ``SequenceBiasLogitsProcessor``
+    with one-token sequences does the same.
+    """
+
+    name = "logit_bias"
+    order = 60
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        logit_bias: dict[int, float] = Field(min_length=1, description="token id -> bias in [-100, 100]")
+
+        @field_validator("logit_bias")
+        @classmethod
+        def _range(cls, value: dict[int, float]) -> dict[int, float]:
+            for token, bias in value.items():
+                if token < 0:
+                    raise ValueError(f"token id {token} must be >= 0")
+                if not -100.0 <= bias <= 100.0:
+                    raise ValueError(f"bias {bias} for token {token} must be in [-100, 100]")
+            return value
+
+    def __init__(self, logit_bias: dict[int, float]) -> None:
+        self.logit_bias = dict(validate(self.Params, logit_bias=logit_bias).logit_bias)
+        self._dense: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _bias(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        key = (vocab_size, device)
+        if key not in self._dense:
+            biggest = max(self.logit_bias)
+            if biggest >= vocab_size:
+                raise ConfigError(f"logit_bias: token id {biggest} is outside the vocabulary (size {vocab_size})")
+            dense = torch.zeros(vocab_size, dtype=torch.float32)
+            dense[list(self.logit_bias)] = torch.tensor(list(self.logit_bias.values()), dtype=torch.float32)
+            self._dense[key] = dense.to(device)
+        return self._dense[key]
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        bias = self._bias(logits.shape[-1], logits.device)
+        return to_dtype(logits.float() + bias, logits.dtype)
+
+
+class MinNewTokens(LogitsProcessor):
+    """Hold EOS back until ``min_new_tokens`` tokens have been generated.
+
+    While fewer have been generated, the EOS token(s) are set to ``-inf`` (unless EOS is the only
+    token left in a row). The prompt length comes from ``begin``; used outside the loop, pass
+    ``prompt_length``. transformers' ``MinNewTokensLengthLogitsProcessor`` semantics.
+    """
+
+    name = "min_new_tokens"
+    order = 70
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        min_new_tokens: int = Field(ge=0, description="no EOS before this many new tokens")
+
+    def __init__(self, min_new_tokens: int, eos_token_id: int | list[int], prompt_length: int | None = None) -> None:
+        self.min_new_tokens = validate(self.Params, min_new_tokens=min_new_tokens).min_new_tokens
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids or any(i < 0 for i in ids):
+            raise ConfigError(f"min_new_tokens: eos_token_id={eos_token_id!r} must name token ids >= 0")
+        self.eos_token_id = ids
+        self.prompt_length = prompt_length
+        self._eos = torch.tensor(ids, dtype=torch.long)
+
+    @classmethod
+    def from_params(cls, params: BaseModel, context: BuildContext) -> MinNewTokens:
+        return cls(params.min_new_tokens, context.eos_ids("min_new_tokens"))
+
+    def begin(self, input_ids: torch.Tensor) -> None:
+        self.prompt_length = input_ids.shape[-1]
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[-1] - (self.prompt_length or 0)
+        if generated >= self.min_new_tokens:
+            return logits
+        eos = self._eos.to(logits.device)
+        eos = eos[eos < logits.shape[-1]]
+        held = logits.index_fill(-1, eos, NEG_INF)
+        return keep_nonempty(held, logits)

@@ -1,0 +1,89 @@
+"""Per-row, counter-based random numbers: reproducible, batch-independent, no host sync.
+
+Row ``b`` draws from a stream determined by its own seed alone, so a row's samples do not change
+with what else is in the batch, and the same seed gives the same tokens on CPU and GPU. Numbers
+come from a stateless integer hash of ``(seed, draw counter, column)``, computed with ordinary
+tensor ops (no Python loop over rows, no ``torch.Generator`` per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` in int64, without signed overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return ((x * lo) + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, by Chris Wellons) on int64 tensors in ``[0, 2**32)``."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class RowRandom:
+    """Uniform and exponential noise, one independent stream per row.
+
+    ``seeds``: ``[B]`` int64, one seed per row. Every call advances a counter shared by all rows
+    (a Python int), so two runs that make the same calls get the same numbers.
+    """
+
+    def __init__(self, seeds: torch.Tensor) -> None:
+        self.seeds = (seeds.to(torch.int64) & _MASK32).reshape(-1, 1)  # [B, 1]
+        self.counter = 0
+        self._columns: dict[int, torch.Tensor] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.seeds.shape[0]
+
+    def select(self, index: torch.Tensor) -> RowRandom:
+        """The streams of rows ``index`` (for beams and repeated samples)."""
+        out = RowRandom.__new__(RowRandom)
+        out.seeds = self.seeds[index]
+        out.counter = self.counter
+        out._columns = self._columns
+        return out
+
+    def _bits(self, n: int) -> torch.Tensor:
+        cols = self._columns.get(n)
+        if cols is None or cols.device != self.seeds.device:
+            cols = torch.arange(n, dtype=torch.int64, device=self.seeds.device)
+            self._columns[n] = cols
+        stream = hash32(self.seeds ^ hash32(torch.full_like(self.seeds, self.counter & _MASK32) + 0x9E3779B9))
+        self.counter += 1
+        return hash32(stream ^ hash32(cols + 0x632BE5AB))  # [B, n]
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``[B, n]`` float32 uniform in the open interval (0, 1)."""
+        return ((self._bits(n) >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+    def exponential(self, n: int) -> torch.Tensor:
+        """``[B, n]`` float32 draws from Exp(1)."""
+        return -torch.log(self.uniform(n))
+
+
+def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Seeds per row: an int gives ``seed + row``, a list gives one per row, None draws one.
+
+    ``None`` draws from torch's global generator, so ``torch.manual_seed`` makes it repeatable.
+    """
+    from decodekit.errors import ConfigError
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if isinstance(seed, bool):
+        raise ConfigError(f"seed={seed!r} is not allowed: must be an integer, a list of integers, or null")
+    if isinstance(seed, int):
+        return torch.arange(batch_size, dtype=torch.int64, device=device) + seed
+    seeds = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
+    if seeds.numel() != batch_size:
+        raise ConfigError(f"seed: {seeds.numel()} seeds given for {batch_size} rows; give one per row or a single int")
+    return seeds

@@ -1,0 +1,258 @@
+"""The registry: names of processors, samplers and strategies, fed by the plugin hooks.
+
+It maps each name to its class and the pydantic model of its parameters, so that a chain can be
+built from plain settings, validated: ``build_chain({"temperature": 0.8, "top_p": 0.9})``.
+Settings are flat: each processor's parameter names are settings of their own (``top_p``,
+``no_repeat_ngram_size``), unique across the registry, so they can be root keys of a config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Literal
+
+import pluggy
+from pydantic import BaseModel
+
+from decodekit import hookspecs
+from decodekit.errors import ConfigError, PluginError
+from decodekit.processors.base import BuildContext, ProcessorChain
+from decodekit.validation import validate
+
+ENTRY_POINT_GROUP = "decodekit"
+DISABLE_AUTOLOAD_ENV = "DECODEKIT_DISABLE_PLUGIN_AUTOLOAD"
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded; decodekit goes on without it."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered processor or sampler."""
+
+    name: str
+    kind: Literal["processor", "sampler"]
+    cls: type
+    params: type[BaseModel]
+    plugin: str
+    order: int = 1000
+
+    @property
+    def settings(self) -> list[str]:
+        return list(self.params.model_fields)
+
+    def defaults(self) -> dict[str, Any]:
+        return {
+            name: (None if f.is_required() else f.get_default(call_default_factory=True))
+            for name, f in self.params.model_fields.items()
+        }
+
+
+@dataclass
+class Registry:
+    """Processors, samplers and strategies by name, each remembering which plugin gave it."""
+
+    processors: dict[str, Component] = field(default_factory=dict)
+    samplers: dict[str, Component] = field(default_factory=dict)
+    strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    strategy_plugins: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, Component] = field(default_factory=dict)  # setting name -> component
+
+    # --- filling --------------------------------------------------------------------------
+
+    def add(self, cls: type, kind: Literal["processor", "sampler"], plugin: str) -> Component:
+        name = getattr(cls, "name", "")
+        params = getattr(cls, "Params", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin}: {kind} class {cls.__qualname__} has no `name`")
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise PluginError(f"plugin {plugin}: {kind} {name!r} has no pydantic `Params` model")
+        table = self.processors if kind == "processor" else self.samplers
+        if name in table:
+            other = table[name]
+            raise PluginError(f"{kind} name {name!r} is registered twice: by plugin {other.plugin} and by plugin {plugin}")
+        component = Component(name, kind, cls, params, plugin, int(getattr(cls, "order", 1000)))
+        for setting in component.settings:
+            if setting in self.owners or setting in ("sampler", "strategy"):
+                other = self.owners.get(setting)
+                who = f"{other.kind} {other.name!r} of plugin {other.plugin}" if other else "decodekit itself"
+                raise PluginError(
+                    f"setting {setting!r} of {kind} {name!r} (plugin {plugin}) is already used by {who}"
+                )
+        for setting in component.settings:
+            self.owners[setting] = component
+        table[name] = component
+        return component
+
+    def add_strategy(self, name: str, settings: Mapping[str, Any], plugin: str) -> None:
+        if name in self.strategies:
+            raise PluginError(
+                f"strategy name {name!r} is registered twice: by plugin {self.strategy_plugins[name]} and by plugin {plugin}"
+            )
+        self.strategies[name] = dict(settings)
+        self.strategy_plugins[name] = plugin
+
+    # --- looking up -----------------------------------------------------------------------
+
+    def processor(self, name: str) -> Component:
+        return self._lookup(self.processors, name, "processor")
+
+    def sampler(self, name: str) -> Component:
+        return self._lookup(self.samplers, name, "sampler")
+
+    def _lookup(self, table: dict[str, Component], name: str, kind: str) -> Component:
+        if name not in table:
+            raise ConfigError(f"{kind}={name!r} is not known{_suggest(name, table)}; known: {', '.join(sorted(table))}")
+        return table[name]
+
+    @property
+    def settings(self) -> list[str]:
+        return sorted(self.owners)
+
+    def default_order(self) -> list[str]:
+        """Processor names in their default chain order (transformers' order for built-ins)."""
+        return [c.name for c in sorted(self.processors.values(), key=lambda c: (c.order, c.name))]
+
+    # --- building -------------------------------------------------------------------------
+
+    def split(self, settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Group flat settings by the component that owns them; ``None`` values are left out."""
+        grouped: dict[str, dict[str, Any]] = {}
+        for key, value in settings.items():
+            owner = self.owners.get(key)
+            if owner is None:
+                raise ConfigError(f"{key}: not a known setting{_suggest(key, self.owners)}; known: {', '.join(self.settings)}")
+            if value is not None:
+                grouped.setdefault(f"{owner.kind}:{owner.name}", {})[key] = value
+        return grouped
+
+    def build_chain(
+        self,
+        settings: Mapping[str, Any],
+        *,
+        processor_order: list[str] | None = None,
+        temperature_last: bool = False,
+        context: BuildContext | None = None,
+    ) -> ProcessorChain:
+        """A chain of the processors whose settings are given (not ``None``), validated.
+
+        Default order: :meth:`default_order`. ``processor_order`` lists names to run first, in that
+        order (the rest follow in default order); ``temperature_last`` moves temperature to the
+        end, as llama.cpp does. Sampler settings in ``settings`` are ignored here.
+        """
+        context = context or BuildContext()
+        grouped = self.split(settings)
+        active = [self.processors[k.split(":", 1)[1]] for k in grouped if k.startswith("processor:")]
+        rank = {name: i for i, name in enumerate(self.default_order())}
+        if processor_order is not None:
+            for name in processor_order:
+                self.processor(name)
+            first = {name: i for i, name in enumerate(processor_order)}
+            key = lambda c: (0, first[c.name]) if c.name in first else (1, rank[c.name])  # noqa: E731
+        else:
+            key = lambda c: (1, rank[c.name])  # noqa: E731
+        active.sort(key=key)
+        if temperature_last:
+            active.sort(key=lambda c: c.name == "temperature")
+        built = []
+        for c in active:
+            params = validate(c.params, **grouped[f"processor:{c.name}"])
+            built.append(c.cls.from_params(params, context))
+        return ProcessorChain(built)
+
+    def build_sampler(self, name: str, settings: Mapping[str, Any] | None = None, *, context: BuildContext | None = None) -> Any:
+        """The sampler ``name`` built from its settings in ``settings`` (others are ignored)."""
+        component = self.sampler(name)
+        grouped = self.split(settings or {})
+        own = grouped.get(f"sampler:{name}", {})
+        for key, group in grouped.items():
+            kind, other = key.split(":", 1)
+            if kind == "sampler" and other != name:
+                raise ConfigError(f"{', '.join(group)}: setting(s) of sampler {other!r}, but sampler={name!r}")
+        params = validate(component.params, **own)
+        return component.cls.from_params(params, context or BuildContext())
+
+
+def _suggest(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- the plugin manager -----------------------------------------------------------------------
+
+
+def get_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager:
+    """A plugin manager with decodekit's hookspecs, its built-ins, and installed plugins.
+
+    Plugins come only from installed entry points of the group ``decodekit``; set the environment
+    variable ``DECODEKIT_DISABLE_PLUGIN_AUTOLOAD=1`` (or pass ``autoload=False``) to skip them. A
+    plugin that fails to import gives a :class:`PluginWarning` naming it, and the rest keeps working.
+    """
+    from decodekit import builtins
+
+    pm = pluggy.PluginManager("decodekit")
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtins, name="decodekit")
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if autoload:
+        load_entry_points(pm)
+    pm.check_pending()
+    return pm
+
+
+def load_entry_points(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> None:
+    """Register every entry point of ``group``; warn about (and skip) any that fails to load."""
+    for ep in entry_points(group=group):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # any failure of a third party's import is reported, not fatal
+            warnings.warn(
+                f"decodekit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {type(exc).__name__}: {exc}",
+                PluginWarning,
+                stacklevel=2,
+            )
+
+
+def build_registry(pm: pluggy.PluginManager) -> Registry:
+    """Collect every plugin's processors, samplers and strategies into a :class:`Registry`."""
+    registry = Registry()
+    hooks = pm.hook
+    for kind, hook in (("processor", hooks.decodekit_register_processors), ("sampler", hooks.decodekit_register_samplers)):
+        for impl in reversed(hook.get_hookimpls()):  # registration order: built-ins first
+            for cls in impl.function() or []:
+                registry.add(cls, kind, impl.plugin_name)
+    for impl in reversed(hooks.decodekit_register_strategies.get_hookimpls()):
+        for name, settings in (impl.function() or {}).items():
+            registry.add_strategy(name, settings, impl.plugin_name)
+    return registry
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry(*, refresh: bool = False) -> Registry:
+    """The process-wide registry (built on first use from :func:`get_plugin_manager`)."""
+    global _REGISTRY
+    if _REGISTRY is None or refresh:
+        _REGISTRY = build_registry(get_plugin_manager())
+    return _REGISTRY
+
+
+def build_chain(settings: Mapping[str, Any], **kwargs: Any) -> ProcessorChain:
+    """:meth:`Registry.build_chain` on the process-wide registry."""
+    return get_registry().build_chain(settings, **kwargs)
+
+
+def build_sampler(name: str, settings: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """:meth:`Registry.build_sampler` on the process-wide registry."""
+    return get_registry().build_sampler(name, settings, **kwargs)

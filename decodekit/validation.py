@@ -1,0 +1,53 @@
+"""Turn pydantic's validation errors into one clear line: the setting, the value, what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from decodekit.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+_ALLOWED = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "finite_number": "must be a finite number",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+    "extra_forbidden": "is not a known setting",
+    "missing": "is required",
+}
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """One line naming each bad setting, its value and what is allowed."""
+    parts = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "value"
+        template = _ALLOWED.get(e["type"])
+        ctx = e.get("ctx") or {}
+        if template:
+            try:
+                allowed = template.format(**ctx)
+            except (KeyError, IndexError):
+                allowed = e["msg"]
+        else:
+            allowed = e["msg"][0].lower() + e["msg"][1:]
+        if e["type"] == "missing":
+            parts.append(f"{key}: {allowed}")
+        else:
+            parts.append(f"{key}={e.get('input')!r} is not allowed: {allowed}")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], prefix: str = "", /, **values: Any) -> M:
+    """``model(**values)``, raising :class:`ConfigError` with a one-line message on bad input."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, prefix)) from None
