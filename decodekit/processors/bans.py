@@ -25,6 +25,12 @@ class BadWords(LogitsProcessor):
     """
 
     name = "bad_words"
+    idempotent = True
+    test_params = [
+        lambda v: {"sequences": [[v - 1]]},
+        lambda v: {"sequences": [[0, v - 1], [v // 2]]},
+        lambda v: {"sequences": [[0, 0, 0], [1 % v, 0], [v - 1, v - 1]]},
+    ]
     order = 50
 
     class Params(BaseModel):
@@ -109,6 +115,10 @@ class LogitBias(LogitsProcessor):
     """
 
     name = "logit_bias"
+    test_params = [
+        lambda v: {"logit_bias": {0: 5.0, v - 1: -100.0}},
+        {"logit_bias": {0: 100.0}},
+    ]
     order = 60
 
     class Params(BaseModel):
@@ -142,7 +152,7 @@ class LogitBias(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         bias = self._bias(logits.shape[-1], logits.device)
-        return to_dtype(logits.float() + bias, logits.dtype)
+        return to_dtype(logits.float() + bias, logits)
 
 
 class MinNewTokens(LogitsProcessor):
@@ -154,6 +164,12 @@ class MinNewTokens(LogitsProcessor):
     """
 
     name = "min_new_tokens"
+    idempotent = True
+    test_params = [
+        lambda v: {"min_new_tokens": 5, "eos_token_id": v - 1},
+        {"min_new_tokens": 0, "eos_token_id": 0},
+        lambda v: {"min_new_tokens": 100, "eos_token_id": [0, v - 1]},
+    ]
     order = 70
 
     class Params(BaseModel):

@@ -49,6 +49,8 @@ class LogitsProcessor:
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
     order: ClassVar[int] = 1000
+    idempotent: ClassVar[bool] = False  # filters whose second pass removes nothing more
+    test_params: ClassVar[list[Any]] = []  # constructor kwargs (or vocab_size -> kwargs) for the property suite
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -243,20 +245,22 @@ def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
         raise InvalidLogitsError(f"{what}: {problem}")
 
 
-def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast a float32 result back to ``dtype`` without creating ``+inf`` or emptying a row.
+def to_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Cast a float32 result ``x`` to the dtype of the input ``like``, keeping the contract.
 
-    Removed tokens stay ``-inf``. For half types each row is first shifted so its maximum is 0
-    (the distribution is unchanged) and finite values are clamped into the type's range.
+    For processors that rescale or shift (they remove nothing): tokens removed in ``like`` stay
+    ``-inf``, every other token stays finite (overflow is clamped to the type's range), so no
+    ``+inf`` appears and no row is emptied. For half types each row is first shifted so its
+    maximum is 0, which leaves the distribution unchanged.
     """
-    info = torch.finfo(dtype)
-    if dtype == torch.float32 or dtype == torch.float64:
-        return x.clamp(max=info.max).to(dtype)
-    finite = torch.isfinite(x)
-    row_max = torch.where(finite, x, NEG_INF).amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted = torch.where(finite, (x - row_max).clamp(min=info.min, max=info.max), x)
-    return shifted.to(dtype)
+    info = torch.finfo(like.dtype)
+    removed = like == NEG_INF
+    if like.dtype in (torch.float16, torch.bfloat16):
+        kept = torch.where(removed, NEG_INF, x)
+        row_max = kept.amax(dim=-1, keepdim=True).clamp(min=-info.max, max=info.max)
+        x = x - row_max
+    out = torch.where(removed, NEG_INF, x.clamp(min=info.min, max=info.max))
+    return out.to(like.dtype)
 
 
 def keep_nonempty(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from decodekit.processors.base import NEG_INF, LogitsProcessor, keep_nonempty, to_dtype
 from decodekit.validation import validate
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
 
 class RepetitionPenalty(LogitsProcessor):
     """Discourage every token already in the sequence (prompt included), once each.
@@ -34,9 +36,10 @@ class RepetitionPenalty(LogitsProcessor):
         x = logits.float()
         ids = input_ids.to(logits.device)
         seen = x.gather(-1, ids)
-        r = self.repetition_penalty
-        penalised = torch.where(seen < 0, seen * r, seen / r)
-        return to_dtype(x.scatter(-1, ids, penalised), logits.dtype)
+        r = min(self.repetition_penalty, _F32_MAX)
+        inv = min(1.0 / self.repetition_penalty, _F32_MAX)  # extreme r must not turn 0 * r into NaN
+        penalised = torch.where(seen < 0, seen * r, seen * inv)
+        return to_dtype(x.scatter(-1, ids, penalised), logits)
 
 
 class _GeneratedCounts(LogitsProcessor):
@@ -77,7 +80,7 @@ class PresencePenalty(_GeneratedCounts):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         c = self.counts(input_ids, logits)
         out = logits.float() - self.presence_penalty * (c > 0).float()
-        return to_dtype(out, logits.dtype)
+        return to_dtype(out, logits)
 
 
 class FrequencyPenalty(_GeneratedCounts):
@@ -100,7 +103,7 @@ class FrequencyPenalty(_GeneratedCounts):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         c = self.counts(input_ids, logits)
-        return to_dtype(logits.float() - self.frequency_penalty * c, logits.dtype)
+        return to_dtype(logits.float() - self.frequency_penalty * c, logits)
 
 
 class NoRepeatNGram(LogitsProcessor):
@@ -114,6 +117,7 @@ class NoRepeatNGram(LogitsProcessor):
     """
 
     name = "no_repeat_ngram"
+    idempotent = True
     order = 40
 
     class Params(BaseModel):

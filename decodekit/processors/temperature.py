@@ -6,6 +6,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.validation import validate
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 from decodekit.processors.base import NEG_INF, LogitsProcessor, to_dtype
 
 
@@ -38,4 +40,5 @@ class Temperature(LogitsProcessor):
             return logits.masked_fill(~keep, NEG_INF)
         x = logits.float()
         row_max = x.amax(dim=-1, keepdim=True)
-        return to_dtype((x - row_max) / self.temperature, logits.dtype)
+        scale = min(1.0 / self.temperature, _F32_MAX)  # a tiny t must not turn 0 / t into NaN
+        return to_dtype((x - row_max) * scale, logits)

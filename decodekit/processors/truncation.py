@@ -33,6 +33,7 @@ class TopK(LogitsProcessor):
     """
 
     name = "top_k"
+    idempotent = True
     order = 300
 
     class Params(BaseModel):
@@ -123,6 +124,7 @@ class MinP(LogitsProcessor):
     """
 
     name = "min_p"
+    idempotent = True
     order = 500
 
     class Params(BaseModel):
@@ -182,6 +184,7 @@ class EpsilonCutoff(LogitsProcessor):
     """
 
     name = "epsilon_cutoff"
+    idempotent = True
     order = 700
 
     class Params(BaseModel):
