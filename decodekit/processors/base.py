@@ -108,9 +108,12 @@ class BuildContext:
 
 
 def processor_name(processor: Any) -> str:
-    """A readable name for a processor in error messages."""
-    name = getattr(processor, "name", "") or type(processor).__name__
-    module = type(processor).__module__
+    """A readable name for a processor or sampler in error messages: its name and module."""
+    if hasattr(processor, "__call__") and hasattr(processor, "__qualname__"):  # a plain function
+        name, module = processor.__qualname__, getattr(processor, "__module__", "") or ""
+    else:
+        name = getattr(processor, "name", "") or type(processor).__qualname__
+        module = type(processor).__module__
     return name if module.startswith("decodekit.") else f"{name} ({module})"
 
 
