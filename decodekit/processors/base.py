@@ -110,7 +110,7 @@ class BuildContext:
 def processor_name(processor: Any) -> str:
     """A readable name for a processor or sampler in error messages: its name and module."""
     if hasattr(processor, "__call__") and hasattr(processor, "__qualname__"):  # a plain function
-        name, module = processor.__qualname__, getattr(processor, "__module__", "") or ""
+        name, module = processor.__name__, getattr(processor, "__module__", "") or ""
     else:
         name = getattr(processor, "name", "") or type(processor).__qualname__
         module = type(processor).__module__
