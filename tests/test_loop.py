@@ -148,11 +148,11 @@ def test_a_bad_processor_is_named(model: GPT) -> None:
     def wrong_shape(ids, logits):
         return logits[:, :-1]
 
-    with pytest.raises(PluginError, match="nan_plugin.*NaN.*at step 0"):
+    with pytest.raises(PluginError, match=r"nan_plugin \(test_loop\) returned NaN.*at step 0"):
         generate(model, [[1]], processors=[TopK(5), nan_plugin], max_new_tokens=2)
     with pytest.raises(PluginError, match=r"raising_plugin \(test_loop\) raised at step 0: RuntimeError: boom"):
         generate(model, [[1]], processors=[raising_plugin], max_new_tokens=2)
-    with pytest.raises(PluginError, match="wrong_shape returned"):
+    with pytest.raises(PluginError, match=r"wrong_shape \(test_loop\) returned \(1, 49\)"):
         generate(model, [[1]], processors=[wrong_shape], max_new_tokens=2)
 
 
