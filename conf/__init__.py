@@ -1,0 +1,1 @@
+"""decodekit's Hydra configs: groups model/, tokenizer/ and strategy/ (shipped as decodekit.conf)."""

@@ -1,0 +1,220 @@
+"""Text in, text out: batched decoding of prompts with a tokenizer, stop strings and streaming.
+
+:func:`generate_text` left-pads prompts of different lengths into one batch, runs
+:func:`decodekit.generate`, and returns each continuation as text, separately from its prompt
+(decoded in context, so a BPE merge across the boundary comes out right), with why it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decodekit.errors import ConfigError
+from decodekit.loop import GenerateOutput, generate
+from decodekit.random import row_seeds
+from decodekit.tokenization import StreamDecoder, Tokenizer, check_vocab, continuation_text
+
+# on_text(row, piece): a piece of row ``row``'s continuation, as soon as it is certain.
+TextCallback = Callable[[int, str], None]
+
+
+@dataclass
+class TextResult:
+    """One continuation.
+
+    Attributes:
+        prompt: the prompt text.
+        text: the continuation (a stop string that ended it is trimmed off).
+        tokens: the new token ids (EOS included when the row ended at EOS).
+        finish_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
+        stop_string: the stop string that ended the row, if one did.
+        seed: the row's seed.
+        prompt_index: which prompt this continues; ``sample_index``: which of its samples.
+    """
+
+    prompt: str
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    stop_string: str | None
+    seed: int
+    prompt_index: int = 0
+    sample_index: int = 0
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_context: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Token ids of each prompt, left-padded into ``[B, T]`` ids and mask, plus the unpadded ids.
+
+    An empty prompt starts from the tokenizer's BOS (or EOS, as GPT-2 does) token.
+    """
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompts[{i}]: expected text, got {type(prompt).__name__}")
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:
+                raise ConfigError(f"prompts[{i}] is empty and the tokenizer has no BOS or EOS token to start from")
+            ids = [start]
+        encoded.append(ids)
+    width = max(len(ids) for ids in encoded)
+    batch = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, ids in enumerate(encoded):  # host-side packing of the prompts, once per call
+        batch[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = True
+    return batch, mask, encoded
+
+
+class TextTracker:
+    """Decodes each row's tokens as they arrive: checks stop strings, streams text pieces.
+
+    Used as a stopping criterion by :func:`generate_text`. Text is streamed up to the point where
+    no stop string could still begin, so a stop string is never shown.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[Sequence[int]],
+        stop: Sequence[str],
+        on_text: TextCallback | None,
+        eos: set[int],
+    ) -> None:
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.on_text = on_text
+        self.eos = eos
+        self.decoders = [StreamDecoder(tokenizer, ids) for ids in prompt_ids]
+        self.texts = [""] * len(prompt_ids)
+        self.shown = [0] * len(prompt_ids)
+        self.done = [False] * len(prompt_ids)
+
+    def __call__(self, sequences: torch.Tensor, n_new: int) -> torch.Tensor:
+        last = sequences[:, -1].tolist()
+        stops = [False] * len(last)
+        for row, token in enumerate(last):  # text work is per row by nature; runs only when asked for
+            if self.done[row]:
+                continue
+            if token in self.eos:
+                self.finish(row)
+                continue
+            piece = self.decoders[row].push(token)
+            if not piece:
+                continue
+            start = max(0, len(self.texts[row]) - self.hold)
+            self.texts[row] += piece
+            found = [(self.texts[row].find(s, start), s) for s in self.stop]
+            found = [(at, s) for at, s in found if at >= 0]
+            if found:
+                at, _ = min(found)
+                self.texts[row] = self.texts[row][:at]
+                stops[row] = True
+                self.finish(row)
+            else:
+                self._show(row, len(self.texts[row]) - self.hold)
+        return torch.tensor(stops, dtype=torch.bool)
+
+    def finish(self, row: int) -> None:
+        """The row ended: show whatever was held back."""
+        if not self.done[row]:
+            self.done[row] = True
+            self._show(row, len(self.texts[row]))
+
+    def _show(self, row: int, upto: int) -> None:
+        if self.on_text is not None and upto > self.shown[row]:
+            self.on_text(row, self.texts[row][self.shown[row] : upto])
+            self.shown[row] = upto
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    processors: Any = None,
+    sampler: Any = None,
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    num_samples: int = 1,
+    seed: int | list[int] | None = None,
+    on_text: TextCallback | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    output: list[GenerateOutput] | None = None,
+    **kwargs: Any,
+) -> list[TextResult]:
+    """Continue each prompt; one :class:`TextResult` per prompt and sample, in order.
+
+    Args:
+        model: a :class:`~decodekit.models.protocol.CausalLM`.
+        tokenizer: a :class:`~decodekit.tokenization.Tokenizer` whose ids fit the model.
+        prompts: one prompt or a list; they are decoded as one left-padded batch.
+        processors, sampler, max_new_tokens: as for :func:`decodekit.generate`.
+        stop: stop strings: a row ends when its text contains one (matched across token
+            boundaries); the string is trimmed from the result.
+        num_samples: samples per prompt, all in the same batch (rows ``prompt x sample``).
+        seed: an int (row ``r`` uses ``seed + r``), one per row, or None.
+        on_text: ``on_text(row, piece)`` streams each row's text as it is made.
+        eos_token_id: defaults to the tokenizer's EOS.
+        output: if a list is given, the raw :class:`GenerateOutput` is appended to it.
+        **kwargs: passed to :func:`decodekit.generate` (``output_scores``, ``check_every``, ...).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ConfigError("prompts: give at least one prompt")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples!r} is not allowed: must be an integer >= 1")
+    if isinstance(stop, str):
+        stop = [stop]
+    check_vocab(tokenizer, model)
+    if eos_token_id is None:
+        eos_token_id = tokenizer.eos_token_id
+    eos_ids = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+
+    rows = [p for p in prompts for _ in range(num_samples)]
+    ids, mask, encoded = encode_prompts(tokenizer, rows, pad_token_id=pad)
+    seeds = row_seeds(seed, len(rows), torch.device("cpu")).tolist()
+    tracker = TextTracker(tokenizer, encoded, stop, on_text, eos_ids) if (stop or on_text) else None
+    out = generate(
+        model,
+        ids,
+        attention_mask=mask,
+        processors=processors,
+        sampler=sampler,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad,
+        seed=seeds,
+        stopping=[tracker] if tracker else (),
+        **kwargs,
+    )
+    if output is not None:
+        output.append(out)
+    results = []
+    for row, new in enumerate(out.rows()):
+        reason = out.finish_reasons[row]
+        content = [t for t in new if t not in eos_ids]
+        text = continuation_text(tokenizer, encoded[row], content)
+        hit = None
+        cut = [(text.find(s), s) for s in stop if s and s in text]
+        if cut:
+            at, hit = min(cut)
+            text, reason = text[:at], "stop"
+        if tracker is not None:
+            tracker.finish(row)
+        results.append(
+            TextResult(
+                prompt=rows[row], text=text, tokens=new, finish_reason=reason, stop_string=hit,
+                seed=seeds[row], prompt_index=row // num_samples, sample_index=row % num_samples,
+            )  # fmt: skip
+        )
+    return results
