@@ -103,7 +103,7 @@ class BadWords(LogitsProcessor):
             hits = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
             hits.scatter_add_(-1, last.expand(batch, -1), match.float())
             banned = banned | (hits > 0)
-        return keep_nonempty(logits.masked_fill(banned, NEG_INF), logits)
+        return keep_nonempty(torch.where(banned, NEG_INF, logits), logits)
 
 
 class LogitBias(LogitsProcessor):

@@ -221,10 +221,9 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
 
 
 def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``[B]`` bool: rows holding NaN or ``+inf``, or with every token removed."""
-    nan_or_posinf = torch.isnan(logits) | (logits == float("inf"))
-    empty = (logits == NEG_INF).all(dim=-1)
-    return nan_or_posinf.any(dim=-1) | empty
+    """``[B]`` bool: rows holding NaN or ``+inf``, or with every token removed (no sync)."""
+    nan_or_posinf = ~(logits < float("inf"))  # NaN compares False, so one pass catches both
+    return nan_or_posinf.any(dim=-1) | (logits.amax(dim=-1) == NEG_INF)
 
 
 def describe_invalid(logits: torch.Tensor) -> str:
@@ -251,11 +250,14 @@ def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
 def to_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Cast a float32 result ``x`` to the dtype of the input ``like``, keeping the contract.
 
-    For processors that rescale or shift (they remove nothing): tokens removed in ``like`` stay
-    ``-inf``, every other token stays finite (overflow is clamped to the type's range), so no
-    ``+inf`` appears and no row is emptied. For half types each row is first shifted so its
-    maximum is 0, which leaves the distribution unchanged.
+    For processors that rescale or shift (they remove nothing). float32: ``+inf`` from overflow
+    is clamped to the largest finite value (in place; ``x`` must be a fresh tensor). Half types:
+    tokens removed in ``like`` stay ``-inf``, every other token stays finite: each row is first
+    shifted so its maximum is 0 (the distribution is unchanged), then clamped into the type's
+    range, so no ``+inf`` appears and no row is emptied.
     """
+    if like.dtype == torch.float32:
+        return x.clamp_(max=_F32_MAX)
     info = torch.finfo(like.dtype)
     removed = like == NEG_INF
     if like.dtype in (torch.float16, torch.bfloat16):
@@ -264,6 +266,9 @@ def to_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         x = x - row_max
     out = torch.where(removed, NEG_INF, x.clamp(min=info.min, max=info.max))
     return out.to(like.dtype)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def keep_nonempty(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,14 @@ class RepetitionPenalty(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] == 0:
             return logits
-        x = logits.float()
         ids = input_ids.to(logits.device)
-        seen = x.gather(-1, ids)
+        seen = logits.gather(-1, ids).float()  # [B, T]: only the history's logits change
         r = min(self.repetition_penalty, _F32_MAX)
         inv = min(1.0 / self.repetition_penalty, _F32_MAX)  # extreme r must not turn 0 * r into NaN
         penalised = torch.where(seen < 0, seen * r, seen * inv)
-        return to_dtype(x.scatter(-1, ids, penalised), logits)
+        info = torch.finfo(logits.dtype)
+        penalised = torch.where(torch.isinf(seen), seen, penalised.clamp(min=info.min, max=info.max))
+        return logits.scatter(-1, ids, penalised.to(logits.dtype))
 
 
 class _GeneratedCounts(LogitsProcessor):
@@ -138,4 +139,4 @@ class NoRepeatNGram(LogitsProcessor):
         match = (windows[..., : n - 1] == prefix[:, None, :]).all(dim=-1)  # [B, W]
         hits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         hits.scatter_add_(-1, windows[..., n - 1], match.float())
-        return keep_nonempty(logits.masked_fill(hits > 0, NEG_INF), logits)
+        return keep_nonempty(torch.where(hits > 0, NEG_INF, logits), logits)

@@ -37,8 +37,8 @@ class Temperature(LogitsProcessor):
         if self.temperature == 0.0:
             best = logits.argmax(dim=-1, keepdim=True)
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True)
-            return logits.masked_fill(~keep, NEG_INF)
+            return torch.where(~keep, NEG_INF, logits)
         x = logits.float()
-        row_max = x.amax(dim=-1, keepdim=True)
         scale = min(1.0 / self.temperature, _F32_MAX)  # a tiny t must not turn 0 / t into NaN
-        return to_dtype((x - row_max) * scale, logits)
+        shifted = (x - x.amax(dim=-1, keepdim=True)).mul_(scale)  # <= 0 everywhere: cannot overflow
+        return shifted if logits.dtype == torch.float32 else to_dtype(shifted, logits)

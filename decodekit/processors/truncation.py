@@ -50,7 +50,7 @@ class TopK(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         k = self.k_for(logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        return logits.masked_fill(logits < kth, NEG_INF)
+        return torch.where(logits < kth, NEG_INF, logits)
 
 
 class TopP(LogitsProcessor):
@@ -81,7 +81,7 @@ class TopP(LogitsProcessor):
         n_removed = (cum <= 1.0 - self.top_p).sum(dim=-1, keepdim=True)
         n_removed = n_removed.clamp(max=max(v - self.min_tokens_to_keep, 0))
         threshold = ascending.gather(-1, n_removed)  # smallest kept logit, [B, 1]
-        return logits.masked_fill(logits < threshold, NEG_INF)
+        return torch.where(logits < threshold, NEG_INF, logits)
 
 
 class TopKTopP(LogitsProcessor):
@@ -99,21 +99,18 @@ class TopKTopP(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         k = self.top_k.k_for(logits.shape[-1])
-        descending = torch.topk(logits, k, dim=-1).values  # [B, k]
+        descending = torch.topk(logits, k, dim=-1).values.float()  # [B, k]
         kth = descending[..., -1:]
-        kept = logits >= kth
-        masked = logits.masked_fill(~kept, NEG_INF)
-        x = masked.float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # over all kept, ties beyond k included
+        # tokens tied with the k-th beyond the k returned (top-k keeps them): counted, not sorted
+        n_extra = (logits >= kth.to(logits.dtype)).sum(dim=-1, keepdim=True) - k
+        lse_k = torch.logsumexp(descending, dim=-1, keepdim=True)
+        lse = lse_k + torch.log1p(n_extra * (kth - lse_k).exp())  # log of the kept mass
         ascending = descending.flip(-1)
-        probs = (ascending.float() - lse).exp()  # [B, k]
-        n_extra = kept.sum(dim=-1, keepdim=True) - k  # tokens tied with the k-th beyond k
-        extra_mass = n_extra * (kth.float() - lse).exp()
-        cum = extra_mass + probs.cumsum(dim=-1)
+        cum = n_extra * (kth - lse).exp() + (ascending - lse).exp().cumsum(dim=-1)
         n_removed = (cum <= 1.0 - self.top_p.top_p).sum(dim=-1, keepdim=True)
         n_removed = n_removed.clamp(max=max(k - self.top_p.min_tokens_to_keep, 0))
-        threshold = ascending.gather(-1, n_removed)
-        return masked.masked_fill(masked < threshold, NEG_INF)
+        threshold = ascending.gather(-1, n_removed).to(logits.dtype)  # >= kth: top-k's cut included
+        return torch.where(logits < threshold, NEG_INF, logits)
 
 
 class MinP(LogitsProcessor):
@@ -139,7 +136,7 @@ class MinP(LogitsProcessor):
         probs = logits.float().softmax(dim=-1)
         remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
         remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
-        return logits.masked_fill(remove, NEG_INF)
+        return torch.where(remove, NEG_INF, logits)
 
 
 class TypicalP(LogitsProcessor):
@@ -173,7 +170,7 @@ class TypicalP(LogitsProcessor):
         threshold = ascending.gather(-1, last)
         floor = ascending[..., min(self.min_tokens_to_keep, x.shape[-1]) - 1 :][..., :1]
         remove = distance > torch.maximum(threshold, floor)
-        return logits.masked_fill(remove, NEG_INF)
+        return torch.where(remove, NEG_INF, logits)
 
 
 class EpsilonCutoff(LogitsProcessor):
@@ -198,7 +195,7 @@ class EpsilonCutoff(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         remove = logits.float().softmax(dim=-1) < self.epsilon_cutoff
         remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
-        return logits.masked_fill(remove, NEG_INF)
+        return torch.where(remove, NEG_INF, logits)
 
 
 class EtaCutoff(LogitsProcessor):
@@ -226,7 +223,7 @@ class EtaCutoff(LogitsProcessor):
         entropy = -(logp * probs).nansum(dim=-1, keepdim=True)
         eta = torch.clamp(math.sqrt(self.eta_cutoff) * torch.exp(-entropy), max=self.eta_cutoff)
         remove = _keep_top_n(logits, probs < eta, self.min_tokens_to_keep)
-        return logits.masked_fill(remove, NEG_INF)
+        return torch.where(remove, NEG_INF, logits)
 
 
 class TopNSigma(LogitsProcessor):
@@ -258,7 +255,7 @@ class TopNSigma(LogitsProcessor):
         var = torch.where(finite, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=-1, keepdim=True) / count
         threshold = row_max - self.top_n_sigma * var.sqrt()
         threshold = torch.where(torch.isnan(threshold), torch.full_like(threshold, NEG_INF), threshold)
-        return logits.masked_fill(x < threshold, NEG_INF)
+        return torch.where(x < threshold, NEG_INF, logits)
 
 
 def _min_keep(n: int) -> int:
