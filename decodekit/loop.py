@@ -205,6 +205,7 @@ def generate(
     cache_length = prompt_len + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
     logits, cache = prefill(model, window_ids, window_mask, cache_length)  # logits: [B, V]
     cached = window_ids.shape[1]
+    next_pos = positions(window_mask)[:, -1:] + 1  # [B, 1] position of the next token
     chain.begin(ids)
     if hasattr(sampler, "begin"):
         sampler.begin(ids)
@@ -246,13 +247,15 @@ def generate(
         # Next forward pass: one new position per row; slide the window when the cache is full.
         if context is not None and cached + 1 > context:
             keep = max(context // 2, 1)
-            logits, cache = prefill(model, seq[:, end + 1 - keep : end + 1], full_mask[:, end + 1 - keep : end + 1], context)
+            window_mask = full_mask[:, end + 1 - keep : end + 1]
+            logits, cache = prefill(model, seq[:, end + 1 - keep : end + 1], window_mask, context)
             cached = keep
+            next_pos = positions(window_mask)[:, -1:] + 1
         else:
             attn = full_mask[:, end + 1 - (cached + 1) : end + 1]  # [B, cached + 1]
-            pos = positions(attn)[:, -1:]
-            logits, cache = model.step(token[:, None], position_ids=pos, attention_mask=attn, cache=cache)
+            logits, cache = model.step(token[:, None], position_ids=next_pos, attention_mask=attn, cache=cache)
             cached += 1
+            next_pos = next_pos + 1
 
     if bool(bad):
         raise InvalidLogitsError("invalid logits (NaN, +inf or a row with no token left) appeared during decoding; "
