@@ -9,6 +9,7 @@ from decodekit.processors import (
     BadWords,
     EpsilonCutoff,
     EtaCutoff,
+    LogitBias,
     MinNewTokens,
     MinP,
     NoRepeatNGram,
@@ -108,3 +109,10 @@ def test_full_chain_matches_transformers_list() -> None:
         [lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(50), lp.TopPLogitsWarper(0.9)]
     )
     _same_distribution(ours(ids, logits), theirs(ids, logits.clone()), tied_row=1)
+
+
+def test_logit_bias_matches_sequence_bias_with_one_token_sequences() -> None:
+    ids, logits = _inputs(5)
+    ours = LogitBias({3: 2.5, 17: -4.0, 250: 100.0})
+    theirs = lp.SequenceBiasLogitsProcessor(sequence_bias=[[[3], 2.5], [[17], -4.0], [[250], 100.0]])
+    _same_distribution(ours(ids, logits), theirs(ids, logits.clone()))
