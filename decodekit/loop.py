@@ -17,7 +17,9 @@ import torch
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
 from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows, processor_name
 from decodekit.random import RowRandom, row_seeds
-from decodekit.samplers.base import Greedy
+from decodekit.processors.truncation import TopK, TopP
+from decodekit.samplers.base import Greedy, Multinomial
+from decodekit.samplers.rejection import sample_top_p
 
 # A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
 StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]
@@ -186,6 +188,7 @@ def generate(
         check_every = 1 if device.type == "cpu" else 8
     batch, prompt_len = ids.shape
     rng = RowRandom(row_seeds(seed, batch, device))
+    chain, top_p = _split_nucleus(chain, sampler, output_scores)
 
     # Buffers for the whole run; the loop works on growing views of them.
     seq = torch.full((batch, prompt_len + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -220,7 +223,10 @@ def generate(
         bad = bad | invalid
         if check_every == 1 and bool(invalid):
             _diagnose(chain, history, raw, step)
-        token = _sample(sampler, history, processed, rng, step)  # [B]
+        if top_p is None:
+            token = _sample(sampler, history, processed, rng, step)  # [B]
+        else:  # the chain's last filter was top-p: draw from the nucleus without sorting
+            token = sample_top_p(processed, top_p, rng)
         token = torch.where(finished, torch.full_like(token, pad), token)
         seq[:, end] = token
         lengths += (~finished).long()
@@ -269,6 +275,15 @@ def generate(
         logprobs=torch.stack(logprobs, dim=1) if output_scores else None,
         scores=scores if output_scores else None,
     )
+
+
+def _split_nucleus(chain: ProcessorChain, sampler: Any, output_scores: bool) -> tuple[ProcessorChain, float | None]:
+    """A chain ending in ``TopP`` before ``Multinomial`` samples by rejection (no sort), same law."""
+    last = chain.processors[-1] if len(chain) else None
+    fused = len(chain) > 1 and type(chain.processors[-2]) is TopK  # top-k | top-p is fused already
+    if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not fused and not output_scores:
+        return ProcessorChain(chain.processors[:-1]), last.top_p
+    return chain, None
 
 
 def _process(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:

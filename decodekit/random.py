@@ -52,22 +52,34 @@ class RowRandom:
         out._columns = self._columns
         return out
 
-    def _bits(self, n: int) -> torch.Tensor:
-        cols = self._columns.get(n)
+    def _bits(self, n: int, draw: int | None = None) -> torch.Tensor:
+        cols = self._columns.get(n)  # hashed column ids, computed once per width
         if cols is None or cols.device != self.seeds.device:
-            cols = torch.arange(n, dtype=torch.int64, device=self.seeds.device)
+            cols = hash32(torch.arange(n, dtype=torch.int64, device=self.seeds.device) + 0x632BE5AB)
             self._columns[n] = cols
-        stream = hash32(self.seeds ^ hash32(torch.full_like(self.seeds, self.counter & _MASK32) + 0x9E3779B9))
-        self.counter += 1
-        return hash32(stream ^ hash32(cols + 0x632BE5AB))  # [B, n]
+        if draw is None:
+            draw = self.counter
+            self.counter += 1
+        stream = hash32(self.seeds ^ hash32(torch.full_like(self.seeds, draw & _MASK32) + 0x9E3779B9))
+        return hash32(stream ^ cols)  # [B, n]
 
-    def uniform(self, n: int) -> torch.Tensor:
+    def reserve(self, n: int) -> int:
+        """Set aside ``n`` draws (for a loop whose length varies with the data); returns the first.
+
+        Draw ``first + i`` is then taken with ``exponential(..., draw=first + i)``, so the stream
+        of every later call is the same however many of the ``n`` were used.
+        """
+        first = self.counter
+        self.counter += n
+        return first
+
+    def uniform(self, n: int, *, draw: int | None = None) -> torch.Tensor:
         """``[B, n]`` float32 uniform in the open interval (0, 1)."""
-        return ((self._bits(n) >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+        return ((self._bits(n, draw) >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
-    def exponential(self, n: int) -> torch.Tensor:
+    def exponential(self, n: int, *, draw: int | None = None) -> torch.Tensor:
         """``[B, n]`` float32 draws from Exp(1)."""
-        return -torch.log(self.uniform(n))
+        return -torch.log(self.uniform(n, draw=draw))
 
 
 def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Sorting-free nucleus (top-p) sampling by rejection, with the sort-based path as fallback.
+
+Drawing from ``TopP(p)`` then ``Multinomial`` needs the nucleus, which the filter finds by sorting
+the vocabulary. :func:`sample_top_p` draws the same distribution without a sort, as FlashInfer's
+samplers do: draw a token from the candidates; accept it if it is in the nucleus, else every
+token no more likely than it is outside the nucleus too, so drop them and draw again.
+
+A token of probability ``q`` is in the nucleus (``TopP``'s rule, ties kept together) when
+``L(q) + q > 1 - p``, where ``L(q)`` is the mass of tokens less likely than ``q``. ``L(q) + q``
+grows with ``q``, so a rejected ``q`` rules out every token with probability ``<= q``. Conditioned
+on acceptance, the draw is proportional to the probabilities within the nucleus: exactly the
+distribution of the sort-based path. Each round costs a few passes over the vocabulary;
+usually one or two rounds suffice. Rows still undecided after ``rounds`` rounds take the
+sort-based path. On CPU the loop stops as soon as every row is decided; on other devices it runs
+all rounds and the fallback, so that it never waits for the device (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodekit.processors.truncation import TopP
+from decodekit.random import RowRandom
+
+ROUNDS = 8
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
+    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``."""
+    probs = logits.float().softmax(dim=-1)  # [B, V]
+    v = probs.shape[-1]
+    first = rng.reserve(rounds + 1)  # a fixed number of draws per call: rows stay batch-independent
+    low = torch.full_like(probs[:, :1], -1.0)  # candidates: probability > low
+    token = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    done = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    for r in range(rounds):
+        candidates = torch.where(probs > low, probs, 0.0)
+        pick = (candidates / rng.exponential(v, draw=first + r)).argmax(dim=-1, keepdim=True)  # [B, 1]
+        q = probs.gather(-1, pick)
+        below = torch.where(probs < q, probs, 0.0).sum(dim=-1, keepdim=True)  # L(q)
+        accept = ((below + q) > 1.0 - top_p).squeeze(-1) & ~done
+        token = torch.where(accept, pick.squeeze(-1), token)
+        done = done | accept
+        low = torch.where(accept[:, None], low, q)
+        if probs.device.type == "cpu" and bool(done.all()):  # on CPU a sync is free; elsewhere no sync
+            break
+    if probs.device.type == "cpu" and bool(done.all()):
+        return token
+    # fallback for undecided rows: the sort-based filter, then the exponential race
+    filtered = TopP(top_p)(None, logits).float().softmax(dim=-1)
+    fallback = (filtered / rng.exponential(v, draw=first + rounds)).argmax(dim=-1)
+    return torch.where(done, token, fallback)
