@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decodekit.hookspecs import hookimpl
 from decodekit.processors import BUILTIN_PROCESSORS
-from decodekit.samplers import Greedy, Multinomial
+from decodekit.samplers import BeamSearch, Greedy, Multinomial
 
 
 @hookimpl
@@ -14,4 +14,4 @@ def decodekit_register_processors() -> list[type]:
 
 @hookimpl
 def decodekit_register_samplers() -> list[type]:
-    return [Greedy, Multinomial]
+    return [Greedy, Multinomial, BeamSearch]

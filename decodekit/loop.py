@@ -69,7 +69,7 @@ def as_chain(processors: Any) -> ProcessorChain:
     return ProcessorChain(list(processors))
 
 
-def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+def eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
     if eos_token_id is None:
         return torch.empty(0, dtype=torch.long, device=device)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -84,6 +84,12 @@ def prepare_inputs(
     """Check and move the prompt and its mask to the model's device; ``[B, T0]`` each."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} is not allowed: must be an integer >= 1")
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
+        lengths = {len(row) for row in input_ids}
+        if len(lengths) > 1:
+            raise ConfigError(
+                f"input_ids: rows have different lengths {sorted(lengths)}; left-pad them and pass an attention_mask"
+            )
     ids = torch.as_tensor(input_ids, device=model.device)
     if ids.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"input_ids: must be integer token ids, got dtype {ids.dtype}")
@@ -182,13 +188,13 @@ def generate(
             on_token=on_token, output_scores=output_scores,
         )  # fmt: skip
     device = ids.device
-    eos = _eos_tensor(eos_token_id, device)
+    eos = eos_tensor(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 8
     batch, prompt_len = ids.shape
     rng = RowRandom(row_seeds(seed, batch, device))
-    chain, top_p = _split_nucleus(chain, sampler, output_scores)
+    chain, nucleus = _split_nucleus(chain, sampler)
 
     # Buffers for the whole run; the loop works on growing views of them.
     seq = torch.full((batch, prompt_len + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -218,15 +224,17 @@ def generate(
         end = prompt_len + step
         history = seq[:, :end]  # [B, T] prompt + tokens so far
         raw = logits.float()
-        processed = _process(chain, history, raw, step)  # [B, V]
+        processed = run_chain(chain, history, raw, step)  # [B, V]
         invalid = invalid_rows(processed).any()
         bad = bad | invalid
         if check_every == 1 and bool(invalid):
-            _diagnose(chain, history, raw, step)
-        if top_p is None:
+            diagnose(chain, history, raw, step)
+        if nucleus is None:
             token = _sample(sampler, history, processed, rng, step)  # [B]
         else:  # the chain's last filter was top-p: draw from the nucleus without sorting
-            token = sample_top_p(processed, top_p, rng)
+            token = sample_top_p(processed, nucleus.top_p, rng)
+            if output_scores:  # the filtered logits only for the record: same tokens either way
+                processed = nucleus(history, processed)
         token = torch.where(finished, torch.full_like(token, pad), token)
         seq[:, end] = token
         lengths += (~finished).long()
@@ -277,16 +285,16 @@ def generate(
     )
 
 
-def _split_nucleus(chain: ProcessorChain, sampler: Any, output_scores: bool) -> tuple[ProcessorChain, float | None]:
+def _split_nucleus(chain: ProcessorChain, sampler: Any) -> tuple[ProcessorChain, TopP | None]:
     """A chain ending in ``TopP`` before ``Multinomial`` samples by rejection (no sort), same law."""
     last = chain.processors[-1] if len(chain) else None
     fused = len(chain) > 1 and type(chain.processors[-2]) is TopK  # top-k | top-p is fused already
-    if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not fused and not output_scores:
-        return ProcessorChain(chain.processors[:-1]), last.top_p
+    if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not fused:
+        return ProcessorChain(chain.processors[:-1]), last
     return chain, None
 
 
-def _process(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
+def run_chain(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
     """Run the chain; if it raises, re-run it checked to name the processor at fault."""
     try:
         out = chain(history, logits)
@@ -299,7 +307,7 @@ def _process(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor,
     return out
 
 
-def _diagnose(chain: ProcessorChain, history: torch.Tensor, raw: torch.Tensor, step: int) -> None:
+def diagnose(chain: ProcessorChain, history: torch.Tensor, raw: torch.Tensor, step: int) -> None:
     """Find who made this step's logits invalid: the model or a named processor. Always raises."""
     check_logits(raw, f"the model's logits at step {step}")
     chain.checked(history, raw, step=step)

@@ -228,10 +228,10 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     registry = Registry()
     hooks = pm.hook
     for kind, hook in (("processor", hooks.decodekit_register_processors), ("sampler", hooks.decodekit_register_samplers)):
-        for impl in reversed(hook.get_hookimpls()):  # registration order: built-ins first
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
             for cls in impl.function() or []:
                 registry.add(cls, kind, impl.plugin_name)
-    for impl in reversed(hooks.decodekit_register_strategies.get_hookimpls()):
+    for impl in hooks.decodekit_register_strategies.get_hookimpls():
         for name, settings in (impl.function() or {}).items():
             registry.add_strategy(name, settings, impl.plugin_name)
     return registry

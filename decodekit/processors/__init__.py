@@ -2,6 +2,7 @@
 
 from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
 from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
 from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
 from decodekit.processors.temperature import Temperature
 from decodekit.processors.truncation import EpsilonCutoff, EtaCutoff, MinP, TopK, TopNSigma, TopP, TypicalP
@@ -14,6 +15,8 @@ BUILTIN_PROCESSORS = [
     BadWords,
     LogitBias,
     MinNewTokens,
+    EosLengthPenalty,
+    BagOfWords,
     Temperature,
     TopK,
     TopP,
@@ -27,7 +30,9 @@ BUILTIN_PROCESSORS = [
 __all__ = [
     "BUILTIN_PROCESSORS",
     "BadWords",
+    "BagOfWords",
     "BuildContext",
+    "EosLengthPenalty",
     "EpsilonCutoff",
     "EtaCutoff",
     "FrequencyPenalty",

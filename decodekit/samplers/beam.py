@@ -1,0 +1,544 @@
+"""Beam search: the ``beam`` sampler, with beam sampling, diverse (group) beams and must-include words.
+
+:class:`BeamSearch` drives its own loop (``drives_loop = True``): :func:`decodekit.generate` hands
+it the whole job. Batch items and beams are rows of one batch (``B * num_beams`` rows); each step is
+a handful of tensor ops over ``[B, beams, vocab]``. Python loops run only over steps and, for
+diverse beam search, over beam groups (a group's penalty depends on the tokens earlier groups just
+chose). The bookkeeping follows transformers 5's vectorised ``_beam_search`` step for step, so the
+same model and prompt give the same sequences and scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from decodekit.errors import ConfigError
+from decodekit.processors.base import BuildContext, invalid_rows
+from decodekit.random import RowRandom, row_seeds
+from decodekit.samplers.base import Sampler
+from decodekit.samplers.constrained import Constraints, allocate, phrases_from_setting, tails
+from decodekit.validation import validate
+
+NEG = -1.0e9  # an impossible score, as transformers writes it (finite, so sums stay ordered)
+
+
+class BeamSearch(Sampler):
+    """Keep the ``num_beams`` best partial sequences per prompt; return the best finished ones.
+
+    Each step, for every beam ``j`` with score ``s_j`` (the sum of its tokens' log-probabilities)
+    and every token ``v``: ``s_j + log softmax(chain(x_j))_v``, where ``chain`` is the processor
+    chain run on the beam's own history (penalties, n-gram blocking, bad words act per beam).
+    The ``2 * num_beams`` best of these (``(1 + #eos) * num_beams`` with several EOS ids) over all
+    beams are kept: those ending in EOS (or reaching ``max_new_tokens``) and ranked among the first
+    ``num_beams`` become finished hypotheses, the best ``num_beams`` others go on.
+
+    A finished hypothesis of ``n`` new tokens (its EOS included) scores
+    ``sum_logprobs / n ** length_penalty``; ``length_penalty > 0`` favours longer outputs, ``< 0``
+    shorter ones. Each prompt keeps its ``num_beams`` best hypotheses; the
+    ``num_return_sequences`` best are returned, best first, with that score as
+    ``sequence_scores``. Stopping (transformers' ``early_stopping``): ``True`` stops a prompt as
+    soon as it has ``num_beams`` hypotheses; ``False`` stops when the best running beam, scored at
+    its current length, can no longer beat the worst kept hypothesis; ``"never"`` does the same
+    but, with ``length_penalty > 0``, scores the running beam at ``max_new_tokens`` (the bound
+    canonical beam search uses). Search also ends at ``max_new_tokens``.
+
+    Options:
+
+    - ``beam_sample``: draw the ``2 * num_beams`` continuations without replacement from
+      ``softmax`` of the accumulated scores over all beams and tokens (transformers'
+      ``do_sample=True`` with beams), by the Gumbel-top-k trick on the per-prompt random stream
+      of the ``seed``; temperature and truncation processors in the chain shape the draw. With
+      one beam the first draw goes on (transformers then samples plainly), so
+      ``BeamSearch(1, beam_sample=True)`` gives :class:`~decodekit.samplers.Multinomial`'s tokens,
+      as ``BeamSearch(1)`` gives greedy's (one beam always stops at its first EOS).
+    - ``num_beam_groups`` / ``diversity_penalty``: diverse beam search (Vijayakumar et al. 2016,
+      transformers' former group beam search): beams are split into groups that search one
+      after the other within a step; a group's log-probabilities lose
+      ``diversity_penalty * (times the token was just chosen by earlier groups for this
+      prompt)`` (Hamming diversity), and that penalty is part of its scores.
+    - ``must_include``: words (or token-id lists) that must each appear in the output:
+      constrained beam search (see :mod:`decodekit.samplers.constrained` and docs/beam.md).
+
+    Differences from transformers: the chain runs on the raw logits and is then normalised,
+    ``log_softmax(chain(x))`` (transformers runs its processors on ``log_softmax(x)`` and does not
+    renormalise); with no processors, or only ones that remove tokens, the chosen sequences are
+    the same. Stopping criteria and ``on_token`` are replayed over the returned rows after the
+    search (a criterion can cut a returned row, finish reason ``"stop"``; it does not steer the
+    search). ``output_scores`` gives per-token ``logprobs`` of the returned rows, not ``scores``.
+    """
+
+    name = "beam"
+    drives_loop: ClassVar[bool] = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        num_beams: int = Field(ge=1, description="beams kept per prompt; 1 = greedy")
+        length_penalty: float = Field(1.0, allow_inf_nan=False, description="score = logprob sum / length ** this")
+        early_stopping: bool | Literal["never"] = Field(
+            False, description="true, false or 'never' (transformers' meaning)"
+        )
+        num_return_sequences: int = Field(1, ge=1, description="best hypotheses returned per prompt, <= num_beams")
+        beam_sample: bool = Field(False, description="draw continuations from the beam scores, not the best")
+        num_beam_groups: int = Field(1, ge=1, description="diverse beam search: groups of beams; divides num_beams")
+        diversity_penalty: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Hamming penalty between groups")
+        must_include: list[str | list[int]] | None = Field(
+            None, min_length=1, description="words or token-id lists that must each appear in the output"
+        )
+
+    def __init__(
+        self,
+        num_beams: int,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        beam_sample: bool = False,
+        num_beam_groups: int = 1,
+        diversity_penalty: float = 0.0,
+        must_include: Sequence[str | Sequence[int]] | None = None,
+        *,
+        context: BuildContext | None = None,
+    ) -> None:
+        p = validate(
+            self.Params, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, beam_sample=beam_sample, num_beam_groups=num_beam_groups,
+            diversity_penalty=diversity_penalty,
+            must_include=None if must_include is None else [w if isinstance(w, str) else list(w) for w in must_include],
+        )  # fmt: skip
+        if p.num_return_sequences > p.num_beams:
+            raise ConfigError(
+                f"num_return_sequences={p.num_return_sequences} is not allowed: must be <= num_beams={p.num_beams}"
+            )
+        if p.num_beams % p.num_beam_groups:
+            raise ConfigError(
+                f"num_beam_groups={p.num_beam_groups} is not allowed: must divide num_beams={p.num_beams}"
+            )
+        if p.diversity_penalty > 0 and p.num_beam_groups == 1:
+            raise ConfigError(
+                f"diversity_penalty={p.diversity_penalty} needs num_beam_groups > 1 "
+                "(it penalises groups against each other)"
+            )
+        if p.num_beam_groups > 1 and (p.beam_sample or p.must_include):
+            raise ConfigError(
+                f"num_beam_groups={p.num_beam_groups} cannot be combined with beam_sample or must_include"
+            )
+        if p.beam_sample and p.must_include:
+            raise ConfigError("beam_sample cannot be combined with must_include")
+        self.num_beams = p.num_beams
+        self.length_penalty = p.length_penalty
+        self.early_stopping: bool | str = p.early_stopping
+        self.num_return_sequences = p.num_return_sequences
+        self.beam_sample = p.beam_sample
+        self.num_beam_groups = p.num_beam_groups
+        self.diversity_penalty = p.diversity_penalty
+        self.must_include = p.must_include
+        self._constraints = (
+            None if p.must_include is None else Constraints(phrases_from_setting(p.must_include, context))
+        )
+
+    @classmethod
+    def from_params(cls, params: BaseModel, context: BuildContext | None) -> BeamSearch:
+        return cls(**params.model_dump(), context=context)
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
+        raise ConfigError(
+            "beam search drives its own loop: call decodekit.generate(model, ids, sampler=BeamSearch(...))"
+        )
+
+    # ------------------------------------------------------------------------------------ search
+
+    def generate(
+        self,
+        model: Any,
+        input_ids: Any,
+        *,
+        processors: Any = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        attention_mask: Any = None,
+        seed: int | list[int] | None = None,
+        stopping: Sequence[Any] = (),
+        on_token: Any = None,
+        output_scores: bool = False,
+    ) -> Any:
+        """Beam search after each row of ``input_ids``; arguments as :func:`decodekit.generate`.
+
+        Returns a :class:`~decodekit.loop.GenerateOutput` with ``B * num_return_sequences`` rows
+        (prompt ``b``'s hypotheses are rows ``b * num_return_sequences ...``, best first) and
+        ``sequence_scores``.
+        """
+        from decodekit import loop  # here: decodekit.loop imports the samplers package
+
+        ids, mask = loop.prepare_inputs(model, input_ids, attention_mask, max_new_tokens)
+        chain = loop.as_chain(processors)
+        device = ids.device
+        eos = loop.eos_tensor(eos_token_id, device)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+        vocab = model.vocab_size
+        if vocab < 2:
+            raise ConfigError(f"num_beams: beam search needs a vocabulary of at least 2 tokens, the model has {vocab}")
+        constraints = self._constraints.to(device) if self._constraints is not None else None
+        if constraints is not None:
+            constraints.check_vocab(vocab)
+
+        B, T0 = ids.shape
+        N, L = max_new_tokens, T0 + max_new_tokens
+        G, nb = self.num_beam_groups, self.num_beams
+        k = nb // G  # beams per group
+        K = max(2, 1 + eos.numel()) * k  # candidates kept per step and group
+        rows = B * nb
+        lp = self.length_penalty
+        es = True if nb == 1 else self.early_stopping  # one beam: stop at the first EOS, as greedy does
+        rng = RowRandom(row_seeds(seed, B, device)) if self.beam_sample else None
+
+        runner = _Runner(model, ids, mask, nb, N)
+        chain.begin(ids.repeat_interleave(nb, dim=0))
+
+        # Running beams [B, G, k, ...] (a group's first beam starts at 0) and kept hypotheses.
+        run_seq = torch.full((B, G, k, L), pad, dtype=torch.long, device=device)
+        run_seq[..., :T0] = ids[:, None, None, :]
+        run_score = torch.zeros((B, G, k), device=device)
+        run_score[..., 1:] = NEG
+        run_logp = torch.zeros((B, G, k, N), device=device)
+        kept = _Kept.empty(run_seq, run_logp)
+        unsatisfied = torch.ones((B, G), dtype=torch.bool, device=device)  # can still improve
+        may_finish_rank = torch.arange(K, device=device) < k  # only the top k candidates may finish
+        one_sample = self.beam_sample and nb == 1
+        draw_order = -torch.arange(K, device=device, dtype=torch.float32)
+        met = progress = None
+        fallback = None
+        if constraints is not None:
+            met, progress = constraints.start((B, k), device)
+
+        for step in range(N):
+            end = T0 + step  # the position this step fills
+            last = step + 1 == N
+            history = run_seq.view(rows, L)[:, :end]  # [rows, T]
+            raw = runner.logits.float()  # [rows, V]
+            processed = loop.run_chain(chain, history, raw, step)
+            invalid = invalid_rows(processed).any()
+            logp = torch.log_softmax(processed, dim=-1).view(B, G, k, vocab)
+            counts = torch.zeros((B, vocab), device=device) if G > 1 and self.diversity_penalty > 0 else None
+            source = torch.empty((B, G, k), dtype=torch.long, device=device)
+            all_hits = []
+            for g in range(G):
+                logp_g = logp[:, g]  # [B, k, V]
+                scored = logp_g if counts is None else logp_g - self.diversity_penalty * counts[:, None, :]
+                if constraints is None:
+                    beam, token, score = self._candidates(scored, run_score[:, g], K, rng)  # [B, K] each
+                    hits = torch.isin(token, eos) | last
+                    may_finish = hits & may_finish_rank
+                    keys = score + hits.to(torch.float32) * NEG
+                    if one_sample:  # one sampled beam goes on with its first draw: plain sampling
+                        chosen = (draw_order + hits.to(torch.float32) * NEG).topk(k, dim=-1).indices
+                    else:
+                        chosen = keys.topk(k, dim=-1).indices  # [B, k]
+                    next_score = keys.gather(1, chosen)
+                else:
+                    found = _constrained_candidates(
+                        constraints, scored, run_score[:, 0], run_seq[:, 0], met, progress, eos, K, k, T0, step, N
+                    )
+                    beam, token, score, hits, may_finish, chosen, next_score, met, progress, fallback_ok = found
+                cand_seq = run_seq[:, g].gather(1, beam[..., None].expand(-1, -1, L))  # [B, K, L]
+                cand_seq[:, :, end] = token
+                cand_logp = run_logp[:, g].gather(1, beam[..., None].expand(-1, -1, N))
+                cand_logp[:, :, step] = logp_g.reshape(B, k * vocab).gather(1, beam * vocab + token)
+
+                # Finished hypotheses: merge the new ones into the kept ones, keep the k best.
+                norm = score / ((step + 1) ** lp)
+                full = kept.done[:, g].all(-1, keepdim=True) & (es is True)
+                norm = norm + full.to(torch.float32) * NEG
+                norm = norm + (~unsatisfied[:, g, None]).to(torch.float32) * NEG
+                norm = norm + (~may_finish).to(torch.float32) * NEG
+                kept.merge(g, cand_seq, cand_logp, norm, may_finish, step + 1, torch.isin(token, eos))
+                if constraints is not None and last:
+                    fallback = _fallback(score / ((step + 1) ** lp), fallback_ok, cand_seq, cand_logp,
+                                         self.num_return_sequences, step + 1, torch.isin(token, eos))  # fmt: skip
+
+                # Running beams for the next step.
+                run_seq[:, g] = _take(cand_seq, chosen)
+                run_logp[:, g] = _take(cand_logp, chosen)
+                run_score[:, g] = next_score
+                source[:, g] = beam.gather(1, chosen)
+                if counts is not None:
+                    counts.scatter_add_(1, token.gather(1, chosen), torch.ones((B, k), device=device))
+                all_hits.append(hits)
+
+            # Can any prompt still improve? (transformers' early-stopping heuristic)
+            best_length = N if (es == "never" and lp > 0.0) else step + 1
+            best_running = run_score.amax(-1, keepdim=True) / (best_length**lp)  # [B, G, 1]
+            worst_kept = torch.where(kept.done, kept.score.amin(-1, keepdim=True), NEG)  # [B, G, k]
+            unsatisfied = unsatisfied & (best_running > worst_kept).any(-1)
+            going = unsatisfied.any() & ~(kept.done.all() & (es is True)) & ~torch.stack(all_hits).all()
+            if last or bool(~going | invalid):  # the one host sync per step
+                break
+            flat_source = (torch.arange(B * G, device=device).view(B, G, 1) * k + source).view(rows)
+            chain.reorder(flat_source)
+            runner.advance(run_seq.view(rows, L), end, flat_source)
+
+        if bool(invalid):
+            loop.diagnose(chain, history, raw, step)
+        return self._output(ids, kept, fallback, pad, stopping, on_token, output_scores)
+
+    def _candidates(
+        self, scored: torch.Tensor, run_score: torch.Tensor, K: int, rng: RowRandom | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``K`` best (or, sampling, drawn) continuations over all beams: beam, token, score ``[B, K]``."""
+        B, k, V = scored.shape
+        acc = (scored + run_score[..., None]).reshape(B, k * V)  # [B, k * V]
+        if rng is None:
+            score, index = acc.topk(K, dim=-1)
+        else:  # Gumbel-top-k: K draws without replacement from softmax(acc), in draw order
+            index = (acc - torch.log(rng.exponential(k * V))).topk(K, dim=-1).indices
+            score = acc.gather(1, index)
+        return index // V, index % V, score
+
+    def _output(
+        self, ids: torch.Tensor, kept: _Kept, fallback: dict[str, torch.Tensor] | None, pad: int,
+        stopping: Sequence[Any], on_token: Any, output_scores: bool,
+    ) -> Any:  # fmt: skip
+        """The ``num_return_sequences`` best kept hypotheses per prompt as a ``GenerateOutput``."""
+        from decodekit.loop import FINISH_REASONS, GenerateOutput
+
+        B, T0 = ids.shape
+        G, k, L = kept.seq.shape[1:4]
+        r = self.num_return_sequences
+        seqs, scores = kept.seq.view(B, G * k, L), kept.score.view(B, G * k)
+        lengths, ends_eos = kept.length.view(B, G * k), kept.eos.view(B, G * k)
+        logps, done = kept.logp.view(B, G * k, -1), kept.done.view(B, G * k)
+        if fallback is not None:  # must_include: hypotheses that met every constraint first, best first
+            seqs = torch.cat([seqs, fallback["seq"]], dim=1)
+            scores = torch.cat([scores, fallback["score"]], dim=1)
+            lengths = torch.cat([lengths, fallback["len"]], dim=1)
+            ends_eos = torch.cat([ends_eos, fallback["eos"]], dim=1)
+            logps = torch.cat([logps, fallback["logp"]], dim=1)
+            tier = torch.cat([(~done).long(), torch.ones_like(fallback["len"])], dim=1)
+            by_score = scores.argsort(dim=-1, descending=True, stable=True)
+            order = by_score.gather(1, tier.gather(1, by_score).argsort(dim=-1, stable=True))[:, :r]
+        else:
+            order = scores.argsort(dim=-1, descending=True, stable=True)[:, :r]  # already sorted when G == 1
+        seqs, scores = _take(seqs, order).reshape(B * r, L), scores.gather(1, order).reshape(B * r)
+        lengths, ends_eos = lengths.gather(1, order).reshape(B * r), ends_eos.gather(1, order).reshape(B * r)
+        logps = _take(logps, order).reshape(B * r, -1)
+        reason = ends_eos.to(torch.int8)  # 1 = eos, 0 = length
+        n = int(lengths.max())
+        tokens = seqs[:, T0 : T0 + n]
+        if stopping or on_token is not None:
+            prompts = ids.repeat_interleave(r, dim=0)
+            tokens, lengths, reason = _replay(prompts, tokens, lengths, reason, stopping, on_token, pad)
+            n = int(lengths.max())
+            tokens = tokens[:, :n]
+        logprobs = None
+        if output_scores:
+            logprobs = torch.where(torch.arange(n, device=tokens.device) < lengths[:, None], logps[:, :n], 0.0)
+        return GenerateOutput(
+            tokens=tokens,
+            lengths=lengths,
+            finish_reasons=[FINISH_REASONS[c] for c in reason.tolist()],
+            sequences=torch.cat([ids.repeat_interleave(r, dim=0), tokens], dim=1),
+            logprobs=logprobs,
+            scores=None,
+            sequence_scores=scores,
+        )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j], ...]`` for ``x [B, M, ...]`` and ``index [B, J]``: ``[B, J, ...]``."""
+    while index.dim() < x.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(x, index, dim=1)
+
+
+@dataclass
+class _Kept:
+    """The best finished hypotheses, ``k`` per prompt and group: ``[B, G, k, ...]`` tensors.
+
+    ``score`` is length-normalised (``NEG`` for an empty slot, ``done`` False), ``length`` counts
+    new tokens, ``eos`` says the hypothesis ended at EOS (else at ``max_new_tokens``).
+    """
+
+    seq: torch.Tensor
+    logp: torch.Tensor
+    score: torch.Tensor
+    done: torch.Tensor
+    length: torch.Tensor
+    eos: torch.Tensor
+
+    @classmethod
+    def empty(cls, seq: torch.Tensor, logp: torch.Tensor) -> _Kept:
+        slots = seq.shape[:3]
+        return cls(
+            seq=seq.clone(), logp=logp.clone(), score=torch.full(slots, NEG, device=seq.device),
+            done=torch.zeros(slots, dtype=torch.bool, device=seq.device),
+            length=torch.zeros(slots, dtype=torch.long, device=seq.device),
+            eos=torch.zeros(slots, dtype=torch.bool, device=seq.device),
+        )  # fmt: skip
+
+    def merge(
+        self, g: int, seq: torch.Tensor, logp: torch.Tensor, score: torch.Tensor, done: torch.Tensor,
+        length: int, eos: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Add group ``g``'s candidates ``[B, M, ...]`` (``score`` already ``NEG``-masked) and keep the k best."""
+        k = self.score.shape[2]
+        best = torch.cat([self.score[:, g], score], dim=1).topk(k, dim=-1).indices  # [B, k]
+        self.seq[:, g] = _take(torch.cat([self.seq[:, g], seq], dim=1), best)
+        self.logp[:, g] = _take(torch.cat([self.logp[:, g], logp], dim=1), best)
+        self.score[:, g] = _take(torch.cat([self.score[:, g], score], dim=1), best)
+        self.done[:, g] = _take(torch.cat([self.done[:, g], done], dim=1), best)
+        new_length = torch.full_like(done, length, dtype=torch.long)
+        self.length[:, g] = _take(torch.cat([self.length[:, g], new_length], dim=1), best)
+        self.eos[:, g] = _take(torch.cat([self.eos[:, g], eos], dim=1), best)
+
+
+class _Runner:
+    """The model side of beam search: prefill each prompt once, copy its cache to the beams, then
+    one position per step for every beam (reordered first), sliding the window at the context limit."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, beams: int, max_new_tokens: int) -> None:
+        from decodekit.loop import crop_to_context, prefill
+
+        self.model = model
+        B, T0 = ids.shape
+        expand = torch.arange(B, device=ids.device).repeat_interleave(beams)
+        window_ids, window_mask = crop_to_context(model, ids, mask)
+        self.context = getattr(model, "max_context", None)
+        length = T0 + max_new_tokens
+        if self.context is not None:
+            length = min(self.context, window_ids.shape[1] + max_new_tokens)
+        logits, cache = prefill(model, window_ids, window_mask, length)
+        self.cache = model.reorder_cache(cache, expand)
+        self.logits = logits.index_select(0, expand)  # [rows, V]
+        self.mask = torch.ones((B * beams, T0 + max_new_tokens), dtype=torch.bool, device=ids.device)
+        self.mask[:, :T0] = mask.index_select(0, expand)
+        self.cached = window_ids.shape[1]
+
+    def advance(self, seq: torch.Tensor, end: int, source: torch.Tensor) -> None:
+        """Beams now descend from rows ``source``; run the token each placed at ``end``."""
+        from decodekit.loop import positions, prefill
+
+        if self.context is not None and self.cached + 1 > self.context:
+            keep = max(self.context // 2, 1)
+            window = slice(end + 1 - keep, end + 1)
+            self.logits, self.cache = prefill(self.model, seq[:, window], self.mask[:, window], self.context)
+            self.cached = keep
+            return
+        self.cache = self.model.reorder_cache(self.cache, source)
+        attn = self.mask[:, end + 1 - (self.cached + 1) : end + 1]  # [rows, cached + 1]
+        pos = positions(attn)[:, -1:]
+        self.logits, self.cache = self.model.step(
+            seq[:, end : end + 1], position_ids=pos, attention_mask=attn, cache=self.cache
+        )
+        self.cached += 1
+
+
+def _constrained_candidates(
+    constraints: Constraints, scored: torch.Tensor, run_score: torch.Tensor, run_seq: torch.Tensor,
+    met: torch.Tensor, progress: torch.Tensor, eos: torch.Tensor, K: int, k: int, T0: int, step: int, N: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """One step of constrained beam search for one group of beams ``[B, k]``.
+
+    Candidates: the ``K`` best continuations (EOS only for beams that met every constraint) plus,
+    for every beam, its own best continuation and each token that advances an unmet phrase (so
+    every beam that can still meet its constraints in time has a candidate that does). A
+    candidate is dropped when its need exceeds the steps left (while some candidate of the prompt
+    still fits); the ``k`` that go on are allocated round-robin across banks
+    (:func:`~decodekit.samplers.constrained.allocate`). Returns beam, token, score, hits,
+    may_finish, chosen, next scores, next met / progress, and which candidates are fallbacks.
+    """
+    B, _, V = scored.shape
+    all_met = met.all(-1)  # [B, k]
+    acc = scored + run_score[..., None]
+    is_eos = torch.zeros(V, dtype=torch.bool, device=scored.device)
+    is_eos[eos[eos < V]] = True
+    acc = acc.masked_fill(is_eos & ~all_met[..., None], float("-inf"))
+    acc = acc.masked_fill((run_score < NEG / 2)[..., None], float("-inf"))  # beams that never started
+    flat = acc.reshape(B, k * V)
+    top_index = flat.topk(K, dim=-1).indices  # [B, K]
+    adv_token, adv_valid = constraints.next_tokens(met, progress)  # [B, k, 2P]
+    offset = torch.arange(k, device=scored.device)[:, None] * V  # [k, 1]
+    adv_index = (offset + adv_token).reshape(B, -1)
+    own_index = offset.T + acc.argmax(-1)  # [B, k]: every beam's own best continuation
+    index = torch.cat([top_index, own_index, adv_index], dim=1)  # [B, M]
+    score = flat.gather(1, index)
+    valid = torch.cat([torch.ones_like(top_index, dtype=torch.bool), torch.ones_like(own_index, dtype=torch.bool),
+                       adv_valid.reshape(B, -1)], dim=1)  # fmt: skip
+    m = index.shape[1]
+    earlier = torch.arange(m, device=index.device)[None, :] < torch.arange(m, device=index.device)[:, None]
+    valid = valid & torch.isfinite(score)
+    duplicate = ((index[:, :, None] == index[:, None, :]) & earlier & valid[:, None, :]).any(-1)  # of a valid one
+    valid = valid & ~duplicate
+    beam, token = index // V, index % V
+
+    # Constraint state after each candidate's token.
+    end = T0 + step
+    parent_seq = run_seq.gather(1, beam[..., None].expand(-1, -1, run_seq.shape[-1]))
+    tail = tails(parent_seq, T0, end, constraints.width - 1)
+    tail = torch.cat([tail, token[..., None]], dim=-1)  # [B, M, W]
+    new_met, new_progress = constraints.update(met.gather(1, beam[..., None].expand(-1, -1, met.shape[-1])), tail)
+    need = constraints.need(new_met, new_progress)
+    bank = constraints.bank(new_met, new_progress)
+    done = new_met.all(-1)
+    hits = torch.isin(token, eos) | (step + 1 == N)
+    fits = need <= N - (step + 1)
+    fits = fits | ~(fits & valid & ~hits).any(-1, keepdim=True)  # force only while something still fits
+    go_on = valid & ~hits & fits
+    chosen = allocate(torch.where(go_on, score, float("-inf")), bank, go_on, k, constraints.num_banks)
+    next_score = torch.where(go_on.gather(1, chosen), score.gather(1, chosen), NEG)
+    may_finish = hits & valid & done
+    fallback_ok = hits & valid & ~done
+    score = torch.where(valid, score, NEG)
+    next_met = new_met.gather(1, chosen[..., None].expand(-1, -1, new_met.shape[-1]))
+    next_progress = new_progress.gather(1, chosen[..., None].expand(-1, -1, new_progress.shape[-1]))
+    return beam, token, score, hits, may_finish, chosen, next_score, next_met, next_progress, fallback_ok
+
+
+def _fallback(
+    norm: torch.Tensor, ok: torch.Tensor, seq: torch.Tensor, logp: torch.Tensor, r: int, length: int, eos: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The ``r`` best last-step candidates that missed a constraint, for prompts with too few
+    hypotheses that met them all (returned after those, as transformers does)."""
+    key = torch.where(ok, norm, float("-inf"))
+    best = key.topk(r, dim=-1).indices
+    return {
+        "seq": _take(seq, best),
+        "logp": _take(logp, best),
+        "score": torch.where(ok.gather(1, best), norm.gather(1, best), NEG),
+        "len": torch.full_like(best, length),
+        "eos": eos.gather(1, best),
+    }
+
+
+def _replay(
+    prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, reason: torch.Tensor,
+    stopping: Sequence[Any], on_token: Any, pad: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Run stopping criteria and the streaming callback over the returned rows, step by step, as
+    the sampling loop would have: a criterion that fires cuts its row there (reason ``"stop"``)."""
+    R, n = tokens.shape
+    sequences = torch.cat([prompts, tokens], dim=1)
+    T0 = prompts.shape[1]
+    finished = torch.zeros(R, dtype=torch.bool, device=tokens.device)
+    for step in range(n):
+        token = torch.where(finished, pad, tokens[:, step])
+        sequences[:, T0 + step] = token
+        finished = finished | ((lengths == step + 1) & (reason == 1))  # ended at EOS
+        for criterion in stopping:
+            stop = criterion(sequences[:, : T0 + step + 1], step + 1).to(tokens.device) & ~finished
+            lengths = torch.where(stop, step + 1, lengths)
+            reason = torch.where(stop, torch.full_like(reason, 2), reason)
+            finished = finished | stop
+        if on_token is not None:
+            on_token(step, token, finished)
+        finished = finished | (lengths == step + 1)
+        if bool(finished.all()):
+            break
+    tokens = torch.where(torch.arange(n, device=tokens.device) < lengths[:, None], tokens, pad)
+    return tokens, lengths, reason
