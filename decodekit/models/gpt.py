@@ -1,0 +1,274 @@
+"""A native GPT (the GPT-2 / nanoGPT architecture) with a preallocated key/value cache.
+
+:class:`GPT` follows :class:`decodekit.models.protocol.CausalLM`. Its parameter names are
+nanoGPT's (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``, ...), so a
+nanoGPT state dict loads as is; GPT-2 weights in Hugging Face's layout load through
+:func:`decodekit.models.loading.load_model`, which transposes their ``Conv1D`` weights.
+
+Decoding cost per new token is flat: keys and values of earlier positions live in a
+:class:`KVCache` allocated once for the whole generation, and only the last position goes
+through ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from decodekit.errors import ConfigError
+
+__all__ = ["GPT", "GPTConfig", "KVCache"]
+
+
+class GPTConfig(BaseModel):
+    """The shape of a GPT; field names are nanoGPT's ``model_args``.
+
+    ``dropout`` is accepted so nanoGPT checkpoints load, and ignored: this module is for
+    inference (and small from-scratch training runs without dropout).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(1024, gt=0, description="most positions attended over (n_positions)")
+    vocab_size: int = Field(50304, gt=0, description="number of logits per position")
+    n_layer: int = Field(12, gt=0, description="transformer blocks")
+    n_head: int = Field(12, gt=0, description="attention heads per block")
+    n_embd: int = Field(768, gt=0, description="width of the residual stream")
+    bias: bool = Field(True, description="biases in Linear and LayerNorm layers (GPT-2: True)")
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="ignored (inference only)")
+    layer_norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon (GPT-2: 1e-5)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        return self
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every position seen so far, for all layers at once.
+
+    ``k`` and ``v`` are ``[n_layer, B, H, max_length, D]``, allocated once; ``length`` is a
+    plain Python int (how many positions are filled), so no step ever syncs with the device.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (``torch.nn.LayerNorm`` has no ``bias=False`` on old torch)."""
+
+    def __init__(self, n_embd: int, bias: bool, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C]
+        mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend; None = plain causal
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # q, k, v: [B, H, T, D]
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            for t in self.c_attn(x).split(self.n_embd, dim=2)
+        )
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # [B, H, S, D]
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward layer: 4x wider, GELU (tanh approximation, as GPT-2)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 / nanoGPT decoder with tied input and output embeddings.
+
+    Use :meth:`step` for decoding (the :class:`~decodekit.models.protocol.CausalLM`
+    protocol) and :meth:`forward` for training or scoring whole sequences.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------- protocol attributes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def num_parameters(self) -> int:
+        """Parameter count, tied embeddings counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---------------------------------------------------------------- training / scoring
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits at every position, ``[B, T, V]``, for ``idx`` ``[B, T]`` (no padding, no cache)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ConfigError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None, None, i)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    # ---------------------------------------------------------------- decoding
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` rows and ``max_length`` positions."""
+        if max_length > self.config.block_size:
+            raise ConfigError(
+                f"max_length={max_length} exceeds the model's block_size={self.config.block_size}"
+            )
+        c = self.config
+        shape = (c.n_layer, batch_size, c.n_head, max_length, c.n_embd // c.n_head)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return KVCache(k=k, v=torch.zeros_like(k), length=0)
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,  # [B, T] long
+        *,
+        position_ids: torch.Tensor,  # [B, T] long
+        attention_mask: torch.Tensor,  # [B, S] bool, True = real token
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Run ``T`` new positions; returns the last position's logits ``[B, V]`` (float32).
+
+        The cache is updated in place and returned. Each query may attend to earlier
+        real tokens and to itself (so a left-padding row never attends to nothing).
+        """
+        B, T = input_ids.shape
+        past, S = cache.length, cache.length + T
+        if S > cache.max_length:
+            raise ConfigError(f"cache holds {cache.max_length} positions; {S} were needed")
+        if attention_mask.shape != (B, S):
+            raise ConfigError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})"
+            )
+        device = input_ids.device
+        query_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
+        key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        causal = key_pos <= query_pos  # [T, S]
+        # mask: [B, 1, T, S]
+        mask = (causal & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+
+        # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
+        pos = position_ids.clamp(min=0)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i)
+        cache.length = S
+        x = self.transformer.ln_f(x[:, -1, :])  # [B, C]: only the last position is needed
+        return self.lm_head(x).float(), cache
+
+    def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
+        """A new cache holding rows ``cache[index]`` (rows may repeat)."""
+        index = index.to(cache.k.device)
+        return KVCache(
+            k=cache.k.index_select(1, index), v=cache.v.index_select(1, index), length=cache.length
+        )

@@ -1,0 +1,107 @@
+"""An adapter that lets decodekit decode any local Hugging Face ``AutoModelForCausalLM``.
+
+:class:`HFCausalLM` follows :class:`decodekit.models.protocol.CausalLM`: the cache is the
+model's own ``DynamicCache``, passed through ``step`` untouched, and reordered with its
+``reorder_cache``. Models are only read from local folders (``local_files_only=True``);
+transformers is imported when an adapter is first built (``pip install decodekit[hf]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decodekit.errors import ModelLoadError
+
+__all__ = ["HFCausalLM", "import_transformers"]
+
+
+def import_transformers() -> Any:
+    """The ``transformers`` module, or a one-line error saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(
+            "Hugging Face models need transformers: pip install decodekit[hf]"
+        ) from None
+    return transformers
+
+
+class HFCausalLM:
+    """A Hugging Face causal LM behind the decodekit model protocol.
+
+    Args:
+        model: a ``PreTrainedModel`` with a causal LM head (``AutoModelForCausalLM``).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+        config = model.config.get_text_config(decoder=True)
+        head = model.get_output_embeddings()
+        self.vocab_size: int = head.weight.shape[0] if head is not None else config.vocab_size
+        self.max_context: int | None = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> HFCausalLM:
+        """Load a local folder with ``AutoModelForCausalLM`` (never downloads)."""
+        transformers = import_transformers()
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json)")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype=dtype
+            )
+        except (OSError, ValueError, KeyError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ModelLoadError(f"{path}: transformers could not load it ({first.strip()[:200]})") from None
+        model.requires_grad_(False)
+        return cls(model.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def new_cache(self, batch_size: int, max_length: int) -> Any:
+        """An empty ``DynamicCache`` (it grows as needed; the sizes are not used)."""
+        transformers = import_transformers()
+        return transformers.DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,  # [B, T] long
+        *,
+        position_ids: torch.Tensor,  # [B, T] long
+        attention_mask: torch.Tensor,  # [B, S] bool
+        cache: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """Run ``T`` new positions through the model; returns last logits ``[B, V]`` and the cache."""
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids.clamp(min=0),  # left padding: any valid position will do
+            attention_mask=attention_mask.long(),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def reorder_cache(self, cache: Any, index: torch.Tensor) -> Any:
+        """Rows ``cache[index]``; the ``DynamicCache`` is reordered in place and returned."""
+        cache.reorder_cache(index)
+        return cache

@@ -1,0 +1,110 @@
+"""The native GPT: cached decoding matches a full forward pass, padding changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decodekit.errors import ConfigError
+from decodekit.models import GPT, CausalLM, GPTConfig, KVCache
+
+TINY = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(TINY).eval()
+
+
+def prefill(model: GPT, ids: torch.Tensor, mask: torch.Tensor, max_length: int):
+    """One ``step`` over a (left-padded) prompt, positions as the loop makes them."""
+    cache = model.new_cache(ids.shape[0], max_length)
+    position_ids = mask.long().cumsum(-1) - 1
+    return model.step(ids, position_ids=position_ids, attention_mask=mask, cache=cache)
+
+
+def test_gpt_follows_the_model_protocol(model: GPT) -> None:
+    assert isinstance(model, CausalLM)
+    assert (model.vocab_size, model.max_context) == (61, 32)
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+
+
+def test_lm_head_is_tied_to_the_token_embedding(model: GPT) -> None:
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_prefill_then_cached_steps_match_the_full_forward(model: GPT) -> None:
+    ids = torch.randint(0, TINY.vocab_size, (3, 20))
+    full = model(ids)  # [B, T, V]
+    logits, cache = prefill(model, ids[:, :8], torch.ones(3, 8, dtype=torch.bool), 20)
+    torch.testing.assert_close(logits, full[:, 7], rtol=1e-5, atol=1e-5)
+    for t in range(8, 20):
+        mask = torch.ones(3, t + 1, dtype=torch.bool)
+        logits, cache = model.step(ids[:, t : t + 1], position_ids=torch.full((3, 1), t), attention_mask=mask, cache=cache)
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
+    assert cache.length == 20
+
+
+def test_step_returns_float_logits_of_the_last_position_only(model: GPT) -> None:
+    logits, cache = prefill(model, torch.randint(0, 61, (2, 5)), torch.ones(2, 5, dtype=torch.bool), 8)
+    assert logits.shape == (2, 61) and logits.dtype == torch.float32
+    assert isinstance(cache, KVCache) and cache.k.shape == (2, 2, 4, 8, 8)
+
+
+def test_left_padded_rows_match_each_prompt_alone(model: GPT) -> None:
+    prompts = [torch.randint(0, 61, (n,)) for n in (7, 3, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = p, True
+    batch_logits, cache = prefill(model, ids, mask, width + 4)
+    next_tokens = torch.randint(0, 61, (len(prompts), 4))
+    for t in range(4):  # a few cached steps too
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
+        position_ids = mask.long().sum(-1, keepdim=True) - 1
+        step_logits, cache = model.step(next_tokens[:, t : t + 1], position_ids=position_ids, attention_mask=mask, cache=cache)
+    for row, p in enumerate(prompts):
+        alone = model(p[None])[0, -1]
+        torch.testing.assert_close(batch_logits[row], alone, rtol=1e-5, atol=1e-5)
+        alone_after = model(torch.cat([p, next_tokens[row]])[None])[0, -1]
+        torch.testing.assert_close(step_logits[row], alone_after, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(step_logits).all()
+
+
+def test_reorder_cache_takes_rows_by_index_and_repeats(model: GPT) -> None:
+    ids = torch.randint(0, 61, (3, 6))
+    _, cache = prefill(model, ids, torch.ones(3, 6, dtype=torch.bool), 8)
+    index = torch.tensor([2, 2, 0])
+    reordered = model.reorder_cache(cache, index)
+    assert reordered.length == 6
+    torch.testing.assert_close(reordered.k, cache.k[:, index])
+    nxt = torch.randint(0, 61, (3, 1))
+    logits, _ = model.step(nxt, position_ids=torch.full((3, 1), 6), attention_mask=torch.ones(3, 7, dtype=torch.bool), cache=reordered)
+    expected = model(torch.cat([ids[index], nxt], dim=1))[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_overflow_and_bad_mask_are_config_errors(model: GPT) -> None:
+    with pytest.raises(ConfigError, match="block_size"):
+        model.new_cache(1, 33)
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ConfigError, match="cache holds 4"):
+        model.step(torch.zeros(1, 5, dtype=torch.long), position_ids=torch.zeros(1, 5, dtype=torch.long),
+                   attention_mask=torch.ones(1, 5, dtype=torch.bool), cache=cache)
+    with pytest.raises(ConfigError, match="attention_mask"):
+        model.step(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.zeros(1, 2, dtype=torch.long),
+                   attention_mask=torch.ones(1, 3, dtype=torch.bool), cache=cache)
+
+
+def test_config_rejects_width_not_divisible_by_heads() -> None:
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+def test_bfloat16_model_steps_and_returns_float32() -> None:
+    torch.manual_seed(0)
+    model = GPT(TINY).to(torch.bfloat16).eval()
+    logits, _ = prefill(model, torch.randint(0, 61, (2, 4)), torch.ones(2, 4, dtype=torch.bool), 6)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

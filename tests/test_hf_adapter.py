@@ -1,0 +1,113 @@
+"""Hugging Face GPT-2 folders give transformers' logits, natively converted or through HFCausalLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from decodekit.errors import ModelLoadError  # noqa: E402
+from decodekit.models import GPT, CausalLM, HFCausalLM, load_model  # noqa: E402
+
+IDS = torch.tensor([[5, 17, 99, 0, 42, 42, 7, 63], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A small random GPT2LMHeadModel saved with save_pretrained, and the model itself."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits  # [B, T, V]
+
+
+def test_gpt2_folder_loads_as_native_gpt_with_the_same_logits(gpt2_folder) -> None:
+    folder, hf_model = gpt2_folder
+    model, extras = load_model(folder, device="cpu")
+    assert isinstance(model, GPT) and extras.format == "hf-gpt2"
+    assert (model.vocab_size, model.max_context) == (100, 64)
+    torch.testing.assert_close(model(IDS), reference_logits(hf_model, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_pytorch_model_bin_loads_too(gpt2_folder, tmp_path: Path) -> None:
+    folder, hf_model = gpt2_folder
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    model, _ = load_model(tmp_path, device="cpu")
+    torch.testing.assert_close(model(IDS), reference_logits(hf_model, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_native_cached_steps_match_transformers(gpt2_folder) -> None:
+    folder, hf_model = gpt2_folder
+    model, _ = load_model(folder, device="cpu")
+    expected = reference_logits(hf_model, IDS)
+    cache = model.new_cache(2, 8)
+    logits, cache = model.step(IDS[:, :5], position_ids=torch.arange(5).expand(2, 5),
+                               attention_mask=torch.ones(2, 5, dtype=torch.bool), cache=cache)
+    for t in range(5, 8):
+        logits, cache = model.step(IDS[:, t : t + 1], position_ids=torch.full((2, 1), t),
+                                   attention_mask=torch.ones(2, t + 1, dtype=torch.bool), cache=cache)
+    torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_steps_match_transformers(gpt2_folder) -> None:
+    folder, hf_model = gpt2_folder
+    model, extras = load_model(folder, device="cpu", backend="hf")
+    assert isinstance(model, HFCausalLM) and isinstance(model, CausalLM) and extras.format == "hf"
+    assert (model.vocab_size, model.max_context, model.dtype) == (100, 64, torch.float32)
+    expected = reference_logits(hf_model, IDS)
+    cache = model.new_cache(2, 8)
+    logits, cache = model.step(IDS[:, :6], position_ids=torch.arange(6).expand(2, 6),
+                               attention_mask=torch.ones(2, 6, dtype=torch.bool), cache=cache)
+    torch.testing.assert_close(logits, expected[:, 5], atol=1e-5, rtol=1e-5)
+    cache = model.reorder_cache(cache, torch.tensor([1, 1]))  # both rows now continue row 1
+    logits, cache = model.step(IDS[1:, 6:7].expand(2, 1), position_ids=torch.full((2, 1), 6),
+                               attention_mask=torch.ones(2, 7, dtype=torch.bool), cache=cache)
+    torch.testing.assert_close(logits, expected[1, 6].expand(2, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_and_native_agree_on_a_left_padded_batch(gpt2_folder) -> None:
+    folder, _ = gpt2_folder
+    native, _ = load_model(folder, device="cpu")
+    adapter = HFCausalLM.from_pretrained(folder)
+    ids = IDS.clone()
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :3] = False  # row 0 is a 5-token prompt, left-padded
+    position_ids = mask.long().cumsum(-1) - 1
+    for model in (native, adapter):
+        logits, _ = model.step(ids, position_ids=position_ids, attention_mask=mask, cache=model.new_cache(2, 8))
+        alone = native(ids[:1, 3:])[0, -1]
+        torch.testing.assert_close(logits[0], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_native_backend_refuses_other_architectures(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelLoadError, match="model_type='llama' has no native implementation"):
+        load_model(tmp_path, device="cpu", backend="native")
+
+
+def test_gpt2_variants_the_native_gpt_lacks_go_to_the_adapter(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
+    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    model, extras = load_model(tmp_path, device="cpu")
+    assert isinstance(model, HFCausalLM) and extras.format == "hf"
+    logits, _ = model.step(IDS[:, :4] % 50, position_ids=torch.arange(4).expand(2, 4),
+                           attention_mask=torch.ones(2, 4, dtype=torch.bool), cache=model.new_cache(2, 4))
+    torch.testing.assert_close(logits, reference_logits(hf_model, IDS[:, :4] % 50)[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelLoadError, match="scale_attn_by_inverse_layer_idx=true is not supported natively"):
+        load_model(tmp_path, device="cpu", backend="native")
