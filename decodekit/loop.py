@@ -301,9 +301,10 @@ def run_chain(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor
     except Exception:
         chain.checked(history, logits, step=step)
         raise
-    if out.shape != logits.shape:
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype:
         chain.checked(history, logits, step=step)
-        raise PluginError(f"the processor chain returned shape {tuple(out.shape)} at step {step}, expected {tuple(logits.shape)}")
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PluginError(f"the processor chain returned {got} at step {step}, expected {tuple(logits.shape)} {logits.dtype}")
     return out
 
 

@@ -2,9 +2,13 @@
 
 ``check_processor(cls)`` and ``check_sampler(cls)`` run Hypothesis over parameters and awkward
 logits (see :mod:`decodekit.testing.strategies`) and fail with a message that names the class
-and what it did wrong. Parameters come from the class's ``test_params`` (a list of constructor
-keyword dicts, or of callables ``vocab_size -> dict``) when it has them, else they are drawn from
-its pydantic ``Params`` model's numeric bounds.
+and what it did wrong. Besides each call's contract, they check what makes decoding reproducible:
+a row's result does not depend on the other rows, and ``begin`` resets per-sequence state (a
+sampler is run over several steps, so state such as Mirostat's ``mu`` is exercised).
+
+Parameters come from the class's ``test_params`` (a list of constructor keyword dicts, or of
+callables ``vocab_size -> dict``) when it has them, else they are drawn from its pydantic
+``Params`` model's numeric bounds.
 """
 
 from __future__ import annotations
@@ -98,54 +102,129 @@ def check_processor_output(processor: Any, case: Case) -> torch.Tensor:
 
 
 def check_processor(cls: type, *, max_examples: int = 60, idempotent: bool | None = None) -> None:
-    """Run the processor property suite on ``cls`` (see the module docstring)."""
+    """Run the processor property suite on ``cls`` (see the module docstring).
+
+    Besides the contract of :func:`check_processor_output`: a row's output does not depend on the
+    other rows of the batch, the same inputs give the same output again after a new ``begin``
+    (per-sequence state is reset), and, for a class declared ``idempotent``, a second pass removes
+    nothing more.
+    """
     if idempotent is None:
         idempotent = bool(getattr(cls, "idempotent", False))
+    name = cls.__qualname__
 
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(params=params_strategy(cls), case=cases())
     def run(params: ParamsFor, case: Case) -> None:
-        processor = cls(**params(case.vocab_size))
+        def started(rows: slice) -> Any:
+            processor = cls(**params(case.vocab_size))
+            if hasattr(processor, "begin"):
+                processor.begin(case.input_ids[rows, :1])
+            return processor
+
+        processor = started(slice(None))
+        out = check_processor_output(processor, case)
         if hasattr(processor, "begin"):
             processor.begin(case.input_ids[:, :1])
-        out = check_processor_output(processor, case)
+            again = processor(case.input_ids, case.logits)
+            _assert_same_logits(again, out, f"{name}: after a new begin(), the same inputs gave a different output")
+        b = case.logits.shape[0]
+        alone = torch.cat([started(slice(i, i + 1))(case.input_ids[i : i + 1], case.logits[i : i + 1]) for i in range(b)])
+        _assert_same_logits(alone, out, f"{name}: a row's output changes with the rest of the batch")
         if idempotent:
-            again = processor(case.input_ids, out)
-            assert torch.equal(again == float("-inf"), out == float("-inf")), (
-                f"{cls.__qualname__} is declared idempotent but a second pass removed more tokens"
+            twice = processor(case.input_ids, out)
+            assert torch.equal(twice == float("-inf"), out == float("-inf")), (
+                f"{name} is declared idempotent but a second pass removed more tokens"
             )
 
     run()
 
 
+def _assert_same_logits(actual: torch.Tensor, expected: torch.Tensor, message: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, message
+    assert torch.equal(actual == float("-inf"), expected == float("-inf")), f"{message} (removed tokens differ)"
+    finite = expected > float("-inf")
+    assert torch.allclose(actual[finite].float(), expected[finite].float(), rtol=1e-5, atol=1e-6), message
+
+
 # --- samplers -------------------------------------------------------------------------------
 
 
-def check_sampler(cls: type, *, max_examples: int = 40) -> None:
-    """Run the sampler property suite on ``cls``: shape, range, never a removed token,
-    reproducible for the same seeds, and a row's token independent of the rest of the batch."""
+def _step_logits(logits: torch.Tensor, step: int) -> torch.Tensor:
+    """A different distribution per step, every row still valid: the vocabulary rolled."""
+    return logits if step == 0 else logits.roll(step, dims=-1)
+
+
+def _long_run_logits(step: int, batch: int = 4, vocab: int = 64) -> torch.Tensor:
+    """``[batch, vocab]`` geometric distributions, a different decay per row, rolled per step.
+
+    Neither peaked nor flat, so a sampler that truncates (and adapts how much, as Mirostat does)
+    cuts tokens that would otherwise be drawn: state that leaks between sequences or rows shows.
+    """
+    rates = torch.tensor([0.05, 0.2, 0.5, 1.0])[:batch, None].repeat(-(-batch // 4), 1)[:batch]
+    logits = -rates * torch.arange(vocab, dtype=torch.float32)
+    shifts = [(step * 7 + r * 13) % vocab for r in range(batch)]
+    return torch.stack([row.roll(k) for row, k in zip(logits, shifts)])
+
+
+def check_sampler(cls: type, *, max_examples: int = 40, steps: int = 4, long_run: int = 24) -> None:
+    """Run the sampler property suite on ``cls`` over sequences of several steps.
+
+    Every token is in range and never a removed one; the same seeds give the same tokens; a row's
+    tokens do not depend on the rest of the batch (so per-row state, such as Mirostat's ``mu``,
+    must be kept per row); and ``begin`` resets per-sequence state: the same instance, started
+    again on the same prompt, draws the same tokens again. Each example runs ``steps`` steps on
+    drawn logits, then ``long_run`` steps on moderately spread ones, where state matters most.
+    """
     name = cls.__qualname__
 
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(params=params_strategy(cls), case=cases(dtypes=(torch.float32,)), seed=st.integers(0, 2**31 - 1))
     def run(params: ParamsFor, case: Case, seed: int) -> None:
         b, v = case.logits.shape
-        seeds = torch.arange(b) + seed
-
-        def draw(rows: slice) -> torch.Tensor:
-            sampler = cls(**params(v))
-            if hasattr(sampler, "begin"):
-                sampler.begin(case.input_ids[rows])
-            return sampler(case.input_ids[rows], case.logits[rows], RowRandom(seeds[rows]))
-
-        tokens = draw(slice(None))
-        assert isinstance(tokens, torch.Tensor) and tokens.shape == (b,), f"{name} returned shape {getattr(tokens, 'shape', None)}"
-        assert tokens.dtype == torch.long, f"{name} returned dtype {tokens.dtype}, expected torch.int64"
-        assert ((tokens >= 0) & (tokens < v)).all(), f"{name} returned a token outside [0, {v})"
-        chosen = case.logits.gather(-1, tokens[:, None])
-        assert torch.isfinite(chosen).all(), f"{name} chose a removed (-inf) token"
-        assert torch.equal(tokens, draw(slice(None))), f"{name} is not reproducible for the same seeds"
-        alone = torch.cat([draw(slice(i, i + 1)) for i in range(b)])
-        assert torch.equal(tokens, alone), f"{name}: a row's token changes with the rest of the batch"
+        scenarios = [
+            (case.input_ids, [_step_logits(case.logits, step) for step in range(steps)]),
+            (case.input_ids[:1].expand(4, -1) % 64, [_long_run_logits(step) for step in range(long_run)]),
+        ]
+        for prompt, per_step in scenarios if long_run else scenarios[:1]:
+            _check_sequences(cls, name, params, prompt, per_step, seed)
 
     run()
+
+
+def _check_sequences(
+    cls: type, name: str, params: ParamsFor, prompt: torch.Tensor, per_step: list[torch.Tensor], seed: int
+) -> None:
+    """Run ``per_step`` logits through fresh and reused samplers, whole batch and row by row."""
+    b, v = per_step[0].shape
+    seeds = torch.arange(b) + seed
+
+    def sequence(sampler: Any, rows: slice) -> torch.Tensor:
+        """``[rows, steps]`` tokens drawn one step at a time, each appended to the history."""
+        ids = prompt[rows]
+        if hasattr(sampler, "begin"):
+            sampler.begin(ids)
+        rng = RowRandom(seeds[rows])
+        drawn = []
+        for step, all_logits in enumerate(per_step):
+            logits = all_logits[rows]
+            tokens = sampler(ids, logits, rng)
+            assert isinstance(tokens, torch.Tensor) and tokens.shape == logits.shape[:1], (
+                f"{name} returned shape {getattr(tokens, 'shape', None)}, expected {tuple(logits.shape[:1])}"
+            )
+            assert tokens.dtype == torch.long, f"{name} returned dtype {tokens.dtype}, expected torch.int64"
+            assert ((tokens >= 0) & (tokens < v)).all(), f"{name} returned a token outside [0, {v})"
+            chosen = logits.gather(-1, tokens[:, None])
+            assert torch.isfinite(chosen).all(), f"{name} chose a removed (-inf) token at step {step}"
+            drawn.append(tokens)
+            ids = torch.cat([ids, tokens[:, None]], dim=-1)
+        return torch.stack(drawn, dim=-1)
+
+    sampler = cls(**params(v))
+    tokens = sequence(sampler, slice(None))
+    assert torch.equal(tokens, sequence(cls(**params(v)), slice(None))), f"{name} is not reproducible for the same seeds"
+    assert torch.equal(tokens, sequence(sampler, slice(None))), (
+        f"{name}: begin() did not reset its state: the same sequence started again drew other tokens"
+    )
+    alone = torch.cat([sequence(cls(**params(v)), slice(i, i + 1)) for i in range(b)])
+    assert torch.equal(tokens, alone), f"{name}: a row's tokens change with the rest of the batch"
