@@ -143,7 +143,7 @@ def load_model(
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     if backend not in ("auto", "native", "hf"):
         raise ConfigError(f"backend={backend!r}: expected 'auto', 'native' or 'hf'")
-    if str(source) == DEFAULT_MODEL_NAME:
+    if isinstance(source, str) and source == DEFAULT_MODEL_NAME:  # a Path named "default" is a path
         model, extras = _load_default()
         return _finish(model, torch_device, torch_dtype), extras
 
