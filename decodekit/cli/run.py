@@ -1,0 +1,474 @@
+"""Running one `decode` job: load the model and tokenizer, build the chain, print and save samples.
+
+Output: samples go to stdout. The first sample of each batch streams as it is made; the others of
+the batch (``num_samples`` > 1, several prompts) are printed when the batch ends, each under a
+``--- prompt i/P, sample j/N (seed s) ---`` line. With ``output_file``, one JSON object per sample
+is written and flushed as soon as its batch ends, so an interrupted run keeps every finished batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from decodekit.cli.config import CommandConfig
+from decodekit.errors import ConfigError
+from decodekit.loop import generate
+from decodekit.models import ModelExtras, load_model
+from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.registry import Registry
+from decodekit.text import TextResult, generate_text
+from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, continuation_text, load_tokenizer
+
+_LOADED: dict[tuple[Any, ...], tuple[Any, ModelExtras]] = {}  # the model last loaded (a sweep's jobs reuse it)
+
+
+# ------------------------------------------------------------------------------ model, tokenizer, chain
+
+
+@dataclass
+class Decoder:
+    """A loaded model and tokenizer, with the processor chain and sampler a configuration asks for."""
+
+    config: CommandConfig
+    model: Any
+    extras: ModelExtras
+    tokenizer: Tokenizer | None
+    chain: ProcessorChain
+    sampler: Any
+    eos_token_id: int | None
+
+    @classmethod
+    def load(cls, config: CommandConfig, registry: Registry, previous: Decoder | None = None) -> Decoder:
+        """Load (or reuse) the model and tokenizer, then build the chain and the sampler."""
+        model, extras = load_cached(config)
+        if previous is not None and previous.model is model and previous.config.tokenizer == config.tokenizer:
+            tokenizer = previous.tokenizer
+        else:
+            tokenizer = make_tokenizer(config.tokenizer, extras, needed=config.prompt_tokens is None)
+        if tokenizer is not None:
+            check_vocab(tokenizer, model)
+        eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        if eos is not None and eos >= model.vocab_size:
+            raise ConfigError(f"eos_token_id={eos} is not allowed: the model has {model.vocab_size} tokens")
+        context = BuildContext(
+            eos_token_id=eos, encode=text_encoder(tokenizer) if tokenizer else None, vocab_size=model.vocab_size
+        )
+        settings = config.settings()
+        chain = registry.build_chain(
+            settings, processor_order=config.processor_order, temperature_last=config.temperature_last, context=context
+        )
+        sampler = registry.build_sampler(config.sampler, settings, context=context)
+        return cls(config, model, extras, tokenizer, chain, sampler, eos)
+
+    @property
+    def drives_loop(self) -> bool:
+        return bool(getattr(self.sampler, "drives_loop", False))
+
+    def describe(self) -> str:
+        """``/path/model.safetensors (safetensors, 257 tokens, cpu, torch.float32); tokenizer: ByteTokenizer``."""
+        tok = type(self.tokenizer).__name__ if self.tokenizer is not None else "none"
+        shape = f"{self.extras.format}, {self.model.vocab_size} tokens, {self.model.device}, {self.model.dtype}"
+        return f"{self.extras.source} ({shape}); tokenizer: {tok}"
+
+
+def load_cached(config: CommandConfig) -> tuple[Any, ModelExtras]:
+    """``load_model`` for the configuration's model group, reusing the model last loaded."""
+    spec = config.model
+    source = "default" if spec["name"] == "default" else spec["path"]
+    backend = spec.get("backend", "auto")
+    key = (source, backend, config.device, config.dtype)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one model in memory
+        _LOADED[key] = load_model(source, device=config.device, dtype=config.dtype, backend=backend)
+    return _LOADED[key]
+
+
+def make_tokenizer(spec: dict[str, Any], extras: ModelExtras, *, needed: bool) -> Tokenizer | None:
+    """The tokenizer group's choice; ``None`` when ``auto`` finds none and none is needed."""
+    kind = spec["kind"]
+    if kind == "auto":
+        if extras.tokenizer is None and not needed:
+            return None
+        return load_tokenizer("auto", extras)
+    if kind == "byte":
+        return ByteTokenizer(**{k: v for k, v in spec.items() if k != "kind"})
+    return load_tokenizer({"kind": kind, "path": spec["path"]})
+
+
+def text_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
+    """``tokenizer.encode`` without the BOS some tokenizers put first (for ``bad_words`` and such)."""
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer.encode(text)
+        if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+            ids = ids[1:]
+        return ids
+
+    return encode
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` as the characters they name (for stop strings from a shell)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def read_prompts(config: CommandConfig) -> list[str]:
+    """The prompts: ``prompt_file`` (one per line, or JSONL), else ``prompt``, else one empty prompt."""
+    if config.prompt_file is None:
+        return [config.prompt if config.prompt is not None else ""]
+    path = Path(config.prompt_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"prompt_file={config.prompt_file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"prompt_file={config.prompt_file!r}, line {number}: not JSON ({e.msg})") from None
+            item = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(item, str):
+                raise ConfigError(f"prompt_file={config.prompt_file!r}, line {number}: expected a string or {{\"prompt\": string}}")
+            line = item
+        prompts.append(line)
+    if not prompts:
+        raise ConfigError(f"prompt_file={config.prompt_file!r}: holds no prompts")
+    return prompts
+
+
+# ------------------------------------------------------------------------------ output
+
+
+class Output:
+    """stdout (or another stream), flushed after every write so streaming shows at once."""
+
+    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False) -> None:
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+
+    def write(self, text: str) -> None:
+        if not self.quiet and text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def line(self, text: str = "") -> None:
+        self.write(text + "\n")
+
+
+class JsonlWriter:
+    """One JSON object per line, flushed after each batch."""
+
+    def __init__(self, path: str, *, append: bool = False) -> None:
+        self.path = path
+        try:
+            self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            raise ConfigError(f"output_file={path!r}: cannot write it ({e.strerror})") from None
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        for record in records:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
+
+    def __init__(self, enabled: bool, batches: int, steps: int, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self.batches, self.steps = batches, steps
+        self.batch = 0
+        self.start = self.last_draw = time.perf_counter()
+
+    @classmethod
+    def for_run(cls, config: CommandConfig, batches: int) -> Progress:
+        if config.progress is not None:
+            enabled = config.progress
+        else:  # on its own terminal line only: stderr is a terminal and stdout is not (or is quiet)
+            long_run = batches > 1 or config.max_new_tokens >= 256
+            enabled = sys.stderr.isatty() and (config.quiet or not sys.stdout.isatty()) and long_run
+        return cls(enabled, batches, config.max_new_tokens)
+
+    def step(self, step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if self.enabled and self.tty and now - self.last_draw > 0.1:
+            self.last_draw = now
+            self._draw(self.batch + (step + 1) / self.steps, f"step {step + 1}/{self.steps}")
+
+    def batch_done(self, rows: int) -> None:
+        self.batch += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            self._draw(self.batch, "")
+        else:
+            samples = f"{rows} sample" + ("s" if rows != 1 else "")
+            self.stream.write(f"decode: batch {self.batch}/{self.batches} done ({samples}, {elapsed:.1f} s)\n")
+            self.stream.flush()
+
+    def _draw(self, done: float, detail: str) -> None:
+        width = 30
+        filled = int(width * done / self.batches)
+        bar = "#" * filled + "." * (width - filled)
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r[{bar}] batch {min(self.batch + 1, self.batches)}/{self.batches} {detail} {elapsed:.1f} s\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+class Tap(LogitsProcessor):
+    """Records the logits it is given and passes them on (``show_probs`` puts one at each end)."""
+
+    name = "tap"
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        self.last = logits
+        return logits
+
+
+class ProbsPrinter:
+    """``show_probs``: for row 0, the top candidates of each step before and after the chain."""
+
+    def __init__(self, out: Output, tokenizer: Tokenizer | None, eos: int | None, k: int) -> None:
+        self.out, self.tokenizer, self.eos, self.k = out, tokenizer, eos, k
+        self.before, self.after = Tap(), Tap()
+        self.done = False
+
+    def wrap(self, chain: ProcessorChain) -> ProcessorChain:
+        self.done = False
+        return ProcessorChain([self.before, *chain.processors, self.after])
+
+    def step(self, step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        if self.done or self.before.last is None or self.after.last is None:
+            return
+        chosen = int(tokens[0])
+        raw = self.before.last[0].float().softmax(-1)
+        processed = self.after.last[0].float().softmax(-1)
+        left = int((processed > 0).sum())
+        self.out.line(f"step {step + 1}: {self.token(chosen)} (p={float(processed[chosen]):.3f} after the chain)")
+        self.out.line(f"  model: {self.top(raw)}")
+        self.out.line(f"  chain: {self.top(processed)}  ({left} of {processed.numel()} tokens left)")
+        self.done = bool(finished[0])
+
+    def top(self, probs: torch.Tensor) -> str:
+        values, ids = probs.topk(min(self.k, probs.numel()))
+        return "  ".join(f"{self.token(i)} {p:.3f}" for p, i in zip(values.tolist(), ids.tolist()) if p > 0)
+
+    def token(self, token_id: int) -> str:
+        if token_id == self.eos:
+            return "<eos>"
+        if self.tokenizer is None:
+            return f"#{token_id}"
+        text = self.tokenizer.decode([token_id])
+        if not text or "\ufffd" in text:
+            return f"<{token_id:#04x}>" if isinstance(self.tokenizer, ByteTokenizer) and token_id < 256 else f"#{token_id}"
+        return repr(text)
+
+
+def _callbacks(*callbacks: Callable[..., None] | None) -> Callable[..., None] | None:
+    live = [c for c in callbacks if c is not None]
+    if not live:
+        return None
+
+    def call(*args: Any) -> None:
+        for c in live:
+            c(*args)
+
+    return call
+
+
+def label(prompt_index: int, prompts: int, sample_index: int, samples: int, seed: int) -> str:
+    parts = []
+    if prompts > 1:
+        parts.append(f"prompt {prompt_index + 1}/{prompts}")
+    if samples > 1:
+        parts.append(f"sample {sample_index + 1}/{samples}")
+    return f"--- {', '.join(parts)} (seed {seed}) ---"
+
+
+def settings_record(config: CommandConfig, decoder: Decoder) -> dict[str, Any]:
+    """The settings a JSONL record repeats: enough to make the sample again."""
+    record: dict[str, Any] = {"strategy": config.strategy, "sampler": config.sampler, **config.settings()}
+    if config.processor_order:
+        record["processor_order"] = config.processor_order
+    if config.temperature_last:
+        record["temperature_last"] = True
+    record["max_new_tokens"] = config.max_new_tokens
+    if config.stop:
+        record["stop"] = [unescape(s) for s in config.stop]
+    record["model"] = decoder.extras.source
+    return record
+
+
+# ------------------------------------------------------------------------------ a run
+
+
+def run(config: CommandConfig, registry: Registry, *, heading: str | None = None, append: bool = False) -> None:
+    """Decode every prompt of ``config``: print the samples, write ``output_file``."""
+    decoder = Decoder.load(config, registry)
+    out = Output(quiet=config.quiet)
+    if heading:
+        print(f"=== {heading} ===", flush=True)
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    writer = JsonlWriter(config.output_file, append=append) if config.output_file else None
+    try:
+        if config.prompt_tokens is not None:
+            run_tokens(decoder, out, writer, seed)
+        else:
+            run_texts(decoder, read_prompts(config), out, writer, seed)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWriter | None, seed: int) -> None:
+    """Text prompts, ``batch_size`` at a time, ``num_samples`` rows each."""
+    config = decoder.config
+    assert decoder.tokenizer is not None
+    n, per = config.num_samples, config.batch_size
+    batches = [prompts[i : i + per] for i in range(0, len(prompts), per)]
+    labelled = len(prompts) > 1 or n > 1
+    stream = not (decoder.drives_loop or config.show_probs)
+    probs = ProbsPrinter(out, decoder.tokenizer, decoder.eos_token_id, config.show_probs_k) if config.show_probs else None
+    progress = Progress.for_run(config, len(batches))
+    record = settings_record(config, decoder)
+    stop = [unescape(s) for s in config.stop]
+    row_seed = seed
+    if probs:
+        out.line(f"chain: {decoder.chain!r}")
+    try:
+        for b, batch in enumerate(batches):
+            first = b * per
+            if labelled and stream:
+                out.line(label(first, len(prompts), 0, n, row_seed))
+            if stream:
+                out.write(batch[0])
+            chain = probs.wrap(decoder.chain) if probs else decoder.chain
+            results = generate_text(
+                decoder.model, decoder.tokenizer, batch, processors=chain, sampler=decoder.sampler,
+                max_new_tokens=config.max_new_tokens, stop=stop, num_samples=n, seed=row_seed,
+                eos_token_id=decoder.eos_token_id,
+                on_text=(lambda row, piece: out.write(piece) if row == 0 else None) if stream else None,
+                on_token=_callbacks(progress.step, probs.step if probs else None),
+            )  # fmt: skip
+            for i, r in enumerate(results):
+                if stream and i == 0:
+                    out.line()
+                    continue
+                if labelled:
+                    out.line(label(first + r.prompt_index, len(prompts), r.sample_index, n, r.seed))
+                out.line(r.prompt + r.text)
+            if writer is not None:
+                writer.write([text_record(r, first, record) for r in results])
+            progress.batch_done(len(results))
+            row_seed += len(results)
+    finally:
+        progress.close()
+
+
+def text_record(r: TextResult, first: int, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": r.prompt,
+        "continuation": r.text,
+        "prompt_index": first + r.prompt_index,
+        "sample_index": r.sample_index,
+        "seed": r.seed,
+        "num_tokens": len(r.tokens),
+        "finish_reason": r.finish_reason,
+        "stop_string": r.stop_string,
+        "token_ids": r.tokens,
+        "settings": settings,
+    }
+
+
+def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: int) -> None:
+    """A prompt given as token ids: the new ids stream; their text follows when there is a tokenizer."""
+    config = decoder.config
+    tokenizer = decoder.tokenizer
+    prompt = list(config.prompt_tokens or [])
+    if config.stop and tokenizer is None:
+        raise ConfigError("stop: stop strings need a tokenizer; this model has none (set tokenizer=...)")
+    if max(prompt) >= decoder.model.vocab_size:
+        raise ConfigError(f"prompt_tokens: token id {max(prompt)} is outside the model's {decoder.model.vocab_size} tokens")
+    n = config.num_samples
+    stream = not (decoder.drives_loop or config.show_probs)
+    probs = ProbsPrinter(out, tokenizer, decoder.eos_token_id, config.show_probs_k) if config.show_probs else None
+    progress = Progress.for_run(config, 1)
+    seeds = [seed + i for i in range(n)]
+    if probs:
+        out.line(f"chain: {decoder.chain!r}")
+    if n > 1 and stream:
+        out.line(label(0, 1, 0, n, seeds[0]))
+    if stream:
+        out.write(" ".join(map(str, prompt)) + " |")
+    shown = {"done": False}
+
+    def stream_ids(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        if stream and not shown["done"]:
+            out.write(f" {int(tokens[0])}")
+            shown["done"] = bool(finished[0])
+
+    chain = probs.wrap(decoder.chain) if probs else decoder.chain
+    try:
+        result = generate(
+            decoder.model, torch.tensor([prompt] * n), processors=chain, sampler=decoder.sampler,
+            max_new_tokens=config.max_new_tokens, eos_token_id=decoder.eos_token_id, seed=seeds,
+            on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None),
+        )  # fmt: skip
+        progress.batch_done(n)
+    finally:
+        progress.close()
+    record = settings_record(config, decoder)
+    rows = result.rows()
+    records = []
+    for i, new in enumerate(rows):
+        content = [t for t in new if t != decoder.eos_token_id]
+        text = continuation_text(tokenizer, prompt, content) if tokenizer is not None else None
+        if not (stream and i == 0):
+            if n > 1:
+                out.line(label(0, 1, i, n, seeds[i]))
+            out.write(" ".join(map(str, prompt)) + " |" + "".join(f" {t}" for t in new))
+        out.line()
+        if text is not None:
+            out.line(f"text: {text}")
+        records.append({
+            "prompt": tokenizer.decode(prompt) if tokenizer is not None else None,
+            "prompt_tokens": prompt,
+            "continuation": text,
+            "prompt_index": 0,
+            "sample_index": i,
+            "seed": seeds[i],
+            "num_tokens": len(new),
+            "finish_reason": result.finish_reasons[i],
+            "token_ids": new,
+            "settings": record,
+        })  # fmt: skip
+    if writer is not None:
+        writer.write(records)
