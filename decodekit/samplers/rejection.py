@@ -2,14 +2,14 @@
 
 Drawing from ``TopP(p)`` then ``Multinomial`` needs the nucleus, which the filter finds by sorting
 the vocabulary. :func:`sample_top_p` draws the same distribution without a sort, as FlashInfer's
-samplers do: draw a token from the candidates; accept it if it is in the nucleus, else every
-token no more likely than it is outside the nucleus too, so drop them and draw again.
+samplers do: take the best candidate of the exponential race; accept it if it is in the nucleus,
+else every token no more likely than it is outside the nucleus too, so drop them and look again.
 
 A token of probability ``q`` is in the nucleus (``TopP``'s rule, ties kept together) when
 ``L(q) + q > 1 - p``, where ``L(q)`` is the mass of tokens less likely than ``q``. ``L(q) + q``
 grows with ``q``, so a rejected ``q`` rules out every token with probability ``<= q``. Conditioned
 on acceptance, the draw is proportional to the probabilities within the nucleus: exactly the
-distribution of the sort-based path. Each round costs a few passes over the vocabulary;
+distribution of the sort-based path (with the same race, the same token). Each round costs a few passes over the vocabulary;
 usually one or two rounds suffice. Rows still undecided after ``rounds`` rounds take the
 sort-based path. On CPU the loop stops as soon as every row is decided; on other devices it runs
 all rounds and the fallback, so that it never waits for the device (no host sync).
@@ -26,16 +26,21 @@ ROUNDS = 8
 
 
 def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
-    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``."""
+    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``.
+
+    Takes one exponential draw ``E``, as :class:`~decodekit.samplers.Multinomial` does, and
+    returns ``argmax p_i / E_i`` over the nucleus: the very token ``Multinomial`` picks after
+    ``TopP`` with the same draw (up to float rounding at the nucleus boundary). Every round looks
+    at the best remaining candidate; if it is outside the nucleus, so is every token no more
+    likely than it, and those are dropped.
+    """
     probs = logits.float().softmax(dim=-1)  # [B, V]
-    v = probs.shape[-1]
-    first = rng.reserve(rounds + 1)  # a fixed number of draws per call: rows stay batch-independent
+    race = probs / rng.exponential(probs.shape[-1])  # the exponential race, as Multinomial
     low = torch.full_like(probs[:, :1], -1.0)  # candidates: probability > low
     token = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     done = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
-    for r in range(rounds):
-        candidates = torch.where(probs > low, probs, 0.0)
-        pick = (candidates / rng.exponential(v, draw=first + r)).argmax(dim=-1, keepdim=True)  # [B, 1]
+    for _ in range(rounds):
+        pick = torch.where(probs > low, race, -1.0).argmax(dim=-1, keepdim=True)  # [B, 1]
         q = probs.gather(-1, pick)
         below = torch.where(probs < q, probs, 0.0).sum(dim=-1, keepdim=True)  # L(q)
         accept = ((below + q) > 1.0 - top_p).squeeze(-1) & ~done
@@ -43,10 +48,8 @@ def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: 
         done = done | accept
         low = torch.where(accept[:, None], low, q)
         if probs.device.type == "cpu" and bool(done.all()):  # on CPU a sync is free; elsewhere no sync
-            break
-    if probs.device.type == "cpu" and bool(done.all()):
-        return token
-    # fallback for undecided rows: the sort-based filter, then the exponential race
-    filtered = TopP(top_p)(None, logits).float().softmax(dim=-1)
-    fallback = (filtered / rng.exponential(v, draw=first + rounds)).argmax(dim=-1)
+            return token
+    # fallback for undecided rows: the sort-based filter, the same race
+    nucleus = TopP(top_p)(None, logits) > float("-inf")
+    fallback = torch.where(nucleus, race, -1.0).argmax(dim=-1)
     return torch.where(done, token, fallback)
