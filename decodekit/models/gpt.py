@@ -155,7 +155,8 @@ class GPT(nn.Module):
     protocol) and :meth:`forward` for training or scoring whole sequences.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, *, init: bool = True) -> None:
+        """``init=False`` skips GPT-2's weight initialisation (the loader fills every weight)."""
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
@@ -168,6 +169,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        if not init:
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):

@@ -22,11 +22,12 @@ nanoGPT's ``meta.pkl`` is never read. Every failure is one :class:`ModelLoadErro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -470,8 +471,8 @@ def _build_gpt(config: GPTConfig, state: Mapping[str, torch.Tensor], where: str)
             f"{where}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported"
         )
 
-    with torch.device("meta"):
-        model = GPT(config)
+    with torch.device("meta"), _no_init():  # no memory, no init: every weight comes from the checkpoint
+        model = GPT(config, init=False)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(clean)), sorted(set(clean) - expected)
     if missing or unexpected:
@@ -489,6 +490,24 @@ def _build_gpt(config: GPTConfig, state: Mapping[str, torch.Tensor], where: str)
     model.load_state_dict(clean, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True broke the tie
     return model
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch.nn's own weight initialisation while a model is built to be loaded into.
+
+    On meta tensors these initialisers go through torch's reference implementations, which
+    import the compiler stack (seconds of start-up) for nothing.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _finish(model: CausalLM, device: torch.device, dtype: torch.dtype) -> CausalLM:
