@@ -34,6 +34,9 @@ class TextResult:
         stop_string: the stop string that ended the row, if one did.
         seed: the row's seed.
         prompt_index: which prompt this continues; ``sample_index``: which of its samples.
+        sequence_index: which of the sequences a ranking sampler returned for that row (beam
+            search with ``num_return_sequences > 1``; best first), else 0.
+        score: the sequence's score, for samplers that rank (beam search), else ``None``.
     """
 
     prompt: str
@@ -44,6 +47,8 @@ class TextResult:
     seed: int
     prompt_index: int = 0
     sample_index: int = 0
+    sequence_index: int = 0
+    score: float | None = None
 
 
 def encode_prompts(
@@ -183,7 +188,9 @@ def generate_text(
     rows = [p for p in prompts for _ in range(num_samples)]
     ids, mask, encoded = encode_prompts(tokenizer, rows, pad_token_id=pad)
     seeds = row_seeds(seed, len(rows), torch.device("cpu")).tolist()
-    tracker = TextTracker(tokenizer, encoded, stop, on_text, eos_ids) if (stop or on_text) else None
+    returned = int(getattr(sampler, "num_return_sequences", 1) or 1)  # sequences per row (beam search)
+    per_output_row = [ids for ids in encoded for _ in range(returned)]
+    tracker = TextTracker(tokenizer, per_output_row, stop, on_text, eos_ids) if (stop or on_text) else None
     out = generate(
         model,
         ids,
@@ -200,8 +207,10 @@ def generate_text(
     if output is not None:
         output.append(out)
     results = []
-    for row, new in enumerate(out.rows()):
-        reason = out.finish_reasons[row]
+    scores = out.sequence_scores.tolist() if out.sequence_scores is not None else None
+    for i, new in enumerate(out.rows()):
+        row = i // returned  # the input row (prompt x sample) this sequence continues
+        reason = out.finish_reasons[i]
         content = [t for t in new if t not in eos_ids]
         text = continuation_text(tokenizer, encoded[row], content)
         hit = None
@@ -210,11 +219,12 @@ def generate_text(
             at, hit = min(cut)
             text, reason = text[:at], "stop"
         if tracker is not None:
-            tracker.finish(row)
+            tracker.finish(i)
         results.append(
             TextResult(
                 prompt=rows[row], text=text, tokens=new, finish_reason=reason, stop_string=hit,
                 seed=seeds[row], prompt_index=row // num_samples, sample_index=row % num_samples,
+                sequence_index=i % returned, score=None if scores is None else float(scores[i]),
             )  # fmt: skip
         )
     return results

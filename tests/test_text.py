@@ -108,3 +108,13 @@ def test_bad_inputs(model: GPT, tok: ByteTokenizer) -> None:
 def test_empty_prompt_starts_from_eos(model: GPT, tok: ByteTokenizer) -> None:
     result = generate_text(model, tok, "", max_new_tokens=4, eos_token_id=[])[0]
     assert len(result.tokens) == 4
+
+
+def test_beam_search_with_several_returned_sequences(model: GPT, tok: ByteTokenizer) -> None:
+    from decodekit.samplers import BeamSearch
+
+    results = generate_text(model, tok, ["ab", "xyz"], sampler=BeamSearch(3, num_return_sequences=2), max_new_tokens=6)
+    assert [(r.prompt_index, r.sequence_index) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r.score is not None for r in results)
+    assert results[0].score >= results[1].score and results[2].score >= results[3].score
+    assert results[0].tokens != results[1].tokens

@@ -238,12 +238,6 @@ def validate_config(container: Mapping[str, Any], registry: Registry) -> Command
                 f"{_strategy_hint(registry, name)}"
             )
         validate(component.params, **group)
-    returns = settings.get("num_return_sequences", 1)
-    if isinstance(returns, int) and returns > 1:
-        raise ConfigError(
-            f"num_return_sequences={returns} is not supported by decode yet (decodekit.text.generate_text maps "
-            "one continuation to each prompt row); for several samples use num_samples"
-        )
     if config.show_probs and getattr(registry.samplers[config.sampler].cls, "drives_loop", False):
         raise ConfigError(f"show_probs=true: works with step-by-step samplers, not with sampler={config.sampler!r}")
     return config

@@ -304,12 +304,14 @@ def _callbacks(*callbacks: Callable[..., None] | None) -> Callable[..., None] | 
     return call
 
 
-def label(prompt_index: int, prompts: int, sample_index: int, samples: int, seed: int) -> str:
+def label(prompt_index: int, prompts: int, sample_index: int, samples: int, seed: int, sequence: str = "") -> str:
     parts = []
     if prompts > 1:
         parts.append(f"prompt {prompt_index + 1}/{prompts}")
     if samples > 1:
         parts.append(f"sample {sample_index + 1}/{samples}")
+    if sequence:
+        parts.append(sequence)
     return f"--- {', '.join(parts)} (seed {seed}) ---"
 
 
@@ -382,13 +384,15 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
                 if stream and i == 0:
                     out.line()
                     continue
-                if labelled:
-                    out.line(label(first + r.prompt_index, len(prompts), r.sample_index, n, r.seed))
+                ranked = r.score is not None and len(results) > len(batch) * n  # several sequences per row
+                if labelled or ranked:
+                    sequence = f"sequence {r.sequence_index + 1}, score {r.score:.4f}" if ranked else ""
+                    out.line(label(first + r.prompt_index, len(prompts), r.sample_index, n, r.seed, sequence))
                 out.line(r.prompt + r.text)
             if writer is not None:
                 writer.write([text_record(r, first, record) for r in results])
             progress.batch_done(len(results))
-            row_seed += len(results)
+            row_seed += len(batch) * n
     finally:
         progress.close()
 
@@ -399,6 +403,8 @@ def text_record(r: TextResult, first: int, settings: dict[str, Any]) -> dict[str
         "continuation": r.text,
         "prompt_index": first + r.prompt_index,
         "sample_index": r.sample_index,
+        "sequence_index": r.sequence_index,
+        "score": r.score,
         "seed": r.seed,
         "num_tokens": len(r.tokens),
         "finish_reason": r.finish_reason,
