@@ -129,10 +129,23 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache_length: int) -> tuple[torch.Tensor, Any]:
-    """Run the whole prompt through a fresh cache; returns next-token logits ``[B, V]`` and the cache."""
+PREFILL_CHUNK = 256  # prompt positions per forward pass in the prefill
+
+
+def prefill(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, cache_length: int, *, chunk: int = PREFILL_CHUNK
+) -> tuple[torch.Tensor, Any]:
+    """Run the prompt through a fresh cache; returns next-token logits ``[B, V]`` and the cache.
+
+    Long prompts go through in chunks of ``chunk`` positions, each attending to the cache so far:
+    the same logits, with the temporaries of one chunk instead of the whole prompt at its peak.
+    """
     cache = model.new_cache(ids.shape[0], cache_length)
-    return model.step(ids, position_ids=positions(mask), attention_mask=mask, cache=cache)
+    pos = positions(mask)
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        logits, cache = model.step(ids[:, start:end], position_ids=pos[:, start:end], attention_mask=mask[:, :end], cache=cache)
+    return logits, cache
 
 
 def generate(

@@ -33,14 +33,18 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (32 - s)) - 1)
 
 
-def _hash32_bits(x: torch.Tensor) -> torch.Tensor:
+def _hash32_bits(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """:func:`hash32` on int32 tensors holding the 32 bits: wrap-around multiplies, half the memory
-    and a third of the operations of the int64 form; the same bits (tests check)."""
-    x = x ^ _srl(x, 16)
-    x = x * 0x7FEB352D
-    x = x ^ _srl(x, 15)
-    x = x * (0x846CA68B - (1 << 32))
-    return x ^ _srl(x, 16)
+    and a third of the operations of the int64 form; the same bits (tests check). With
+    ``inplace=True`` ``x`` is overwritten (no temporaries the size of ``x`` but one)."""
+    if not inplace:
+        x = x.clone()
+    x ^= _srl(x, 16)
+    x *= 0x7FEB352D
+    x ^= _srl(x, 15)
+    x *= 0x846CA68B - (1 << 32)
+    x ^= _srl(x, 16)
+    return x
 
 
 def _as_bits(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,7 @@ class RowRandom:
             self.counter += 1
         key = _hash32_bits(_as_bits(torch.tensor([draw + 0x9E3779B9], device=device)))
         stream = _hash32_bits(self.seeds ^ key)  # [B, 1]
-        return _hash32_bits(stream ^ cols)  # [B, n] int32 bits
+        return _hash32_bits(stream ^ cols, inplace=True)  # [B, n] int32 bits
 
     def reserve(self, n: int) -> int:
         """Set aside ``n`` draws (for a loop whose length varies with the data); returns the first.
@@ -98,11 +102,14 @@ class RowRandom:
 
     def uniform(self, n: int, *, draw: int | None = None) -> torch.Tensor:
         """``[B, n]`` float32 uniform in the open interval (0, 1): the top 24 bits of the hash."""
-        return (_srl(self._bits(n, draw), 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+        bits = self._bits(n, draw)
+        bits >>= 8
+        bits &= (1 << 24) - 1  # the top 24 bits, as a number in [0, 2**24)
+        return bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
 
     def exponential(self, n: int, *, draw: int | None = None) -> torch.Tensor:
         """``[B, n]`` float32 draws from Exp(1)."""
-        return -torch.log(self.uniform(n, draw=draw))
+        return self.uniform(n, draw=draw).log_().neg_()
 
 
 def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:

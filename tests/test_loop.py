@@ -186,3 +186,15 @@ def test_top_p_sampling_only_draws_from_the_nucleus(model: GPT) -> None:
     out = generate(model, [[1, 2]] * 4, processors=TopP(0.5), sampler=Multinomial(), max_new_tokens=8, seed=3, output_scores=True)
     for t, s in enumerate(out.scores):
         assert torch.isfinite(s.gather(-1, out.tokens[:, t : t + 1])).all()
+
+
+def test_chunked_prefill_gives_the_same_logits(model: GPT) -> None:
+    from decodekit.loop import prefill
+
+    ids = torch.randint(0, 50, (3, 23))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :5] = False  # a left-padded row
+    whole, _ = prefill(model, ids, mask, 30, chunk=64)
+    chunked, cache = prefill(model, ids, mask, 30, chunk=4)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    assert cache.length == 23

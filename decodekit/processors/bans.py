@@ -92,18 +92,16 @@ class BadWords(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         batch, vocab = logits.shape
         always, groups = self._on(vocab, logits.device)
-        banned = always.expand(batch, vocab)
         t = input_ids.shape[-1]
         ids = input_ids.to(logits.device)
+        banned = always.to(torch.uint8).expand(batch, vocab).clone()  # [B, V], one buffer for every group
         for n, (prefixes, last) in groups.items():
             if t < n - 1:
                 continue
             tail = ids[:, t - (n - 1) :]  # [B, n-1]
             match = (tail[:, None, :] == prefixes[None, :, :]).all(dim=-1)  # [B, N]
-            hits = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
-            hits.scatter_add_(-1, last.expand(batch, -1), match.float())
-            banned = banned | (hits > 0)
-        return keep_nonempty(torch.where(banned, NEG_INF, logits), logits)
+            banned.scatter_reduce_(-1, last.expand(batch, -1), match.to(torch.uint8), reduce="amax")
+        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits)
 
 
 class LogitBias(LogitsProcessor):

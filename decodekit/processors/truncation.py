@@ -98,19 +98,31 @@ class TopKTopP(LogitsProcessor):
         self.top_p = top_p
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        k = self.top_k.k_for(logits.shape[-1])
-        descending = torch.topk(logits, k, dim=-1).values.float()  # [B, k]
+        v = logits.shape[-1]
+        k = self.top_k.k_for(v)
+        top = torch.topk(logits, min(k + 1, v), dim=-1)  # one more, to see ties with the k-th
+        descending = top.values[..., :k].float()  # [B, k]
         kth = descending[..., -1:]
+        tied = top.values[..., k:] == top.values[..., k - 1 : k] if k < v else None  # [B, 0 or 1]
+        if tied is None or (logits.device.type == "cpu" and not bool(tied.any())):
+            # no token beyond the k-th ties with it: work on the k candidates alone
+            threshold = self._threshold(descending, kth, torch.zeros_like(kth), k)
+            kept = torch.where(descending >= threshold, descending, NEG_INF).to(logits.dtype)
+            return torch.full_like(logits, NEG_INF).scatter_(-1, top.indices[..., :k], kept)
         # tokens tied with the k-th beyond the k returned (top-k keeps them): counted, not sorted
         n_extra = (logits >= kth.to(logits.dtype)).sum(dim=-1, keepdim=True) - k
+        threshold = self._threshold(descending, kth, n_extra, k).to(logits.dtype)  # >= kth
+        return torch.where(logits < threshold, NEG_INF, logits)
+
+    def _threshold(self, descending: torch.Tensor, kth: torch.Tensor, n_extra: torch.Tensor, k: int) -> torch.Tensor:
+        """The smallest logit top-p keeps among the top-k set (``[B, 1]``, float32)."""
         lse_k = torch.logsumexp(descending, dim=-1, keepdim=True)
         lse = lse_k + torch.log1p(n_extra * (kth - lse_k).exp())  # log of the kept mass
         ascending = descending.flip(-1)
         cum = n_extra * (kth - lse).exp() + (ascending - lse).exp().cumsum(dim=-1)
         n_removed = (cum <= 1.0 - self.top_p.top_p).sum(dim=-1, keepdim=True)
         n_removed = n_removed.clamp(max=max(k - self.top_p.min_tokens_to_keep, 0))
-        threshold = ascending.gather(-1, n_removed).to(logits.dtype)  # >= kth: top-k's cut included
-        return torch.where(logits < threshold, NEG_INF, logits)
+        return ascending.gather(-1, n_removed)
 
 
 class MinP(LogitsProcessor):

@@ -39,8 +39,9 @@ def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: 
     low = torch.full_like(probs[:, :1], -1.0)  # candidates: probability > low
     token = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     done = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
-    for _ in range(rounds):
-        pick = torch.where(probs > low, race, -1.0).argmax(dim=-1, keepdim=True)  # [B, 1]
+    for r in range(rounds):
+        candidates = race if r == 0 else torch.where(probs > low, race, -1.0)
+        pick = candidates.argmax(dim=-1, keepdim=True)  # [B, 1]
         q = probs.gather(-1, pick)
         below = torch.where(probs < q, probs, 0.0).sum(dim=-1, keepdim=True)  # L(q)
         accept = ((below + q) > 1.0 - top_p).squeeze(-1) & ~done
