@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = torch.tensor([[3, 14, 15, 9, 2], [7, 7, 1, 8, 20], [11, 30, 4, 4, 25]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on a shared pool (and results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(block_size: int = 64, vocab_size: int = 40, seed: int = 0) -> GPT:
     """A seeded 2-layer GPT with large weights, so its distributions are peaked (clear winners)."""
     torch.manual_seed(seed)

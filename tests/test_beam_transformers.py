@@ -19,15 +19,6 @@ PAD = 1  # not in PROMPTS: transformers would take it for padding
 MAX_NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on a shared pool (and results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):
     """transformers' GPT-2 (random, seeded, peaked weights), our native GPT with the same weights,

@@ -135,7 +135,7 @@ def test_model_and_tokenizer_options_load_and_decode(registry: Registry, tmp_pat
     tok = Tokenizer(WordLevel(vocab, unk_token="<0x00>"))
     tok.pre_tokenizer = Split("", behavior="isolated")
     tok.save(str(tmp_path / "tokenizer.json"))
-    model = [f"model=checkpoint", f"model.path={tmp_path / 'ckpt'}", "device=cpu", "strategy=greedy", "max_new_tokens=3"]
+    model = ["model=checkpoint", f"model.path={tmp_path / 'ckpt'}", "device=cpu", "strategy=greedy", "max_new_tokens=3"]
     texts = {}
     with hydra_context():
         for tokenizer in (["tokenizer=auto"], ["tokenizer=byte", "tokenizer.eos_token_id=256"],
@@ -153,7 +153,7 @@ def test_model_and_tokenizer_options_load_and_decode(registry: Registry, tmp_pat
 
 def test_processor_order_and_temperature_last_reach_the_chain(registry: Registry, tmp_path: Path) -> None:
     write_unigram(tmp_path)
-    base = [f"model=checkpoint", f"model.path={tmp_path}", "device=cpu", "top_k=40", "top_p=0.9", "temperature=0.7", "min_p=0.05"]
+    base = ["model=checkpoint", f"model.path={tmp_path}", "device=cpu", "top_k=40", "top_p=0.9", "temperature=0.7", "min_p=0.05"]
     with hydra_context():
         orders = {}
         for extra in ([], ["processor_order=[top_p,top_k]"], ["temperature_last=true"],

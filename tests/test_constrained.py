@@ -19,15 +19,6 @@ TOK = ByteTokenizer(eos_token_id=256)
 CONTEXT = BuildContext(eos_token_id=256, encode=TOK.encode, vocab_size=257)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on a shared pool (and results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
