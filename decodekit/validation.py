@@ -51,3 +51,17 @@ def validate(model: type[M], prefix: str = "", /, **values: Any) -> M:
         return model(**values)
     except ValidationError as exc:
         raise ConfigError(describe(exc, prefix)) from None
+
+
+def token_sequences(value: list[Any]) -> list[Any]:
+    """Check a setting that lists strings or token-id sequences: no empty entry, no negative id.
+
+    For pydantic field validators of settings such as ``bad_words`` (raise ``ValueError``, which
+    pydantic reports against the setting).
+    """
+    for item in value:
+        if len(item) == 0:
+            raise ValueError("an entry is empty")
+        if isinstance(item, list) and any(i < 0 for i in item):
+            raise ValueError("token ids must be >= 0")
+    return value

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
-from decodekit.validation import validate
+from decodekit.validation import token_sequences, validate
 
 
 class BadWords(LogitsProcessor):
@@ -42,12 +42,7 @@ class BadWords(LogitsProcessor):
         @field_validator("bad_words")
         @classmethod
         def _non_empty(cls, value: list[Any]) -> list[Any]:
-            for item in value:
-                if len(item) == 0:
-                    raise ValueError("an entry is empty")
-                if isinstance(item, list) and any(i < 0 for i in item):
-                    raise ValueError("token ids must be >= 0")
-            return value
+            return token_sequences(value)
 
     def __init__(self, sequences: list[list[int]]) -> None:
         if not sequences or any(not s for s in sequences):

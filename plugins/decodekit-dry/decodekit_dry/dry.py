@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import BuildContext, LogitsProcessor, to_dtype
-from decodekit.validation import validate
+from decodekit.validation import token_sequences, validate
 
 DEFAULT_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]
 
@@ -67,12 +67,7 @@ class DRY(LogitsProcessor):
         @field_validator("dry_sequence_breakers")
         @classmethod
         def _non_empty(cls, value: list[Any]) -> list[Any]:
-            for item in value:
-                if len(item) == 0:
-                    raise ValueError("an entry is empty")
-                if isinstance(item, list) and any(i < 0 for i in item):
-                    raise ValueError("token ids must be >= 0")
-            return value
+            return token_sequences(value)
 
     def __init__(
         self,
