@@ -221,7 +221,7 @@ def generate(
     scores: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
 
-    # Prefill: the (cropped) prompt in one forward pass.
+    # Prefill: the (cropped) prompt, in chunks of PREFILL_CHUNK positions.
     window_ids, window_mask = crop_to_context(model, ids, mask)
     context = getattr(model, "max_context", None)
     cache_length = prompt_len + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
