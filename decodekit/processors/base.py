@@ -279,9 +279,3 @@ def keep_nonempty(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     if new.device.type == "cpu" and not bool(empty.any()):  # the usual case; a sync is free on CPU
         return new
     return torch.where(empty, old, new)
-
-
-def check_vocab_ids(setting: str, ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids named in a setting must be below the vocabulary size (checked on the host)."""
-    if ids.numel() and int(ids.max()) >= vocab_size:
-        raise ConfigError(f"{setting}: token id {int(ids.max())} is outside the vocabulary (size {vocab_size})")
