@@ -177,6 +177,7 @@ class MinNewTokens(LogitsProcessor):
         self.eos_token_id = ids
         self.prompt_length = prompt_length
         self._eos = torch.tensor(ids, dtype=torch.long)
+        self._eos_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> MinNewTokens:
@@ -185,11 +186,16 @@ class MinNewTokens(LogitsProcessor):
     def begin(self, input_ids: torch.Tensor) -> None:
         self.prompt_length = input_ids.shape[-1]
 
+    def _eos_for(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """The EOS ids inside the vocabulary, on ``device``: filtered once, not per step (no sync)."""
+        key = (vocab_size, device)
+        if key not in self._eos_cache:
+            self._eos_cache[key] = self._eos[self._eos < vocab_size].to(device)
+        return self._eos_cache[key]
+
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[-1] - (self.prompt_length or 0)
         if generated >= self.min_new_tokens:
             return logits
-        eos = self._eos.to(logits.device)
-        eos = eos[eos < logits.shape[-1]]
-        held = logits.index_fill(-1, eos, NEG_INF)
+        held = logits.index_fill(-1, self._eos_for(logits.shape[-1], logits.device), NEG_INF)
         return keep_nonempty(held, logits)
