@@ -28,22 +28,35 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int32 bit patterns (torch's ``>>`` is arithmetic on signed ints)."""
-    return (x >> s) & ((1 << (32 - s)) - 1)
+def _hash32_int(x: int) -> int:
+    """:func:`hash32` of one Python int in ``[0, 2**32)`` (no tensor, no device work)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _xorshift_(x: torch.Tensor, s: int, scratch: torch.Tensor) -> None:
+    """``x ^= x >>> s`` in place on int32 bit patterns (logical shift: torch's ``>>`` is
+    arithmetic on signed ints, so the sign copies are masked off)."""
+    torch.bitwise_right_shift(x, s, out=scratch)
+    scratch &= (1 << (32 - s)) - 1
+    x ^= scratch
 
 
 def _hash32_bits(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """:func:`hash32` on int32 tensors holding the 32 bits: wrap-around multiplies, half the memory
     and a third of the operations of the int64 form; the same bits (tests check). With
-    ``inplace=True`` ``x`` is overwritten (no temporaries the size of ``x`` but one)."""
+    ``inplace=True`` ``x`` is overwritten (one temporary the size of ``x``)."""
     if not inplace:
         x = x.clone()
-    x ^= _srl(x, 16)
+    scratch = torch.empty_like(x)
+    _xorshift_(x, 16, scratch)
     x *= 0x7FEB352D
-    x ^= _srl(x, 15)
+    _xorshift_(x, 15, scratch)
     x *= 0x846CA68B - (1 << 32)
-    x ^= _srl(x, 16)
+    _xorshift_(x, 16, scratch)
     return x
 
 
@@ -86,8 +99,8 @@ class RowRandom:
         if draw is None:
             draw = self.counter
             self.counter += 1
-        key = _hash32_bits(_as_bits(torch.tensor([draw + 0x9E3779B9], device=device)))
-        stream = _hash32_bits(self.seeds ^ key)  # [B, 1]
+        key = _hash32_int((draw + 0x9E3779B9) & _MASK32)
+        stream = _hash32_bits(self.seeds ^ (key - (1 << 32) if key >= 1 << 31 else key))  # [B, 1]
         return _hash32_bits(stream ^ cols, inplace=True)  # [B, n] int32 bits
 
     def reserve(self, n: int) -> int:

@@ -56,3 +56,17 @@ def test_same_draw_same_token_as_the_sort_based_path() -> None:
         fast = sample_top_p(logits, p, RowRandom(torch.arange(512)))
         slow = Multinomial()(None, TopP(p)(None, logits), RowRandom(torch.arange(512)))
         assert (fast == slow).float().mean() > 0.995  # differ only by rounding at the nucleus edge
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+def test_the_vectorised_argmax_is_torch_argmax(case: Case) -> None:
+    """decodekit.samplers.base.argmax (amax-based on CPU) picks the first maximum, as argmax does."""
+    from decodekit.samplers.base import argmax
+
+    logits = case.logits
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    ties = logits.round()  # many exact ties
+    assert torch.equal(argmax(ties), ties.argmax(dim=-1))
+    empty = torch.full_like(logits, float("-inf"))  # an invalid row still gives an index in range
+    assert torch.equal(argmax(empty), torch.zeros(logits.shape[0], dtype=torch.long))

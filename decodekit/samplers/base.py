@@ -21,6 +21,27 @@ from decodekit.processors.base import NoParams
 from decodekit.random import RowRandom
 
 
+_REVERSED: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for ``[B, V]`` float ``x``: the first index of each row's maximum.
+
+    On CPU, ``argmax`` (and ``max`` with indices) run a scalar loop that costs ~10x a vectorised
+    reduction; this finds the index with vectorised float ops instead (exact: ``x - max`` is 0
+    only at the maximum), about twice as fast at GPT-2's vocabulary. Other devices use ``argmax``.
+    """
+    n = x.shape[-1]
+    if x.device.type != "cpu" or n >= 1 << 24 or not x.is_floating_point() or x.dim() != 2:
+        return x.argmax(dim=-1)
+    reversed_ = _REVERSED.get((n, x.device))
+    if reversed_ is None:  # n, n-1, ..., 1: the largest marks the first index of a tie
+        reversed_ = _REVERSED[(n, x.device)] = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)
+    peak = x.float() - x.float().amax(dim=-1, keepdim=True)  # 0 at the maximum, < 0 elsewhere
+    first = peak.sign_().add_(1).mul_(reversed_).amax(dim=-1)  # NaN rows (invalid anyway) give NaN
+    return (n - first.nan_to_num(nan=float(n))).long().clamp_(0, n - 1)
+
+
 class Sampler:
     """Base class for samplers (optional for plugins: the call shape is what counts)."""
 
@@ -49,7 +70,7 @@ class Greedy(Sampler):
     name = "greedy"
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom | None = None) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
 
 
 class Multinomial(Sampler):
@@ -64,4 +85,4 @@ class Multinomial(Sampler):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
         probs = logits.float().softmax(dim=-1)
-        return (probs / rng.exponential(logits.shape[-1])).argmax(dim=-1)
+        return argmax(probs / rng.exponential(logits.shape[-1]))

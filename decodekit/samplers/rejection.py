@@ -21,6 +21,7 @@ import torch
 
 from decodekit.processors.truncation import TopP
 from decodekit.random import RowRandom
+from decodekit.samplers.base import argmax
 
 ROUNDS = 8
 
@@ -40,10 +41,12 @@ def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: 
     token = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     done = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
     for r in range(rounds):
-        candidates = race if r == 0 else torch.where(probs > low, race, -1.0)
-        pick = candidates.argmax(dim=-1, keepdim=True)  # [B, 1]
+        # Masks as 0/1 floats (``sign`` of a clamped difference): exact, and on CPU several times
+        # faster than comparisons to bool and ``where`` over [B, V].
+        candidates = race if r == 0 else race * _indicator(probs - low)  # race >= 0: dropped ones get 0
+        pick = argmax(candidates)[:, None]  # [B, 1]
         q = probs.gather(-1, pick)
-        below = torch.where(probs < q, probs, 0.0).sum(dim=-1, keepdim=True)  # L(q)
+        below = torch.linalg.vecdot(probs, _indicator(q - probs), dim=-1).unsqueeze(-1)  # L(q)
         accept = ((below + q) > 1.0 - top_p).squeeze(-1) & ~done
         token = torch.where(accept, pick.squeeze(-1), token)
         done = done | accept
@@ -54,3 +57,9 @@ def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: 
     nucleus = TopP(top_p)(None, logits) > float("-inf")
     fallback = torch.where(nucleus, race, -1.0).argmax(dim=-1)
     return torch.where(done, token, fallback)
+
+
+def _indicator(x: torch.Tensor) -> torch.Tensor:
+    """``1.0`` where ``x > 0``, else ``0.0`` (``x`` is overwritten). Exact: ``a - b > 0`` iff ``a > b``
+    in IEEE arithmetic with gradual underflow."""
+    return x.clamp_(min=0).sign_()
