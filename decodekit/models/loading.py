@@ -488,7 +488,7 @@ def _build_gpt(config: GPTConfig, state: Mapping[str, torch.Tensor], where: str)
                 f"{where}: {key} has shape {tuple(clean[key].shape)}; the config needs {tuple(tensor.shape)}"
             )
     model.load_state_dict(clean, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True broke the tie
+    model.tie_embeddings()  # assign=True broke the tie (the load hook has re-tied it; kept explicit)
     return model
 
 
