@@ -49,13 +49,48 @@ def test_generate_uses_it_and_stays_reproducible_and_batch_independent() -> None
         assert torch.isfinite(s.gather(-1, scored.tokens[:, t : t + 1])).all()
 
 
-def test_same_draw_same_token_as_the_sort_based_path() -> None:
+def test_each_round_setting_draws_the_nucleus_distribution() -> None:
+    """Rejection with the default rounds, with one round (then the fallback), and the fallback
+    alone (0 rounds) all draw softmax over the nucleus, on skewed and on flat rows."""
     torch.manual_seed(1)
-    logits = torch.randn(512, 300) * 2
-    for p in (0.5, 0.9, 0.99):
-        fast = sample_top_p(logits, p, RowRandom(torch.arange(512)))
-        slow = Multinomial()(None, TopP(p)(None, logits), RowRandom(torch.arange(512)))
-        assert (fast == slow).float().mean() > 0.995  # differ only by rounding at the nucleus edge
+    n = 20000
+    for scale, p in ((3.0, 0.5), (0.5, 0.9), (2.0, 0.99)):
+        logits = (torch.randn(1, 60) * scale).expand(n, 60)
+        expected = TopP(p)(None, logits[:1]).softmax(-1)[0]
+        for rounds in (8, 1, 0):
+            tokens = sample_top_p(logits, p, RowRandom(torch.arange(n) + 1000 * rounds), rounds=rounds)
+            freq = torch.bincount(tokens, minlength=60).float() / n
+            assert (freq[expected == 0] == 0).all(), (scale, p, rounds)
+            assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-4).all(), (scale, p, rounds)
+
+
+def test_sample_probs_draws_in_proportion_and_never_a_zero_weight() -> None:
+    from decodekit.samplers.base import sample_probs
+
+    torch.manual_seed(2)
+    n = 50000
+    for v in (7, 256, 700):  # less than, exactly, and not a multiple of one block
+        weights = torch.rand(v) ** 4
+        weights[::5] = 0
+        u = RowRandom(torch.arange(n)).uniform(2)
+        freq = torch.bincount(sample_probs(weights.expand(n, v), u), minlength=v).float() / n
+        expected = weights / weights.sum()
+        assert (freq[weights == 0] == 0).all()
+        assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-4).all()
+    one = torch.tensor([[0.0, 0.0, 2.0, 0.0]])
+    for edge in (1e-30, 0.5, 1.0):  # the ends of the uniforms' range still give the one token
+        assert sample_probs(one, torch.full((1, 2), edge)).item() == 2
+
+
+def test_multinomial_draws_softmax() -> None:
+    torch.manual_seed(3)
+    n = 20000
+    logits = (torch.randn(1, 40) * 2).expand(n, 40).clone()
+    logits[:, 5] = float("-inf")
+    freq = torch.bincount(Multinomial()(None, logits, RowRandom(torch.arange(n))), minlength=40).float() / n
+    expected = logits[0].softmax(-1)
+    assert freq[5] == 0
+    assert ((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-4).all()
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,3 +105,22 @@ def test_the_vectorised_argmax_is_torch_argmax(case: Case) -> None:
     assert torch.equal(argmax(ties), ties.argmax(dim=-1))
     empty = torch.full_like(logits, float("-inf"))  # an invalid row still gives an index in range
     assert torch.equal(argmax(empty), torch.zeros(logits.shape[0], dtype=torch.long))
+
+
+def test_cpu_rounds_on_undecided_rows_equal_the_no_sync_rounds_on_all_rows() -> None:
+    """Given the same uniforms, running the rounds on the undecided rows only (CPU) and on every
+    row (accelerators, no sync) gives the same token in every row, with or without the fallback."""
+    import decodekit.samplers.rejection as rejection
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        logits = torch.randn(8, 500, generator=g) * float(torch.rand(1, generator=g) * 6)
+        p = float(torch.rand(1, generator=g)) * 0.98 + 0.01
+        probs = logits.softmax(dim=-1)
+        rng = RowRandom(torch.arange(8) + trial)
+        uniforms = [rng.uniform(2) for _ in range(9)]
+        for rounds in (0, 1, 2, 8):
+            shrinking = rejection._rounds_shrinking(logits, probs, uniforms.__getitem__, p, rounds)
+            all_rows = rejection._rounds_all_rows(logits, probs, uniforms.__getitem__, p, rounds)
+            assert torch.equal(shrinking, all_rows), (trial, rounds)
+            assert torch.isfinite(TopP(p)(None, logits).gather(-1, shrinking[:, None])).all()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch.nn import functional as F
 from pydantic import BaseModel
 
 from decodekit.processors.base import NoParams
@@ -76,13 +77,43 @@ class Greedy(Sampler):
 class Multinomial(Sampler):
     """Draw token ``i`` with probability ``softmax(x)_i``.
 
-    Drawn as ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` (the exponential race, equal in law to
-    ``torch.multinomial``), which needs no host sync and no sort. Tokens at ``-inf`` are never
-    drawn.
+    Drawn by inverse transform from two uniforms per row (:func:`sample_probs`): the law of
+    ``torch.multinomial``, with no host sync, no sort, and no random number per vocabulary entry.
+    Tokens at ``-inf`` are never drawn.
     """
 
     name = "multinomial"
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
-        probs = logits.float().softmax(dim=-1)
-        return argmax(probs / rng.exponential(logits.shape[-1]))
+        return sample_probs(logits.float().softmax(dim=-1), rng.uniform(2))
+
+
+BLOCK = 256  # tokens per block in sample_probs
+
+
+def sample_probs(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row, ``i`` with probability ``weights[b, i] / weights[b].sum()``. ``[B, V] -> [B]``.
+
+    ``weights`` are ``>= 0`` with a positive sum per row; ``u`` is ``[B, 2]`` uniform in (0, 1).
+    Inverse transform sampling in two levels: ``u[:, 0]`` picks a block of :data:`BLOCK`
+    consecutive tokens by the blocks' masses, ``u[:, 1]`` a token within the block by its
+    cumulative sum. That reads the vocabulary once (the block sums) instead of scanning it with a
+    cumulative sum or drawing a random number per token. Intervals are half-open on the right,
+    so a token of weight 0 is never picked.
+    """
+    batch, n = weights.shape
+    blocks = -(-n // BLOCK)
+    if blocks * BLOCK != n:
+        weights = F.pad(weights, (0, blocks * BLOCK - n))
+    grouped = weights.view(batch, blocks, BLOCK)
+    block = _inverse_cdf(grouped.sum(dim=-1), u[:, :1])  # [B, 1]
+    inside = grouped.gather(1, block[:, :, None].expand(batch, 1, BLOCK)).squeeze(1)  # [B, BLOCK]
+    return (block * BLOCK + _inverse_cdf(inside, u[:, 1:])).squeeze(1).clamp_(max=n - 1)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``[B, m]`` weights, ``[B, 1]`` uniforms -> ``[B, 1]``: the first ``i`` with ``cumsum_i > u * total``."""
+    cumulative = weights.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # strictly below the total
+    return torch.searchsorted(cumulative, target, right=True).clamp_(max=weights.shape[-1] - 1)

@@ -2,61 +2,96 @@
 
 Drawing from ``TopP(p)`` then ``Multinomial`` needs the nucleus, which the filter finds by sorting
 the vocabulary. :func:`sample_top_p` draws the same distribution without a sort, as FlashInfer's
-samplers do: take the best candidate of the exponential race; accept it if it is in the nucleus,
-else every token no more likely than it is outside the nucleus too, so drop them and look again.
+samplers do: draw a token from the whole distribution; accept it if it is in the nucleus, else
+every token no more likely than it is outside the nucleus too, so drop them and draw again.
 
 A token of probability ``q`` is in the nucleus (``TopP``'s rule, ties kept together) when
 ``L(q) + q > 1 - p``, where ``L(q)`` is the mass of tokens less likely than ``q``. ``L(q) + q``
-grows with ``q``, so a rejected ``q`` rules out every token with probability ``<= q``. Conditioned
-on acceptance, the draw is proportional to the probabilities within the nucleus: exactly the
-distribution of the sort-based path (with the same race, the same token). Each round costs a few passes over the vocabulary;
-usually one or two rounds suffice. Rows still undecided after ``rounds`` rounds take the
-sort-based path. On CPU the loop stops as soon as every row is decided; on other devices it runs
-all rounds and the fallback, so that it never waits for the device (no host sync).
+grows with ``q``, so a rejected ``q`` rules out every token with probability ``<= q``. Each round
+draws with fresh uniforms from the tokens still in play, so an accepted token is distributed as
+the probabilities within the nucleus: exactly the law of the sort-based path (tests compare the
+frequencies). A round costs a few passes over the vocabulary; usually one round suffices (a
+draw lands outside the nucleus with probability ``1 - p`` at most). Rows still undecided after
+``rounds`` rounds take the sort-based path. On CPU each round after the first works on the
+undecided rows only and the loop stops as soon as every row is decided; on other devices it runs
+all rounds and the fallback on every row, so that it never waits for the device (no host sync).
+Every call reserves ``rounds + 1`` draws of the row streams, however many it uses, so what
+follows does not depend on how many rounds were needed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from decodekit.processors.truncation import TopP
 from decodekit.random import RowRandom
-from decodekit.samplers.base import argmax
+from decodekit.samplers.base import sample_probs
 
 ROUNDS = 8
 
 
 def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
-    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``.
-
-    Takes one exponential draw ``E``, as :class:`~decodekit.samplers.Multinomial` does, and
-    returns ``argmax p_i / E_i`` over the nucleus: the very token ``Multinomial`` picks after
-    ``TopP`` with the same draw (up to float rounding at the nucleus boundary). Every round looks
-    at the best remaining candidate; if it is outside the nucleus, so is every token no more
-    likely than it, and those are dropped.
-    """
+    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``."""
     probs = logits.float().softmax(dim=-1)  # [B, V]
-    race = probs / rng.exponential(probs.shape[-1])  # the exponential race, as Multinomial
-    low = torch.full_like(probs[:, :1], -1.0)  # candidates: probability > low
+    first = rng.reserve(rounds + 1)  # round r draws with draw first + r; the fallback with first + rounds
+    rounds_on = _rounds_shrinking if probs.device.type == "cpu" else _rounds_all_rows
+    return rounds_on(logits, probs, lambda r: rng.uniform(2, draw=first + r), top_p, rounds)
+
+
+def _round(probs: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draw from ``weights`` per row ``[B]`` and whether it is in the nucleus of ``probs`` ``[B]`` bool."""
+    pick = sample_probs(weights, u)  # [B]
+    q = probs.gather(-1, pick[:, None])  # [B, 1]
+    # L(q), the mass of less likely tokens; the mask as a 0/1 float (``sign`` of a clamped
+    # difference): exact, and on CPU several times faster than a comparison to bool and ``where``.
+    below = torch.linalg.vecdot(probs, _indicator(q - probs), dim=-1)
+    return pick, (below + q.squeeze(-1)) > 1.0 - top_p
+
+
+def _rounds_all_rows(
+    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: float, rounds: int
+) -> torch.Tensor:
+    """The rounds on an accelerator: all of them on every row, then the fallback; no host sync."""
+    low = torch.full_like(probs[:, :1], -1.0)  # in play: probability > low
     token = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     done = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
     for r in range(rounds):
-        # Masks as 0/1 floats (``sign`` of a clamped difference): exact, and on CPU several times
-        # faster than comparisons to bool and ``where`` over [B, V].
-        candidates = race if r == 0 else race * _indicator(probs - low)  # race >= 0: dropped ones get 0
-        pick = argmax(candidates)[:, None]  # [B, 1]
-        q = probs.gather(-1, pick)
-        below = torch.linalg.vecdot(probs, _indicator(q - probs), dim=-1).unsqueeze(-1)  # L(q)
-        accept = ((below + q) > 1.0 - top_p).squeeze(-1) & ~done
-        token = torch.where(accept, pick.squeeze(-1), token)
+        weights = probs if r == 0 else probs * _indicator(probs - low)
+        pick, accept = _round(probs, weights, uniform(r), top_p)
+        accept &= ~done
+        token = torch.where(accept, pick, token)
         done = done | accept
-        low = torch.where(accept[:, None], low, q)
-        if probs.device.type == "cpu" and bool(done.all()):  # on CPU a sync is free; elsewhere no sync
-            return token
-    # fallback for undecided rows: the sort-based filter, the same race
-    nucleus = TopP(top_p)(None, logits) > float("-inf")
-    fallback = torch.where(nucleus, race, -1.0).argmax(dim=-1)
+        low = torch.where(accept[:, None], low, probs.gather(-1, pick[:, None]))
+    fallback = sample_probs(_nucleus(logits, probs, top_p), uniform(rounds))
     return torch.where(done, token, fallback)
+
+
+def _rounds_shrinking(
+    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: float, rounds: int
+) -> torch.Tensor:
+    """The rounds on CPU, where looking at the result is free: each round after the first works
+    on the rows still undecided only (usually one or two of a batch), and stops when none is."""
+    token = torch.zeros(probs.shape[0], dtype=torch.long)
+    rows = torch.arange(probs.shape[0])
+    weights = probs
+    for r in range(rounds):
+        pick, accept = _round(probs, weights, uniform(r)[rows], top_p)
+        token[rows[accept]] = pick[accept]
+        if bool(accept.all()):
+            return token
+        keep = ~accept
+        rows, probs, logits, pick = rows[keep], probs[keep], logits[keep], pick[keep]
+        low = probs.gather(-1, pick[:, None])  # rejected: so is every token no more likely
+        weights = probs * _indicator(probs - low)
+    token[rows] = sample_probs(_nucleus(logits, probs, top_p), uniform(rounds)[rows])
+    return token
+
+
+def _nucleus(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` outside the nucleus set to 0, the nucleus found by the sort-based filter."""
+    return torch.where(TopP(top_p)(None, logits) > float("-inf"), probs, 0.0)
 
 
 def _indicator(x: torch.Tensor) -> torch.Tensor:
