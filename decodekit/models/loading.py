@@ -487,8 +487,7 @@ def _build_gpt(config: GPTConfig, state: Mapping[str, torch.Tensor], where: str)
             raise ModelLoadError(
                 f"{where}: {key} has shape {tuple(clean[key].shape)}; the config needs {tuple(tensor.shape)}"
             )
-    model.load_state_dict(clean, strict=True, assign=True)
-    model.tie_embeddings()  # assign=True broke the tie (the load hook has re-tied it; kept explicit)
+    model.load_state_dict(clean, strict=True, assign=True)  # GPT's load hook ties the head again
     return model
 
 
