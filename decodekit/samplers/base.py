@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch.nn import functional as F
 from pydantic import BaseModel
 
 from decodekit.processors.base import NoParams
@@ -102,12 +101,15 @@ def sample_probs(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     so a token of weight 0 is never picked.
     """
     batch, n = weights.shape
-    blocks = -(-n // BLOCK)
-    if blocks * BLOCK != n:
-        weights = F.pad(weights, (0, blocks * BLOCK - n))
-    grouped = weights.view(batch, blocks, BLOCK)
-    block = _inverse_cdf(grouped.sum(dim=-1), u[:, :1])  # [B, 1]
-    inside = grouped.gather(1, block[:, :, None].expand(batch, 1, BLOCK)).squeeze(1)  # [B, BLOCK]
+    full = n // BLOCK * BLOCK  # the columns in whole blocks; the rest is one shorter block
+    sums = weights[:, :full].unflatten(-1, (full // BLOCK, BLOCK)).sum(dim=-1)  # a view: no copy
+    if full < n:
+        sums = torch.cat([sums, weights[:, full:].sum(dim=-1, keepdim=True)], dim=-1)
+    block = _inverse_cdf(sums, u[:, :1])  # [B, 1]
+    columns = block * BLOCK + torch.arange(BLOCK, device=weights.device)  # [B, BLOCK]
+    inside = weights.gather(1, columns.clamp(max=n - 1))
+    if full < n:  # the short block: columns past the end weigh nothing
+        inside = inside * (columns < n)
     return (block * BLOCK + _inverse_cdf(inside, u[:, 1:])).squeeze(1).clamp_(max=n - 1)
 
 
