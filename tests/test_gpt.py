@@ -141,6 +141,12 @@ def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(
         changed = model(ids)
         torch.testing.assert_close(changed, model.pack_weights(False)(ids), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(changed, plain)
+        model.pack_weights(True)
+        layer = model.transformer.h[1].attn.c_attn
+        layer.weight = torch.nn.Parameter(layer.weight.detach() * 0.5)  # a new parameter: packed anew
+        replaced = model(ids)
+        torch.testing.assert_close(replaced, model.pack_weights(False)(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(replaced, changed)
     model.pack_weights(True)
     loss = model(ids).logsumexp(-1).mean()  # with autograd: the plain weights, gradients flow
     loss.backward()

@@ -13,6 +13,7 @@ through ``lm_head``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,13 +108,14 @@ class Linear(nn.Linear):
 
     def _packed(self) -> torch.Tensor | None:
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
-        if getattr(self, "_pack_key", None) != key:
+        key = (w.data_ptr(), w._version, tuple(w.shape))  # in-place changes bump _version
+        made = getattr(self, "_pack_key", None)
+        if made is None or made[0]() is not w or made[1] != key:  # the same parameter, unchanged?
             self._pack = None
             if _can_pack():
                 with torch.no_grad():
                     self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
-            self._pack_key = key
+            self._pack_key = (weakref.ref(w), key)
         return self._pack
 
     def drop_pack(self) -> None:

@@ -37,7 +37,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     reversed_ = _REVERSED.get((n, x.device))
     if reversed_ is None:  # n, n-1, ..., 1: the largest marks the first index of a tie
         reversed_ = _REVERSED[(n, x.device)] = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)
-    peak = x.float() - x.float().amax(dim=-1, keepdim=True)  # 0 at the maximum, < 0 elsewhere
+    x = x.float()
+    peak = x - x.amax(dim=-1, keepdim=True)  # 0 at the maximum, < 0 elsewhere
     first = peak.sign_().add_(1).mul_(reversed_).amax(dim=-1)  # NaN rows (invalid anyway) give NaN
     return (n - first.nan_to_num(nan=float(n))).long().clamp_(0, n - 1)
 
