@@ -128,6 +128,11 @@ def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(
 
     ids = torch.randint(0, TINY.vocab_size, (3, 12))
     with torch.no_grad():
+        model(ids)  # products this small stay on the plain path: nothing is packed
+        assert all(getattr(m, "_pack", None) is None for m in model.modules() if isinstance(m, Linear))
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.min_macs = 0  # pack whatever the size, to test the packed path on a tiny model
         packed = model(ids)
         made = [m._pack is not None for m in model.modules() if isinstance(m, Linear)]
         plain = model.pack_weights(False)(ids)
