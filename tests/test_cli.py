@@ -209,6 +209,15 @@ def test_each_bad_value_of_the_issue_exits_2_with_one_line(unigram, tmp_path: Pa
         assert_one_line_error(run, *fragments)
 
 
+def test_model_pack_weights_is_a_validated_model_setting(unigram, tmp_path: Path) -> None:
+    args = [*model_args(unigram), "strategy=greedy", "prompt_tokens=[97,98]", "max_new_tokens=4"]
+    on, off, bad = decode([*args, "model.pack_weights=true"], [*args, "model.pack_weights=false"],
+                          [*args, "model.pack_weights=maybe"], cwd=tmp_path)  # fmt: skip
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout == off.stdout and on.stdout.startswith("97 98 | ")
+    assert_one_line_error(bad, "model.pack_weights='maybe' is not allowed", "valid boolean")
+
+
 # ------------------------------------------------------------------------------ output
 
 

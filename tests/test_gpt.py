@@ -124,7 +124,7 @@ def test_the_tied_embedding_is_stored_column_major_and_saved_contiguous(model: G
 
 
 def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(model: GPT) -> None:
-    from decodekit.models.gpt import Linear
+    from decodekit.models.packing import Linear
 
     ids = torch.randint(0, TINY.vocab_size, (3, 12))
     with torch.no_grad():

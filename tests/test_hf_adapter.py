@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from decodekit.errors import ModelLoadError  # noqa: E402
+from decodekit.errors import ConfigError, ModelLoadError  # noqa: E402
 from decodekit.models import GPT, CausalLM, HFCausalLM, load_model  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 99, 0, 42, 42, 7, 63], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -111,3 +111,33 @@ def test_gpt2_variants_the_native_gpt_lacks_go_to_the_adapter(tmp_path: Path) ->
     torch.testing.assert_close(logits, reference_logits(hf_model, IDS[:, :4] % 50)[:, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelLoadError, match="scale_attn_by_inverse_layer_idx=true is not supported natively"):
         load_model(tmp_path, device="cpu", backend="native")
+
+
+def test_packed_weights_for_a_hugging_face_model_keep_its_logits_and_tokens(tmp_path: Path) -> None:
+    """pack_weights turns the adapter's nn.Linear layers into packing ones (off by default):
+    same state dict, logits to float rounding, the same greedy tokens; off again frees the packs."""
+    from decodekit import generate
+    from decodekit.models.packing import Linear
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    plain, _ = load_model(tmp_path, device="cpu")
+    packed, _ = load_model(tmp_path, device="cpu", pack_weights=True)
+    assert isinstance(packed, HFCausalLM) and not any(isinstance(m, Linear) for m in plain.model.modules())
+    layers = [m for m in packed.model.modules() if isinstance(m, Linear)]
+    assert len(layers) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
+    assert packed.model.state_dict().keys() == plain.model.state_dict().keys()
+    for layer in layers:
+        layer.min_macs = 0  # pack whatever the size: this model is tiny
+    with torch.no_grad():
+        torch.testing.assert_close(packed.model(IDS).logits, plain.model(IDS).logits, atol=1e-5, rtol=1e-5)
+    assert all(layer._pack is not None for layer in layers)
+    a = generate(plain, IDS, max_new_tokens=12)
+    b = generate(packed, IDS, max_new_tokens=12)
+    assert torch.equal(a.tokens, b.tokens)
+    packed.pack_weights(False)
+    assert all(layer._pack is None and not layer.packing for layer in layers)
+    with pytest.raises(ConfigError, match="pack_weights='yes' is not allowed"):
+        load_model(tmp_path, device="cpu", pack_weights="yes")

@@ -96,6 +96,7 @@ class CommandConfig(BaseModel):
 class DefaultModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["default"]
+    pack_weights: Optional[bool] = None
 
 
 class CheckpointModel(BaseModel):
@@ -103,6 +104,7 @@ class CheckpointModel(BaseModel):
     name: Literal["checkpoint", "hf"]
     path: Optional[str] = None
     backend: Literal["auto", "native", "hf"] = "auto"
+    pack_weights: Optional[bool] = None
 
 
 class ByteTokenizerConfig(BaseModel):

@@ -13,7 +13,6 @@ through ``lm_head``.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
+from decodekit.models.packing import Linear, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
@@ -71,72 +71,6 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[3]
-
-
-def _can_pack() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except Exception:  # pragma: no cover - builds without oneDNN
-        return False
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that, on CPU in float32 without autograd, multiplies by a prepacked weight.
-
-    oneDNN's prepacked (blocked) weights are what ``torch.compile`` uses on CPU after freezing;
-    here they are made on the first call and kept next to the weight (re-made if the weight is
-    changed or moved). On a 2-core x86 machine, one thread, GPT-2 124M's 48 block matrices take
-    11-19 ms per decoding step at batch 1-8 instead of 20-47 ms with the plain weights, and a
-    256-token prefill 229 ms instead of 500. Small products (under :attr:`min_macs`
-    multiply-adds) keep the plain path, where oneDNN's fixed cost per call would dominate. The
-    price is a second copy of the weights in memory; :meth:`GPT.pack_weights` turns it off.
-    Results equal ``F.linear``'s to float rounding.
-    """
-
-    packing: bool = True
-    # oneDNN costs ~15 us a call more than F.linear: worth it from about a million multiply-adds
-    # (measured: [768, 192] at 8 rows 27 us packed against 38 plain, at 1 row 21 against 10).
-    min_macs: int = 1 << 20
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.packing
-            and x.numel() * self.out_features >= self.min_macs
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        ):
-            packed = self._packed()
-            if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def _packed(self) -> torch.Tensor | None:
-        w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))  # in-place changes bump _version
-        made = getattr(self, "_pack_key", None)
-        if made is None or made[0]() is not w or made[1] != key:  # the same parameter, unchanged?
-            self._pack = None
-            if _can_pack():
-                with torch.no_grad():
-                    self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
-            self._pack_key = (weakref.ref(w), key)
-        return self._pack
-
-    def drop_pack(self) -> None:
-        """Free the packed copy (it is made again on the next call that needs it)."""
-        self._pack, self._pack_key = None, None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .half(), ...: the pack is stale
-        self.drop_pack()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the pack behind
-        state = dict(self.__dict__)
-        state.pop("_pack", None)
-        state.pop("_pack_key", None)
-        return state
 
 
 class LayerNorm(nn.Module):
@@ -266,15 +200,12 @@ class GPT(nn.Module):
     def pack_weights(self, enabled: bool = True) -> GPT:
         """Use oneDNN-prepacked weights on CPU (float32, no autograd; the default) or not.
 
-        Packed, decoding GPT-2 124M on one CPU thread runs about 1.1x faster at batch 1 and 2x
+        Packed, decoding GPT-2 124M on one CPU thread runs about 1.2x faster at batch 1 and 2x
         at batch 8 and 64, for a second copy of the linear layers' weights in memory (see
-        :class:`Linear`). ``pack_weights(False)`` frees the copies and uses the plain weights.
+        :class:`~decodekit.models.packing.Linear`). ``pack_weights(False)`` frees the copies
+        and uses the plain weights.
         """
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.packing = enabled
-                if not enabled:
-                    module.drop_pack()
+        pack_weights(self, enabled)
         return self
 
     def tie_embeddings(self) -> None:

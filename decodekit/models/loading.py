@@ -119,6 +119,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",
     backend: Backend = "auto",
+    pack_weights: bool | None = None,
 ) -> tuple[CausalLM, ModelExtras]:
     """Load a model and what its checkpoint says about itself.
 
@@ -131,6 +132,10 @@ def load_model(
             :class:`GPT` (unless it uses a variant the native GPT lacks) and wraps anything
             else in :class:`~decodekit.models.hf.HFCausalLM`;
             ``"native"`` insists on the native GPT, ``"hf"`` on the adapter.
+        pack_weights: oneDNN-prepacked CPU weights for the linear layers
+            (:mod:`decodekit.models.packing`: faster decoding, a second copy of those weights in
+            memory). ``None`` keeps the model's default: on for the native GPT, off for
+            Hugging Face models through the adapter.
 
     Returns:
         ``(model, extras)``: a model in eval mode following
@@ -141,6 +146,16 @@ def load_model(
         ModelLoadError: a missing file, an unknown name, an unrecognised or unsafe
             checkpoint, or weights that do not fit their config.
     """
+    if pack_weights is not None and not isinstance(pack_weights, bool):
+        raise ConfigError(f"pack_weights={pack_weights!r} is not allowed: must be true, false or null")
+    model, extras = _load(source, device, dtype, backend)
+    if pack_weights is not None:
+        model.pack_weights(pack_weights)
+    return model, extras
+
+
+def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dtype, backend: Backend
+          ) -> tuple[CausalLM, ModelExtras]:  # fmt: skip
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     if backend not in ("auto", "native", "hf"):
         raise ConfigError(f"backend={backend!r}: expected 'auto', 'native' or 'hf'")

@@ -1,0 +1,103 @@
+"""Prepacked weights for CPU decoding: a drop-in ``nn.Linear`` and a switch for whole models.
+
+On x86 CPUs, oneDNN's prepacked (blocked) weights multiply several times faster than the plain
+row-major weights that ``F.linear`` hands to MKL, for the skinny products of decoding (1-64 rows).
+:class:`Linear` keeps a packed copy next to its weight and uses it when it pays;
+:func:`pack_weights` turns it on or off for every linear layer of a model, its own or any
+``torch.nn`` model's (the ``nn.Linear`` layers of a Hugging Face model, for instance).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Linear", "pack_weights"]
+
+
+def _can_pack() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except Exception:  # pragma: no cover - builds without oneDNN
+        return False
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, on CPU in float32 without autograd, multiplies by a prepacked weight.
+
+    oneDNN's prepacked (blocked) weights are what ``torch.compile`` uses on CPU after freezing;
+    here they are made on the first call and kept next to the weight (re-made if the weight is
+    changed or moved). On a 2-core x86 machine, one thread, GPT-2 124M's 48 block matrices take
+    11-19 ms per decoding step at batch 1-8 instead of 20-47 ms with the plain weights, and a
+    256-token prefill 229 ms instead of 500. Small products (under :attr:`min_macs`
+    multiply-adds) keep the plain path, where oneDNN's fixed cost per call would dominate. The
+    price is a second copy of the weights in memory; :func:`pack_weights` turns it off.
+    Results equal ``F.linear``'s to float rounding.
+    """
+
+    packing: bool = True
+    # oneDNN costs ~15 us a call more than F.linear: worth it from about a million multiply-adds
+    # (measured: [768, 192] at 8 rows 27 us packed against 38 plain, at 1 row 21 against 10).
+    min_macs: int = 1 << 20
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.packing
+            and x.numel() * self.out_features >= self.min_macs
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            packed = self._packed()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed(self) -> torch.Tensor | None:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))  # in-place changes bump _version
+        made = getattr(self, "_pack_key", None)
+        if made is None or made[0]() is not w or made[1] != key:  # the same parameter, unchanged?
+            self._pack = None
+            if _can_pack():
+                with torch.no_grad():
+                    self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+            self._pack_key = (weakref.ref(w), key)
+        return self._pack
+
+    def drop_pack(self) -> None:
+        """Free the packed copy (it is made again on the next call that needs it)."""
+        self._pack, self._pack_key = None, None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .half(), ...: the pack is stale
+        self.drop_pack()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the pack behind
+        state = dict(self.__dict__)
+        state.pop("_pack", None)
+        state.pop("_pack_key", None)
+        return state
+
+
+def pack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn prepacked weights on or off for every linear layer of ``model``; returns ``model``.
+
+    Plain ``nn.Linear`` layers become :class:`Linear` (same parameters, same state dict; only
+    the class changes) when ``enabled``; with ``enabled=False`` every :class:`Linear` drops its
+    packed copy and uses its plain weight. Subclasses of ``nn.Linear`` other than :class:`Linear`
+    (quantised or adapter layers, say) are left alone.
+    """
+    for module in model.modules():
+        if enabled and type(module) is nn.Linear:
+            module.__class__ = Linear
+        if isinstance(module, Linear):
+            module.packing = enabled
+            if not enabled:
+                module.drop_pack()
+    return model
