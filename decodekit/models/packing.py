@@ -65,8 +65,11 @@ class Linear(nn.Linear):
         if made is None or made[0]() is not w or made[1] != key:  # the same parameter, unchanged?
             self._pack = None
             if _can_pack():
-                with torch.no_grad():
-                    self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+                try:
+                    with torch.no_grad():
+                        self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+                except RuntimeError:  # a CPU or build oneDNN cannot pack for: the plain path, not retried
+                    self._pack = None
             self._pack_key = (weakref.ref(w), key)
         return self._pack
 
