@@ -55,7 +55,11 @@ class Linear(nn.Linear):
         ):
             packed = self._packed()
             if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                try:
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                except RuntimeError:  # oneDNN refused this input: the plain path from now on
+                    self.packing = False
+                    self.drop_pack()
         return F.linear(x, self.weight, self.bias)
 
     def _packed(self) -> torch.Tensor | None:
