@@ -156,3 +156,21 @@ def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(
     loss = model(ids).logsumexp(-1).mean()  # with autograd: the plain weights, gradients flow
     loss.backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_a_failing_packed_call_falls_back_to_the_plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from decodekit.models.packing import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    layer.min_macs = 0
+    x = torch.randn(3, 32)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    assert not layer.packing and layer._pack is None
