@@ -78,6 +78,36 @@ def encode_prompts(
     return batch, mask, encoded
 
 
+class StopStrings:
+    """A stateless stopping criterion: a row stops when the text of its new tokens holds a stop string.
+
+    It looks at the last tokens of each row it is given, nothing else, so beam search can ask it
+    about candidate sequences and steer by it (``stateless = True``): a hypothesis that reaches a
+    stop string ends there, as at EOS. :func:`generate_text` adds it for samplers that drive
+    their own loop; :class:`TextTracker` still cuts and streams the text.
+    """
+
+    stateless = True
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], eos: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.eos = eos
+        # Tokens to decode: enough for the longest stop string even at one byte per token (4 per
+        # character, the most UTF-8 takes), plus a margin for a token split before its first byte.
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 8
+
+    def __call__(self, sequences: torch.Tensor, n_new: int) -> torch.Tensor:
+        if not self.stop:
+            return torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        tails = sequences[:, sequences.shape[1] - min(n_new, self.window) :].tolist()
+        found = []
+        for tail in tails:  # text work is per row by nature; runs only when stop strings are given
+            text = self.tokenizer.decode([t for t in tail if t not in self.eos])
+            found.append(any(s in text for s in self.stop))
+        return torch.tensor(found, dtype=torch.bool, device=sequences.device)
+
+
 class TextTracker:
     """Decodes each row's tokens as they arrive: checks stop strings, streams text pieces.
 
@@ -191,6 +221,9 @@ def generate_text(
     returned = int(getattr(sampler, "num_return_sequences", 1) or 1)  # sequences per row (beam search)
     per_output_row = [ids for ids in encoded for _ in range(returned)]
     tracker = TextTracker(tokenizer, per_output_row, stop, on_text, eos_ids) if (stop or on_text) else None
+    stopping: list[Any] = [tracker] if tracker else []
+    if stop and getattr(sampler, "drives_loop", False):  # beam search: steer by the stop strings too
+        stopping.insert(0, StopStrings(tokenizer, stop, eos_ids))
     out = generate(
         model,
         ids,
@@ -201,7 +234,7 @@ def generate_text(
         eos_token_id=eos_token_id,
         pad_token_id=pad,
         seed=seeds,
-        stopping=[tracker] if tracker else (),
+        stopping=stopping,
         **kwargs,
     )
     if output is not None:

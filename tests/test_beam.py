@@ -242,8 +242,34 @@ def test_generate_text_with_beams_trims_a_stop_string() -> None:
     free = generate_text(m, tok, ["Hello"], sampler=BeamSearch(2), max_new_tokens=6)[0]
     stop = free.text[2:4]
     res = generate_text(m, tok, ["Hello"], sampler=BeamSearch(2), max_new_tokens=6, stop=[stop])[0]
-    assert res.text == free.text[: free.text.index(stop)]
-    assert res.finish_reason == "stop"
+    assert stop not in res.text and res.tokens and len(res.tokens) <= 6
+    if res.finish_reason == "stop":  # its tokens end where the stop string is complete
+        assert stop in tok.decode(res.tokens) and stop not in tok.decode(res.tokens[:-1])
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 4])
+def test_stop_strings_steer_beam_search_as_an_eos_would(num_beams: int) -> None:
+    """A one-character stop string finishes a hypothesis exactly where an EOS token for that
+    character would: the same search, the same returned tokens (only the finish reason differs),
+    and a different result from the search that does not know the stop string."""
+    from decodekit.models import load_model
+    from decodekit.text import StopStrings
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")  # real text, with newlines
+    tok = load_tokenizer("auto", extras)
+    ids = torch.tensor([tok.encode("Love is "), tok.encode("Cats are")])
+    steered = generate(model, ids, sampler=BeamSearch(num_beams), max_new_tokens=60, eos_token_id=256,
+                       stopping=[StopStrings(tok, ["\n"], {256})])  # fmt: skip
+    as_eos = generate(model, ids, sampler=BeamSearch(num_beams), max_new_tokens=60, eos_token_id=[256, 10])
+    assert steered.rows() == as_eos.rows()
+    assert [r == "stop" for r in steered.finish_reasons] == [row[-1] == 10 for row in steered.rows()]
+    texts = generate_text(model, tok, ["Love is ", "Cats are"], sampler=BeamSearch(num_beams), max_new_tokens=60,
+                          stop=["\n"])  # fmt: skip
+    assert [t.text for t in texts] == [tok.decode([x for x in row if x != 10]) for row in as_eos.rows()]
+    if num_beams == 4:  # here the free search returns a hypothesis past a newline
+        free = generate(model, ids, sampler=BeamSearch(num_beams), max_new_tokens=60, eos_token_id=256)
+        assert free.rows() != steered.rows()
 
 
 # ------------------------------------------------------------------------------------ settings

@@ -68,8 +68,11 @@ class BeamSearch(Sampler):
     ``log_softmax(chain(x))`` (transformers runs its processors on ``log_softmax(x)`` and does not
     renormalise); with no processors, or only ones that remove tokens, the chosen sequences are
     the same. Stopping criteria and ``on_token`` are replayed over the returned rows after the
-    search (a criterion can cut a returned row, finish reason ``"stop"``; it does not steer the
-    search). ``output_scores`` gives per-token ``logprobs`` of the returned rows, not ``scores``.
+    search (a criterion can cut a returned row, finish reason ``"stop"``). A criterion marked
+    ``stateless = True`` (a pure function of the sequences it is given, as
+    :class:`decodekit.text.StopStrings`) also steers the search, without ``must_include``: a
+    candidate it stops is a finished hypothesis, as one ending in EOS is, and does not go on.
+    ``output_scores`` gives per-token ``logprobs`` of the returned rows, not ``scores``.
     """
 
     name = "beam"
@@ -212,6 +215,7 @@ class BeamSearch(Sampler):
         draw_order = -torch.arange(K, device=device, dtype=torch.float32)
         met = progress = None
         fallback = None
+        steering = [c for c in stopping if getattr(c, "stateless", False)]  # stop candidates, not just rows
         if constraints is not None:
             met, progress = constraints.start((B, k), device)
 
@@ -232,6 +236,10 @@ class BeamSearch(Sampler):
                 if constraints is None:
                     beam, token, score = self._candidates(scored, run_score[:, g], K, rng)  # [B, K] each
                     hits = torch.isin(token, eos) | last
+                    if steering:  # a candidate a stateless criterion stops is finished, as at EOS
+                        seqs = run_seq[:, g].gather(1, beam[..., None].expand(-1, -1, L))
+                        seqs[:, :, end] = token
+                        hits = hits | _stopped(steering, seqs.view(B * K, L)[:, : end + 1], step + 1).view(B, K)
                     may_finish = hits & may_finish_rank
                     keys = score + hits.to(torch.float32) * NEG
                     if one_sample:  # one sampled beam goes on with its first draw: plain sampling
@@ -514,6 +522,14 @@ def _fallback(
         "len": torch.full_like(best, length),
         "eos": eos.gather(1, best),
     }
+
+
+def _stopped(criteria: Sequence[Any], sequences: torch.Tensor, n_new: int) -> torch.Tensor:
+    """``[rows]`` bool: rows any of ``criteria`` stops."""
+    stop = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+    for criterion in criteria:
+        stop = stop | criterion(sequences, n_new).to(sequences.device).bool()
+    return stop
 
 
 def _replay(
