@@ -23,9 +23,6 @@ from typing import Any
 import torch
 
 import common
-import decodekit
-from decodekit.processors import TopP
-from decodekit.samplers import Greedy, Multinomial
 
 TARGET_VS_TRANSFORMERS = 1.1
 TARGET_VS_BARE = 0.95
@@ -54,27 +51,6 @@ def bare_loop(model: Any, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def contenders(hf: Any, native: Any, ids: torch.Tensor, n: int, modes: list[str], outputs: dict[str, torch.Tensor]
                ) -> dict[str, Callable[[], Any]]:  # fmt: skip
     """The timed calls; each keeps its last new tokens in ``outputs`` for the equality check."""
-    prompt = ids.shape[1]
-    attention = torch.ones_like(ids)
-
-    def tf(mode: str, n: int = n) -> Callable[[], Any]:
-        sampling = {"do_sample": True, "top_p": 0.9, "top_k": 0} if mode == "top_p" else {"do_sample": False}
-
-        def run() -> None:
-            out = hf.generate(ids, attention_mask=attention, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                              eos_token_id=None, **sampling)  # fmt: skip
-            outputs[f"transformers {mode}"] = out[:, prompt:]
-
-        return run
-
-    def dk(mode: str, n: int = n) -> Callable[[], Any]:
-        processors, sampler = (TopP(0.9), Multinomial()) if mode == "top_p" else (None, Greedy())
-
-        def run() -> None:
-            out = decodekit.generate(native, ids, processors=processors, sampler=sampler, max_new_tokens=n, seed=0)
-            outputs[f"decodekit {mode}"] = out.tokens
-
-        return run
 
     def bare(n: int = n) -> Callable[[], Any]:
         def run() -> None:
@@ -84,8 +60,8 @@ def contenders(hf: Any, native: Any, ids: torch.Tensor, n: int, modes: list[str]
 
     timed: dict[str, Callable[[], Any]] = {}
     for mode in modes:
-        timed[f"transformers {mode}"] = tf(mode)
-        timed[f"decodekit {mode}"] = dk(mode)
+        timed[f"transformers {mode}"] = common.transformers_generate(hf, ids, n, mode, outputs, f"transformers {mode}")
+        timed[f"decodekit {mode}"] = common.decodekit_generate(native, ids, n, mode, outputs, f"decodekit {mode}")
     timed["bare loop"] = bare()
     return timed
 

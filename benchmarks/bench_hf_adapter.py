@@ -24,10 +24,7 @@ from typing import Any
 import torch
 
 import common
-import decodekit
 from decodekit.models.hf import HFCausalLM
-from decodekit.processors import TopP
-from decodekit.samplers import Greedy, Multinomial
 
 VOCAB = 32000
 
@@ -44,33 +41,11 @@ def llama(seed: int) -> Any:
 def contenders(hf: Any, plain: HFCausalLM, packed: HFCausalLM, ids: torch.Tensor, n: int, modes: list[str],
                outputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:  # fmt: skip
     """The timed calls; each keeps its last new tokens in ``outputs`` for the equality check."""
-    prompt = ids.shape[1]
-    attention = torch.ones_like(ids)
-
-    def tf(mode: str) -> Callable[[], Any]:
-        sampling = {"do_sample": True, "top_p": 0.9, "top_k": 0} if mode == "top_p" else {"do_sample": False}
-
-        def run() -> None:
-            out = hf.generate(ids, attention_mask=attention, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                              eos_token_id=None, **sampling)  # fmt: skip
-            outputs[f"transformers {mode}"] = out[:, prompt:]
-
-        return run
-
-    def dk(model: HFCausalLM, name: str, mode: str) -> Callable[[], Any]:
-        processors, sampler = (TopP(0.9), Multinomial()) if mode == "top_p" else (None, Greedy())
-
-        def run() -> None:
-            out = decodekit.generate(model, ids, processors=processors, sampler=sampler, max_new_tokens=n, seed=0)
-            outputs[f"{name} {mode}"] = out.tokens
-
-        return run
-
     timed: dict[str, Callable[[], Any]] = {}
     for mode in modes:
-        timed[f"transformers {mode}"] = tf(mode)
-        timed[f"decodekit {mode}"] = dk(plain, "decodekit", mode)
-        timed[f"decodekit packed {mode}"] = dk(packed, "decodekit packed", mode)
+        for name, model in (("transformers", hf), ("decodekit", plain), ("decodekit packed", packed)):
+            run = common.transformers_generate if model is hf else common.decodekit_generate
+            timed[f"{name} {mode}"] = run(model, ids, n, mode, outputs, f"{name} {mode}")
     return timed
 
 

@@ -196,6 +196,37 @@ def gpt2_config(**overrides: Any) -> Any:
     return GPT2Config(**overrides)
 
 
+def transformers_generate(hf: Any, ids: torch.Tensor, n: int, mode: str, outputs: dict[str, torch.Tensor], key: str
+                          ) -> Callable[[], None]:  # fmt: skip
+    """transformers' ``generate``: exactly ``n`` new tokens (EOS off), greedy or top-p 0.9 (``mode``);
+    each call keeps its new tokens in ``outputs[key]``."""
+    sampling = {"do_sample": True, "top_p": 0.9, "top_k": 0} if mode == "top_p" else {"do_sample": False}
+    attention = torch.ones_like(ids)
+
+    def run() -> None:
+        out = hf.generate(ids, attention_mask=attention, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                          eos_token_id=None, **sampling)  # fmt: skip
+        outputs[key] = out[:, ids.shape[1] :]
+
+    return run
+
+
+def decodekit_generate(model: Any, ids: torch.Tensor, n: int, mode: str, outputs: dict[str, torch.Tensor], key: str
+                       ) -> Callable[[], None]:  # fmt: skip
+    """``decodekit.generate`` with what :func:`transformers_generate` does: ``Greedy()``, or
+    ``TopP(0.9)`` and ``Multinomial()``; each call keeps its new tokens in ``outputs[key]``."""
+    import decodekit
+    from decodekit.processors import TopP
+    from decodekit.samplers import Greedy, Multinomial
+
+    processors, sampler = (TopP(0.9), Multinomial()) if mode == "top_p" else (None, Greedy())
+
+    def run() -> None:
+        outputs[key] = decodekit.generate(model, ids, processors=processors, sampler=sampler, max_new_tokens=n, seed=0).tokens
+
+    return run
+
+
 def random_gpt2(seed: int = 0, **overrides: Any) -> Any:
     """A ``GPT2LMHeadModel`` with seeded random weights, built in memory (nothing downloaded).
 
