@@ -174,3 +174,26 @@ def test_a_failing_packed_call_falls_back_to_the_plain_weights(monkeypatch: pyte
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected)
     assert not layer.packing and layer._pack is None
+
+
+def test_torch_compile_traces_the_plain_linear_not_the_packed_one() -> None:
+    """Under torch.compile the layers give the compiler F.linear (it packs weights its own way;
+    inductor cannot lower oneDNN's packed op), and the result is the same."""
+    from decodekit.models.packing import Linear
+
+    targets: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # records what was traced
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch.manual_seed(0)
+    layer = Linear(256, 1024)  # 8 rows x 256 x 1024: large enough to be packed when not compiling
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        eager = layer(x)
+        assert layer._pack is not None or not torch.backends.mkldnn.is_available()
+        compiled = torch.compile(layer, backend=backend)(x)
+    assert targets and not any("mkldnn" in t for t in targets)
+    assert any("linear" in t for t in targets)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

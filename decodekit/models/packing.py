@@ -47,6 +47,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.packing
+            and not torch.compiler.is_compiling()  # torch.compile packs weights its own way
             and x.numel() * self.out_features >= self.min_macs
             and x.device.type == "cpu"
             and x.dtype == torch.float32
