@@ -188,7 +188,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.register_state_dict_post_hook(_contiguous_embedding)
+        # the public name arrived in torch 2.5; the private one (same hook signature) is older
+        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        register(_contiguous_embedding)
         self.register_load_state_dict_post_hook(_retie)
         if init:
             self.apply(self._init_weights)
