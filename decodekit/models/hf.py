@@ -50,8 +50,8 @@ class HFCausalLM:
         """Prepacked weights for the model's ``nn.Linear`` layers on CPU, or not (the default).
 
         See :mod:`decodekit.models.packing`: in float32 without autograd, products of a million
-        multiply-adds or more use oneDNN-prepacked copies of the weights, several times faster
-        than the plain weights at batch 8 and more on x86 CPUs. Off by default here, because the
+        multiply-adds or more use oneDNN-prepacked copies of the weights: on x86 CPUs about twice
+        as fast at batch 8 (benchmarks/bench_hf_adapter.py). Off by default here, because the
         copies double the memory those layers take, and Hugging Face models can be large.
         """
         pack_weights(self.model, enabled)

@@ -235,11 +235,10 @@ class BeamSearch(Sampler):
                 scored = logp_g if counts is None else logp_g - self.diversity_penalty * counts[:, None, :]
                 if constraints is None:
                     beam, token, score = self._candidates(scored, run_score[:, g], K, rng)  # [B, K] each
+                    cand_seq = _extend(run_seq[:, g], beam, token, end)  # [B, K, L]
                     hits = torch.isin(token, eos) | last
                     if steering:  # a candidate a stateless criterion stops is finished, as at EOS
-                        seqs = run_seq[:, g].gather(1, beam[..., None].expand(-1, -1, L))
-                        seqs[:, :, end] = token
-                        hits = hits | _stopped(steering, seqs.view(B * K, L)[:, : end + 1], step + 1).view(B, K)
+                        hits = hits | _stopped(steering, cand_seq.view(B * K, L)[:, : end + 1], step + 1).view(B, K)
                     may_finish = hits & may_finish_rank
                     keys = score + hits.to(torch.float32) * NEG
                     if one_sample:  # one sampled beam goes on with its first draw: plain sampling
@@ -252,8 +251,7 @@ class BeamSearch(Sampler):
                         constraints, scored, run_score[:, 0], run_seq[:, 0], met, progress, eos, K, k, T0, step, N
                     )
                     beam, token, score, hits, may_finish, chosen, next_score, met, progress, fallback_ok = found
-                cand_seq = run_seq[:, g].gather(1, beam[..., None].expand(-1, -1, L))  # [B, K, L]
-                cand_seq[:, :, end] = token
+                    cand_seq = _extend(run_seq[:, g], beam, token, end)
                 cand_logp = run_logp[:, g].gather(1, beam[..., None].expand(-1, -1, N))
                 cand_logp[:, :, step] = logp_g.reshape(B, k * vocab).gather(1, beam * vocab + token)
 
@@ -522,6 +520,13 @@ def _fallback(
         "len": torch.full_like(best, length),
         "eos": eos.gather(1, best),
     }
+
+
+def _extend(seq: torch.Tensor, beam: torch.Tensor, token: torch.Tensor, end: int) -> torch.Tensor:
+    """Candidates ``[B, K, L]``: the running sequences ``seq[:, beam]`` with ``token`` at ``end``."""
+    out = seq.gather(1, beam[..., None].expand(-1, -1, seq.shape[-1]))
+    out[:, :, end] = token
+    return out
 
 
 def _stopped(criteria: Sequence[Any], sequences: torch.Tensor, n_new: int) -> torch.Tensor:
