@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -23,3 +24,24 @@ def test_configs_are_importable_as_package_data() -> None:
 
     conf = files("decodekit.conf")
     assert conf.joinpath("__init__.py").is_file()
+
+
+def _requirement_name(line: str) -> str:
+    return re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_ci_installs_the_committed_tested_set() -> None:
+    """CI pins every dependency (base, test and hf extras) to a committed version, while pyproject keeps ranges."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"], *project["optional-dependencies"]["hf"]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_requirement_name(name)] = version
+    missing = [r for r in wanted if _requirement_name(r) not in pins]
+    assert not missing, f"constraints.txt pins nothing for {missing}"
+    assert all(">=" in r or "<" in r or "==" not in r for r in wanted), "pyproject should keep ranges, not pins"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-c constraints.txt" in ci

@@ -8,6 +8,7 @@ transformers is imported when an adapter is first built (``pip install decodekit
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from decodekit.errors import ModelLoadError
 from decodekit.models.packing import pack_weights
 
-__all__ = ["HFCausalLM", "import_transformers"]
+__all__ = ["HFCausalLM", "cache_argument_name", "import_transformers"]
 
 
 def import_transformers() -> Any:
@@ -28,6 +29,20 @@ def import_transformers() -> Any:
             "Hugging Face models need transformers: pip install decodekit[hf]"
         ) from None
     return transformers
+
+
+def cache_argument_name(model: Any) -> str:
+    """The name under which ``model.forward`` takes and returns its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40);
+    earlier releases, and models with code of their own, know only ``past_key_values``. Read
+    once from the signature, so no step pays for it.
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class HFCausalLM:
@@ -45,6 +60,7 @@ class HFCausalLM:
         self.max_context: int | None = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
+        self._cache_name = cache_argument_name(model)
 
     def pack_weights(self, enabled: bool = True) -> HFCausalLM:
         """Prepacked weights for the model's ``nn.Linear`` layers on CPU, or not (the default).
@@ -107,11 +123,11 @@ class HFCausalLM:
             input_ids=input_ids,
             position_ids=position_ids.clamp(min=0),  # left padding: any valid position will do
             attention_mask=attention_mask.long(),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_name: cache},
         )
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), out[self._cache_name]
 
     def reorder_cache(self, cache: Any, index: torch.Tensor) -> Any:
         """Rows ``cache[index]``; the ``DynamicCache`` is reordered in place and returned."""
