@@ -17,9 +17,8 @@ import torch
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
 from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows, processor_name
 from decodekit.random import RowRandom, row_seeds
-from decodekit.processors.truncation import TopK, TopP
-from decodekit.samplers.base import Greedy, Multinomial
-from decodekit.samplers.rejection import sample_top_p
+from decodekit.samplers.base import Greedy
+from decodekit.samplers.rejection import fuse
 
 # A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
 StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]
@@ -207,7 +206,8 @@ def generate(
         check_every = 1 if device.type == "cpu" else 8
     batch, prompt_len = ids.shape
     rng = RowRandom(row_seeds(seed, batch, device))
-    chain, nucleus = _split_nucleus(chain, sampler)
+    chain, sampler = fuse(chain, sampler)  # e.g. top-p then multinomial: drawn without a sort
+    record = getattr(sampler, "recorded_filter", None) if output_scores else None
 
     # Buffers for the whole run; the loop works on growing views of them.
     seq = torch.full((batch, prompt_len + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -242,12 +242,9 @@ def generate(
         bad = bad | invalid
         if check_every == 1 and bool(invalid):
             diagnose(chain, history, raw, step)
-        if nucleus is None:
-            token = _sample(sampler, history, processed, rng, step)  # [B]
-        else:  # the chain's last filter was top-p: draw from the nucleus without sorting
-            token = sample_top_p(processed, nucleus.top_p, rng)
-            if output_scores:  # the filtered logits only for the record: same tokens either way
-                processed = nucleus(history, processed)
+        token = _sample(sampler, history, processed, rng, step)  # [B]
+        if record is not None:  # a filter fused into the sampler, applied for the record only
+            processed = record(history, processed)
         token = torch.where(finished, torch.full_like(token, pad), token)
         seq[:, end] = token
         lengths += (~finished).long()
@@ -296,15 +293,6 @@ def generate(
         logprobs=torch.stack(logprobs, dim=1) if output_scores else None,
         scores=scores if output_scores else None,
     )
-
-
-def _split_nucleus(chain: ProcessorChain, sampler: Any) -> tuple[ProcessorChain, TopP | None]:
-    """A chain ending in ``TopP`` before ``Multinomial`` samples by rejection (no sort), same law."""
-    last = chain.processors[-1] if len(chain) else None
-    fused = len(chain) > 1 and type(chain.processors[-2]) is TopK  # top-k | top-p is fused already
-    if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not fused:
-        return ProcessorChain(chain.processors[:-1]), last
-    return chain, None
 
 
 def run_chain(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:

@@ -70,11 +70,20 @@ class RowRandom:
     """Uniform and exponential noise, one independent stream per row.
 
     ``seeds``: ``[B]`` int64, one seed per row. Every call advances a counter shared by all rows
-    (a Python int), so two runs that make the same calls get the same numbers.
+    (a Python int), so two runs that make the same calls get the same numbers. ``offsets``
+    (optional ``[B]`` int64) shift each row's draw numbers: row ``b`` takes draw
+    ``counter + offsets[b]``. The request engine sets a newcomer's offset to minus the counter
+    at its admission, so its first step uses draw 0 as it would decoded alone.
+
+    A sampler that needs several numbers for one step (the rejection rounds of top-p) takes
+    them as sub-draws of that step's draw: ``uniform(n, draw=d, sub=r)``; sub-draw 0 is the plain
+    draw ``d``. So every sampler consumes exactly one draw per step, and a row's stream does not
+    depend on which sampler other rows, or earlier steps, used.
     """
 
-    def __init__(self, seeds: torch.Tensor) -> None:
+    def __init__(self, seeds: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         self.seeds = _as_bits(seeds.reshape(-1, 1))  # [B, 1] int32 bits
+        self.offsets = None if offsets is None else offsets.reshape(-1, 1).to(torch.int64)  # [B, 1]
         self.counter = 0
         self._columns: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -86,21 +95,45 @@ class RowRandom:
         """The streams of rows ``index`` (for beams and repeated samples)."""
         out = RowRandom.__new__(RowRandom)
         out.seeds = self.seeds[index]
+        out.offsets = None if self.offsets is None else self.offsets[index]
         out.counter = self.counter
         out._columns = self._columns
         return out
 
-    def _bits(self, n: int, draw: int | None = None) -> torch.Tensor:
+    def assign(self, rows: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Give rows ``rows`` new streams with seeds ``seeds``, starting at their draw 0 now."""
+        if self.offsets is None:
+            self.offsets = torch.zeros_like(self.seeds, dtype=torch.int64)
+        self.seeds = self.seeds.clone()
+        self.offsets = self.offsets.clone()
+        self.seeds[rows] = _as_bits(seeds.reshape(-1, 1).to(self.seeds.device))
+        self.offsets[rows] = -self.counter
+
+    def next_draw(self) -> int:
+        """Take one draw number for this step (its sub-draws go with it)."""
+        draw = self.counter
+        self.counter += 1
+        return draw
+
+    def _bits(self, n: int, draw: int | None = None, sub: int = 0) -> torch.Tensor:
         device = self.seeds.device
         cols = self._columns.get((n, device))  # hashed column ids, computed once per width
         if cols is None:
             cols = _hash32_bits(_as_bits(torch.arange(n, dtype=torch.int64, device=device) + 0x632BE5AB))
             self._columns[(n, device)] = cols
         if draw is None:
-            draw = self.counter
-            self.counter += 1
-        key = _hash32_int((draw + 0x9E3779B9) & _MASK32)
-        stream = _hash32_bits(self.seeds ^ (key - (1 << 32) if key >= 1 << 31 else key))  # [B, 1]
+            draw = self.next_draw()
+        if self.offsets is None:
+            key = _hash32_int((draw + 0x9E3779B9) & _MASK32)
+            if sub:
+                key = _hash32_int(key ^ _hash32_int((sub + 0x85EBCA6B) & _MASK32))
+            key_bits: int | torch.Tensor = key - (1 << 32) if key >= 1 << 31 else key
+        else:  # one draw number per row: the same hash, on a [B, 1] tensor
+            key_bits = hash32((self.offsets + draw + 0x9E3779B9) & _MASK32)
+            if sub:
+                key_bits = hash32(key_bits ^ _hash32_int((sub + 0x85EBCA6B) & _MASK32))
+            key_bits = _as_bits(key_bits)
+        stream = _hash32_bits(self.seeds ^ key_bits)  # [B, 1]
         return _hash32_bits(stream ^ cols, inplace=True)  # [B, n] int32 bits
 
     def reserve(self, n: int) -> int:
@@ -113,16 +146,16 @@ class RowRandom:
         self.counter += n
         return first
 
-    def uniform(self, n: int, *, draw: int | None = None) -> torch.Tensor:
+    def uniform(self, n: int, *, draw: int | None = None, sub: int = 0) -> torch.Tensor:
         """``[B, n]`` float32 uniform in the open interval (0, 1): the top 24 bits of the hash."""
-        bits = self._bits(n, draw)
+        bits = self._bits(n, draw, sub)
         bits >>= 8
         bits &= (1 << 24) - 1  # the top 24 bits, as a number in [0, 2**24)
         return bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
 
-    def exponential(self, n: int, *, draw: int | None = None) -> torch.Tensor:
+    def exponential(self, n: int, *, draw: int | None = None, sub: int = 0) -> torch.Tensor:
         """``[B, n]`` float32 draws from Exp(1)."""
-        return self.uniform(n, draw=draw).log_().neg_()
+        return self.uniform(n, draw=draw, sub=sub).log_().neg_()
 
 
 def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:

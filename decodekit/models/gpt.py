@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from decodekit.errors import ConfigError
 from decodekit.models.packing import Linear, pack_weights
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
 
 
 class GPTConfig(BaseModel):
@@ -72,6 +72,98 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
+    def attention_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """The ``[B, 1, T, S]`` mask for ``T`` new positions: causal, minus the caller's padding.
+
+        Each query may attend to earlier real tokens and to itself (so a left-padding row never
+        attends to nothing).
+        """
+        B, S = self.k.shape[1], self.length + T
+        if S > self.max_length:
+            raise ConfigError(f"cache holds {self.max_length} positions; {S} were needed")
+        if attention_mask.shape != (B, S):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})")
+        device = attention_mask.device
+        query_pos = torch.arange(self.length, S, device=device)[:, None]  # [T, 1]
+        key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        causal = key_pos <= query_pos  # [T, S]
+        return (causal & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``T`` new positions' keys and values ``[B, H, T, D]``; all so far ``[B, H, S, D]``."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+@dataclass
+class SlotCache:
+    """A cache of independent rows ("slots") at different lengths, for the request engine.
+
+    Row ``b`` holds its own sequence's keys and values at positions ``0 .. lengths[b] - 1`` (no
+    padding), and a decoding step writes each row's new position at ``lengths[b]``: one scatter
+    per layer. Attention looks at the first ``span`` positions (a host int, the longest row after
+    this step), each row masked to its own length. A newcomer's prompt is prefilled alone through
+    a :class:`KVCache` and copied in with :meth:`place`; :meth:`view` gives the first ``n`` rows
+    (shared storage) so that only occupied slots are computed.
+
+    ``k``, ``v``: ``[n_layer, slots, H, max_length, D]``; ``lengths``: ``[slots]`` long.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
+    span: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def view(self, n: int, span: int) -> SlotCache:
+        """The first ``n`` slots; ``span``: the longest of them."""
+        return SlotCache(self.k[:, :n], self.v[:, :n], self.lengths[:n], span)
+
+    def place(self, slot: int, cache: KVCache, row: int = 0) -> None:
+        """Copy row ``row`` of a prefilled ``cache`` into ``slot`` (its length: ``cache.length``)."""
+        n = cache.length
+        if n > self.max_length:
+            raise ConfigError(f"a prompt of {n} positions does not fit a slot of {self.max_length}")
+        self.k[:, slot, :, :n] = cache.k[:, row, :, :n]
+        self.v[:, slot, :, :n] = cache.v[:, row, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.lengths[dst] = self.lengths[src]
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """``[B, 1, 1, span]``: each row sees its own positions and the one it writes now."""
+        if T != 1:
+            raise ConfigError(f"a slot cache takes one new position per row and step, not {T}")
+        if self.span > self.max_length:
+            raise ConfigError(f"slot cache holds {self.max_length} positions; {self.span} were needed")
+        key_pos = torch.arange(self.span, device=self.lengths.device)
+        mask = key_pos[None, :] <= self.lengths[:, None]  # [B, span]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()
+        return mask[:, None, None, :]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key and value ``[B, H, 1, D]`` at its own length."""
+        index = self.lengths.view(-1, 1, 1, 1).expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (``torch.nn.LayerNorm`` has no ``bias=False`` on old torch)."""
@@ -100,7 +192,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # [B, T, C]
         mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend; None = plain causal
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
@@ -110,10 +202,7 @@ class CausalSelfAttention(nn.Module):
             for t in self.c_attn(x).split(self.n_embd, dim=2)
         )
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # [B, H, S, D]
+            k, v = cache.write(layer, k, v)  # [B, H, S, D]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -144,7 +233,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | SlotCache | None, layer: int
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -287,37 +376,30 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,  # [B, T] long
         *,
         position_ids: torch.Tensor,  # [B, T] long
-        attention_mask: torch.Tensor,  # [B, S] bool, True = real token
-        cache: KVCache,
-    ) -> tuple[torch.Tensor, KVCache]:
+        attention_mask: torch.Tensor | None,  # [B, S] bool, True = real token
+        cache: KVCache | SlotCache,
+    ) -> tuple[torch.Tensor, KVCache | SlotCache]:
         """Run ``T`` new positions; returns the last position's logits ``[B, V]`` (float32).
 
         The cache is updated in place and returned. Each query may attend to earlier
-        real tokens and to itself (so a left-padding row never attends to nothing).
+        real tokens and to itself (so a left-padding row never attends to nothing). With a
+        :class:`SlotCache`, ``T`` is 1, ``position_ids`` are the rows' lengths, and the cache
+        makes the mask itself (``attention_mask`` may be ``None``).
         """
-        B, T = input_ids.shape
-        past, S = cache.length, cache.length + T
-        if S > cache.max_length:
-            raise ConfigError(f"cache holds {cache.max_length} positions; {S} were needed")
-        if attention_mask.shape != (B, S):
-            raise ConfigError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})"
-            )
-        device = input_ids.device
-        query_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
-        key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
-        causal = key_pos <= query_pos  # [T, S]
-        # mask: [B, 1, T, S]
-        mask = (causal & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
-
+        mask = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S]
         # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
         pos = position_ids.clamp(min=0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, i)
-        cache.length = S
+        cache.advance(input_ids.shape[1])
         x = self.transformer.ln_f(x[:, -1, :])  # [B, C]: only the last position is needed
         return self.lm_head(x).float(), cache
+
+    def new_slot_cache(self, slots: int, max_length: int) -> SlotCache:
+        """An empty :class:`SlotCache`: ``slots`` rows of up to ``max_length`` positions each."""
+        cache = self.new_cache(slots, max_length)
+        return SlotCache(cache.k, cache.v, torch.zeros(slots, dtype=torch.long, device=self.device))
 
     def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
         """A new cache holding rows ``cache[index]`` (rows may repeat)."""

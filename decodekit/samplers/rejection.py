@@ -15,19 +15,24 @@ draw lands outside the nucleus with probability ``1 - p`` at most). Rows still u
 ``rounds`` rounds take the sort-based path. On CPU each round after the first works on the
 undecided rows only and the loop stops as soon as every row is decided; on other devices it runs
 all rounds and the fallback on every row, so that it never waits for the device (no host sync).
-Every call reserves ``rounds + 1`` draws of the row streams, however many it uses, so what
-follows does not depend on how many rounds were needed.
+Every call takes one draw of the row streams (:meth:`~decodekit.random.RowRandom.next_draw`);
+round ``r`` uses its sub-draw ``r`` and the fallback sub-draw ``rounds``. Round 0 is the plain
+draw, so a row whose nucleus is everything (``top_p = 1``) gets exactly the token
+:class:`~decodekit.samplers.Multinomial` draws, and what follows never depends on how many rounds
+were needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from decodekit.processors.truncation import TopP
+from decodekit.processors.base import ProcessorChain
+from decodekit.processors.truncation import TopK, TopP
 from decodekit.random import RowRandom
-from decodekit.samplers.base import sample_probs
+from decodekit.samplers.base import Multinomial, Sampler, sample_probs
 
 ROUNDS = 8
 
@@ -35,9 +40,50 @@ ROUNDS = 8
 def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
     """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``."""
     probs = logits.float().softmax(dim=-1)  # [B, V]
-    first = rng.reserve(rounds + 1)  # round r draws with draw first + r; the fallback with first + rounds
+    draw = rng.next_draw()  # round r uses sub-draw r of this draw; the fallback sub-draw `rounds`
     rounds_on = _rounds_shrinking if probs.device.type == "cpu" else _rounds_all_rows
-    return rounds_on(logits, probs, lambda r: rng.uniform(2, draw=first + r), top_p, rounds)
+    return rounds_on(logits, probs, lambda r: rng.uniform(2, draw=draw, sub=r), top_p, rounds)
+
+
+class NucleusMultinomial(Sampler):
+    """``TopP(p)`` then :class:`~decodekit.samplers.Multinomial`, fused: draws by rejection, no sort.
+
+    Built by :func:`fuse`, never by name. ``recorded_filter`` is the ``TopP`` it stands for, so a
+    caller that records processed logits (``output_scores``) can apply it for the record.
+    """
+
+    name = "nucleus_multinomial"
+
+    def __init__(self, top_p: TopP) -> None:
+        self.recorded_filter = top_p
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
+        return sample_top_p(logits, self.recorded_filter.top_p, rng)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        reorder = getattr(self.recorded_filter, "reorder", None)
+        if reorder is not None:
+            reorder(index)
+
+    def assign(self, rows: torch.Tensor, other: NucleusMultinomial) -> None:
+        assign = getattr(self.recorded_filter, "assign", None)
+        if assign is not None:
+            assign(rows, other.recorded_filter)
+
+
+def fuse(chain: ProcessorChain, sampler: Any) -> tuple[ProcessorChain, Any]:
+    """The chain and sampler to run for ``chain`` then ``sampler``: the same law, maybe faster.
+
+    A chain ending in ``TopP`` (keeping at least one token) before plain ``Multinomial`` hands
+    the filter to :class:`NucleusMultinomial`, which samples the nucleus without sorting. A
+    ``TopK | TopP`` pair is fused in the chain already (``TopKTopP``) and stays there. Anything
+    else is returned as it is.
+    """
+    last = chain.processors[-1] if len(chain) else None
+    after_top_k = len(chain) > 1 and type(chain.processors[-2]) is TopK
+    if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not after_top_k:
+        return ProcessorChain(chain.processors[:-1]), NucleusMultinomial(last)
+    return chain, sampler
 
 
 def _round(probs: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
