@@ -122,6 +122,10 @@ def test_group_beam_search_matches_transformers_4(fixture_model, case: dict) -> 
     their_tokens = torch.tensor(case["tokens"])
     n = out.tokens.shape[1]  # transformers pads every row to the longest plus one (the EOS it appends)
     assert (their_tokens[:, n:] == GROUP_BEAM["pad_token_id"]).all()
+    # transformers 4 writes the first EOS id where any EOS id ended a hypothesis; we keep the one chosen
+    ended = torch.tensor([reason == "eos" for reason in out.finish_reasons])
+    assert torch.isin(out.tokens[ended, out.lengths[ended] - 1], torch.tensor(case["eos_token_id"])).all()
+    out.tokens[ended, out.lengths[ended] - 1] = case["eos_token_id"][0]
     check_same(out, their_tokens[:, :n], torch.tensor(case["scores"]))
 
 
@@ -130,3 +134,14 @@ def test_group_beam_fixture_covers_groups_that_finish_early() -> None:
     assert sum(case["groups_done_early"] > 0 for case in cases) >= len(cases) // 2
     assert {case["settings"]["early_stopping"] for case in cases} == {True, False, "never"}
     assert any(len(case["eos_token_id"]) > 1 for case in cases)
+
+
+def test_group_beam_search_takes_a_pad_id_outside_the_vocabulary(fixture_model) -> None:
+    """transformers 4 counts a done group's beams as pad tokens; a pad the model cannot emit counts nowhere."""
+    case = next(c for c in GROUP_BEAM["cases"] if c["groups_done_early"] >= 3 and c["settings"]["early_stopping"] is True)
+    pad = fixture_model.vocab_size + 3
+    out = generate(fixture_model, torch.tensor(GROUP_BEAM["prompts"]), sampler=BeamSearch(**case["settings"]),
+                   max_new_tokens=GROUP_BEAM["max_new_tokens"], eos_token_id=case["eos_token_id"], pad_token_id=pad)  # fmt: skip
+    short = out.lengths < out.tokens.shape[1]
+    assert short.any() and (out.tokens[short, -1] == pad).all()
+    assert torch.isfinite(out.sequence_scores).all()
