@@ -55,27 +55,22 @@ def build_model() -> transformers.GPT2LMHeadModel:
 
 
 class DoneRecorder:
-    """Counts (prompt, group) pairs transformers' beam scorer marks done before the last step."""
+    """Reads transformers' beam scorer while it runs: how many (prompt, group) pairs were done
+    before the last step (its ``_done`` flags stay set once set)."""
 
     def __init__(self) -> None:
         self.done_early = 0
         self._original = beam_search.BeamSearchScorer.process
 
     def __enter__(self) -> DoneRecorder:
-        recorder, original = self, self._original
+        original = self._original
 
-        def process(scorer, input_ids, *args, **kwargs):  # noqa: ANN001, ANN202
+        def process(scorer, input_ids, *args, **kwargs):
             out = original(scorer, input_ids, *args, **kwargs)
-            last = input_ids.shape[-1] + 1 == scorer._beam_hyps[0].max_length
-            group = kwargs.get("group_index", 0)
-            if not last:  # newly done here, with steps still to go
-                done = scorer._done.view(-1, scorer.num_beam_groups)[:, group]
-                newly = done & ~recorder._seen.get(group, torch.zeros_like(done))
-                recorder.done_early += int(newly.sum())
-                recorder._seen[group] = done.clone()
+            if input_ids.shape[-1] + 1 < scorer._beam_hyps[0].max_length:  # not the last step
+                self.done_early = int(scorer._done.sum())
             return out
 
-        self._seen: dict[int, torch.Tensor] = {}
         beam_search.BeamSearchScorer.process = process
         return self
 
@@ -107,9 +102,8 @@ def to_json(fixture: dict) -> str:
 
 
 def main() -> None:
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    if (major, minor) >= (4, 57) or (major, minor) < (4, 40):
-        sys.exit(f"transformers=={transformers.__version__}: this needs 4.40 .. 4.56 (group beam search in core)")
+    if not transformers.__version__.startswith("4.56."):
+        sys.exit(f"transformers=={transformers.__version__}: this needs 4.56.x, the last with group beam search in core")
     transformers.logging.set_verbosity_error()
     model = build_model()
     OUT.mkdir(parents=True, exist_ok=True)
