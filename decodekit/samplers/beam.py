@@ -4,8 +4,9 @@
 it the whole job. Batch items and beams are rows of one batch (``B * num_beams`` rows); each step is
 a handful of tensor ops over ``[B, beams, vocab]``. Python loops run only over steps and, for
 diverse beam search, over beam groups (a group's penalty depends on the tokens earlier groups just
-chose). The bookkeeping follows transformers 5's vectorised ``_beam_search`` step for step, so the
-same model and prompt give the same sequences and scores.
+chose). The bookkeeping follows transformers 5's vectorised ``_beam_search`` step for step, and
+diverse beam search follows transformers 4's group beam search (which transformers 5 dropped), so
+the same model and prompt give the same sequences and scores.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ class BeamSearch(Sampler):
       transformers' former group beam search): beams are split into groups that search one
       after the other within a step; a group's log-probabilities lose
       ``diversity_penalty * (times the token was just chosen by earlier groups for this
-      prompt)`` (Hamming diversity), and that penalty is part of its scores.
+      prompt)`` (Hamming diversity), and that penalty is part of its scores. The bookkeeping is
+      transformers 4's group beam search: each group keeps its own ``k = num_beams /
+      num_beam_groups`` hypotheses and is done on its own (:func:`_group_done`: its top candidate,
+      EOS or not, is the bound); a done group adds nothing and its beams count as ``pad_token_id``
+      in later groups' penalty; at ``max_new_tokens`` the EOS candidates among a group's first
+      ``k`` finish, then, if the group is still open, its ``k`` best other candidates.
     - ``must_include``: words (or token-id lists) that must each appear in the output:
       constrained beam search (see :mod:`decodekit.samplers.constrained` and docs/beam.md).
 
@@ -72,7 +78,9 @@ class BeamSearch(Sampler):
     ``stateless = True`` (a pure function of the sequences it is given, as
     :class:`decodekit.text.StopStrings`) also steers the search, without ``must_include``: a
     candidate it stops is a finished hypothesis, as one ending in EOS is, and does not go on.
-    ``output_scores`` gives per-token ``logprobs`` of the returned rows, not ``scores``.
+    ``output_scores`` gives per-token ``logprobs`` of the returned rows, not ``scores``. With
+    several EOS ids, transformers 4's group beam search writes the first EOS id wherever any
+    ended a hypothesis; the returned row here keeps the EOS that was chosen (and scored).
     """
 
     name = "beam"
@@ -209,7 +217,8 @@ class BeamSearch(Sampler):
         run_score[..., 1:] = NEG
         run_logp = torch.zeros((B, G, k, N), device=device)
         kept = _Kept.empty(run_seq, run_logp)
-        unsatisfied = torch.ones((B, G), dtype=torch.bool, device=device)  # can still improve
+        unsatisfied = torch.ones((B, G), dtype=torch.bool, device=device)  # can still improve (groups: not done)
+        by_group = G > 1  # transformers 4's group beam search bookkeeping (see _group_done)
         may_finish_rank = torch.arange(K, device=device) < k  # only the top k candidates may finish
         one_sample = self.beam_sample and nb == 1
         draw_order = -torch.arange(K, device=device, dtype=torch.float32)
@@ -227,16 +236,17 @@ class BeamSearch(Sampler):
             processed = loop.run_chain(chain, history, raw, step)
             invalid = invalid_rows(processed).any()
             logp = torch.log_softmax(processed, dim=-1).view(B, G, k, vocab)
-            counts = torch.zeros((B, vocab), device=device) if G > 1 and self.diversity_penalty > 0 else None
+            # tokens earlier groups chose this step; index ``vocab`` collects a pad outside the vocabulary
+            counts = torch.zeros((B, vocab + 1), device=device) if by_group and self.diversity_penalty > 0 else None
             source = torch.empty((B, G, k), dtype=torch.long, device=device)
             all_hits = []
             for g in range(G):
                 logp_g = logp[:, g]  # [B, k, V]
-                scored = logp_g if counts is None else logp_g - self.diversity_penalty * counts[:, None, :]
+                scored = logp_g if counts is None else logp_g - self.diversity_penalty * counts[:, None, :vocab]
                 if constraints is None:
                     beam, token, score = self._candidates(scored, run_score[:, g], K, rng)  # [B, K] each
                     cand_seq = _extend(run_seq[:, g], beam, token, end)  # [B, K, L]
-                    hits = torch.isin(token, eos) | last
+                    hits = torch.isin(token, eos) | (last and not by_group)  # groups: running beams end below
                     if steering:  # a candidate a stateless criterion stops is finished, as at EOS
                         hits = hits | _stopped(steering, cand_seq.view(B * K, L)[:, : end + 1], step + 1).view(B, K)
                     may_finish = hits & may_finish_rank
@@ -271,15 +281,26 @@ class BeamSearch(Sampler):
                 run_logp[:, g] = _take(cand_logp, chosen)
                 run_score[:, g] = next_score
                 source[:, g] = beam.gather(1, chosen)
-                if counts is not None:
-                    counts.scatter_add_(1, token.gather(1, chosen), torch.ones((B, k), device=device))
+                open_g = unsatisfied[:, g, None].clone()  # [B, 1]: open before this step's verdict
+                if by_group:  # done now? (then at the last step the open groups' running beams finish)
+                    done = _group_done(kept.score[:, g], kept.done[:, g], score[:, 0], step + 1, N, es, lp)
+                    unsatisfied[:, g] &= ~done
+                    if last:
+                        still = unsatisfied[:, g, None].expand(B, k)
+                        norm = next_score / (N**lp) + (~still).to(torch.float32) * NEG
+                        kept.merge(g, run_seq[:, g], run_logp[:, g], norm, still, N, torch.zeros_like(still))
+                if counts is not None:  # a group done before this step counts as k pads (transformers 4)
+                    counted = torch.where(open_g, token.gather(1, chosen), pad)
+                    counted = torch.where((counted >= 0) & (counted < vocab), counted, vocab)
+                    counts.scatter_add_(1, counted, torch.ones((B, k), device=device))
                 all_hits.append(hits)
 
             # Can any prompt still improve? (transformers' early-stopping heuristic)
             best_length = N if (es == "never" and lp > 0.0) else step + 1
             best_running = run_score.amax(-1, keepdim=True) / (best_length**lp)  # [B, G, 1]
             worst_kept = torch.where(kept.done, kept.score.amin(-1, keepdim=True), NEG)  # [B, G, k]
-            unsatisfied = unsatisfied & (best_running > worst_kept).any(-1)
+            if not by_group:
+                unsatisfied = unsatisfied & (best_running > worst_kept).any(-1)
             going = unsatisfied.any() & ~(kept.done.all() & (es is True)) & ~torch.stack(all_hits).all()
             if last or bool(~going | invalid):  # the one host sync per step
                 break
@@ -354,6 +375,25 @@ class BeamSearch(Sampler):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _group_done(
+    kept_score: torch.Tensor, kept_done: torch.Tensor, best: torch.Tensor, length: int, max_length: int,
+    early_stopping: bool | str, length_penalty: float,
+) -> torch.Tensor:  # fmt: skip
+    """``[B]``: is a group of diverse beam search done (transformers 4's ``BeamHypotheses.is_done``)?
+
+    Once it holds ``k`` hypotheses: with ``early_stopping=True`` at once, otherwise when its
+    worst one scores at least ``best`` (the step's top candidate score, EOS or not) divided by
+    ``length ** length_penalty`` (``max_length`` for ``"never"`` with ``length_penalty > 0``).
+    A done group adds no hypotheses and its beams count as pads in later groups' penalty.
+    """
+    full = kept_done.all(-1)
+    if early_stopping is True:
+        return full
+    if early_stopping == "never" and length_penalty > 0.0:
+        length = max_length
+    return full & (kept_score.amin(-1) >= best / (length**length_penalty))
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
