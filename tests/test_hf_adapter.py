@@ -41,6 +41,21 @@ def test_gpt2_folder_loads_as_native_gpt_with_the_same_logits(gpt2_folder) -> No
     torch.testing.assert_close(model(IDS), reference_logits(hf_model, IDS), atol=1e-5, rtol=1e-5)
 
 
+def test_gpt2_gelu_form_follows_activation_function(gpt2_folder, tmp_path: Path) -> None:
+    assert load_model(gpt2_folder[0], device="cpu")[0].config.activation == "gelu_tanh"  # gelu_new
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0, activation_function="gelu")
+    exact = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # weights large enough for the two GELU forms to differ in the logits
+        for p in exact.parameters():
+            p.mul_(10.0)
+    exact.save_pretrained(tmp_path)
+    model, extras = load_model(tmp_path, device="cpu")
+    assert isinstance(model, GPT) and extras.format == "hf-gpt2" and model.config.activation == "gelu"
+    torch.testing.assert_close(model(IDS), reference_logits(exact, IDS), atol=1e-4, rtol=1e-5)
+
+
 def test_gpt2_pytorch_model_bin_loads_too(gpt2_folder, tmp_path: Path) -> None:
     folder, hf_model = gpt2_folder
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())

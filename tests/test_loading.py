@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.nn import functional as F
 
 from decodekit.errors import ConfigError, ModelLoadError
 from decodekit.models import GPT, GPTConfig, find_latest_checkpoint, load_model
@@ -23,6 +25,13 @@ IDS = torch.tensor([[1, 5, 7, 2, 22, 0]])
 def tiny() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**ARGS)).eval()
+
+
+def with_exact_gelu(model: GPT) -> GPT:
+    """The same weights with nanoGPT's exact GELU (what a nanoGPT checkpoint of them runs with)."""
+    exact = GPT(model.config.model_copy(update={"activation": "gelu"})).eval()
+    exact.load_state_dict(model.state_dict())
+    return exact
 
 
 def assert_same_model(loaded, reference: GPT) -> None:
@@ -53,7 +62,7 @@ def test_nanogpt_checkpoint_with_orig_mod_prefix_and_char_vocab(tiny: GPT, tmp_p
     path = tmp_path / "ckpt.pt"
     torch.save(nanogpt_checkpoint(tiny, itos=itos, stoi={c: i for i, c in itos.items()}), path)
     model, extras = load_model(path, device="cpu")
-    assert_same_model(model, tiny)
+    assert_same_model(model, with_exact_gelu(tiny))
     assert extras.format == "nanogpt" and extras.source == str(path)
     assert extras.tokenizer == {"kind": "char", "vocab": list("abcdefghijklmnopqrstuvw")}
     assert extras.metadata["iter_num"] == 500 and "optimizer" not in extras.metadata
@@ -67,7 +76,68 @@ def test_nanogpt_mask_buffers_are_dropped(tiny: GPT, tmp_path: Path) -> None:
     for i in range(ARGS["n_layer"]):  # nanoGPT registers these when flash attention is missing
         checkpoint["model"][f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
     torch.save(checkpoint, tmp_path / "ckpt.pt")
-    assert_same_model(load_model(tmp_path / "ckpt.pt", device="cpu")[0], tiny)
+    assert_same_model(load_model(tmp_path / "ckpt.pt", device="cpu")[0], with_exact_gelu(tiny))
+
+
+def nanogpt_forward(state: dict, args: dict, idx: torch.Tensor) -> torch.Tensor:
+    """nanoGPT's model.py forward in eval mode, written out over a state dict: LayerNorm with
+    eps 1e-5, the manual causal attention, ``nn.GELU()`` (the exact erf form), the head tied
+    to ``wte``; logits at every position."""
+
+    def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), state[name + ".weight"], state.get(name + ".bias"), 1e-5)
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, state[name + ".weight"], state.get(name + ".bias"))
+
+    B, T = idx.shape
+    C, n_head = args["n_embd"], args["n_head"]
+    causal = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+    x = state["transformer.wte.weight"][idx] + state["transformer.wpe.weight"][:T]
+    for i in range(args["n_layer"]):
+        p = f"transformer.h.{i}."
+        q, k, v = linear(layer_norm(x, p + "ln_1"), p + "attn.c_attn").split(C, dim=2)
+        q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = F.softmax(att.masked_fill(causal == 0, float("-inf")), dim=-1)
+        x = x + linear((att @ v).transpose(1, 2).contiguous().view(B, T, C), p + "attn.c_proj")
+        h = linear(layer_norm(x, p + "ln_2"), p + "mlp.c_fc")
+        x = x + linear(0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0))), p + "mlp.c_proj")
+    return F.linear(layer_norm(x, "transformer.ln_f"), state["transformer.wte.weight"])
+
+
+def test_nanogpt_checkpoint_gives_nanogpts_logits_with_the_exact_gelu(tmp_path: Path) -> None:
+    # weights far from GPT-2's 0.02 init, where the tanh GELU drifts from the exact one by ~1e-3
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.3 for k, v in GPT(GPTConfig(**ARGS)).state_dict().items()}
+    for k in state:
+        if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            state[k] += 1.0
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    torch.save({"model_args": dict(ARGS, dropout=0.0), "model": state}, tmp_path / "ckpt.pt")
+    model, _ = load_model(tmp_path / "ckpt.pt", device="cpu")
+    ids = torch.randint(0, ARGS["vocab_size"], (2, ARGS["block_size"]))
+    expected = nanogpt_forward(state, ARGS, ids)
+    assert model.config.activation == "gelu"
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+    logits, _ = model.step(ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids),
+                           attention_mask=torch.ones_like(ids, dtype=torch.bool), cache=model.new_cache(2, 16))
+    torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=1e-5)
+    tanh_form = GPT(GPTConfig(**ARGS)).eval()
+    tanh_form.load_state_dict(state)
+    assert (tanh_form(ids) - expected).abs().max() > 1e-4  # the check above can tell the two apart
+
+
+def test_decodekit_formats_keep_the_tanh_gelu_unless_their_config_names_one(tiny: GPT, tmp_path: Path) -> None:
+    torch.save({"model_config": ARGS, "model_state_dict": tiny.state_dict()}, tmp_path / "plain.pt")
+    assert load_model(tmp_path / "plain.pt", device="cpu")[0].config.activation == "gelu_tanh"
+    torch.save({"model_config": dict(ARGS, activation="gelu"), "model_state_dict": tiny.state_dict()}, tmp_path / "exact.pt")
+    assert load_model(tmp_path / "exact.pt", device="cpu")[0].config.activation == "gelu"
+    torch.save({"model_args": dict(ARGS, activation="gelu_tanh"), "model": tiny.state_dict()}, tmp_path / "ckpt.pt")
+    assert_same_model(load_model(tmp_path / "ckpt.pt", device="cpu")[0], tiny)  # model_args may say so too
+    torch.save({"model_config": dict(ARGS, activation="relu"), "model_state_dict": tiny.state_dict()}, tmp_path / "bad.pt")
+    with pytest.raises(ModelLoadError, match=r"bad\.pt: bad GPT config: activation: Input should be 'gelu_tanh' or 'gelu'"):
+        load_model(tmp_path / "bad.pt", device="cpu")
 
 
 def test_plain_torch_layout(tiny: GPT, tmp_path: Path) -> None:
@@ -121,7 +191,7 @@ def test_snapshot_folder_takes_the_highest_step(tiny: GPT, tmp_path: Path, caplo
     model, extras = load_model(tmp_path, device="cpu")
     assert extras.source == str(snapshots / "snapshot_020000.pt")
     assert "snapshot_020000.pt" in caplog.text
-    assert_same_model(model, tiny)
+    assert_same_model(model, with_exact_gelu(tiny))
 
 
 def test_snapshot_ties_are_broken_by_mtime(tmp_path: Path) -> None:
@@ -232,6 +302,7 @@ def test_default_model_loads_and_its_tokenizer_fits() -> None:
     check_vocab(tokenizer, model)
     assert isinstance(tokenizer, ByteTokenizer) and tokenizer.eos_token_id == 256
     assert model.dtype == torch.float32 and extras.format == "default"
+    assert model.config.activation == "gelu_tanh"  # the form tools/train_default_model.py trained it with
     assert extras.metadata["training"]["val_perplexity"] < 10
     ids = torch.tensor([tokenizer.encode("The meaning of life is")])
     logits, _ = model.step(ids, position_ids=torch.arange(ids.shape[1])[None],

@@ -4,12 +4,16 @@
 
 - ``"default"``: the small byte-level GPT shipped in ``decodekit/data/default_model/``;
 - nanoGPT checkpoints, ``{"model_args": {...}, "model": state_dict, ...}``, with or
-  without the ``_orig_mod.`` prefix ``torch.compile`` leaves on parameter names;
+  without the ``_orig_mod.`` prefix ``torch.compile`` leaves on parameter names; they run
+  with nanoGPT's exact GELU (``activation="gelu"``) unless ``model_args`` says otherwise;
 - plain ``.pt`` files, ``{"model_config": {...}, "model_state_dict": {...}}``;
 - safetensors weights with a JSON config: a folder holding ``model.safetensors`` and
   ``config.json``, or a ``.safetensors`` file with ``<stem>.json`` or ``config.json`` beside it;
+  these two are decodekit's own formats and keep :class:`GPTConfig`'s ``activation`` default
+  (the tanh GELU decodekit's GPT trains with) unless their config names one;
 - Hugging Face GPT-2 folders (``config.json`` with ``model_type: gpt2``, plus
-  ``model.safetensors`` or ``pytorch_model.bin``): converted to the native :class:`GPT`;
+  ``model.safetensors`` or ``pytorch_model.bin``): converted to the native :class:`GPT`, the
+  GELU form read from ``activation_function``;
   any other Hugging Face causal LM folder goes through :class:`~decodekit.models.hf.HFCausalLM`;
 - a folder of training snapshots (``snapshots/snapshot_*.pt``, ``ckpt.pt``, ``*.pt``): the
   newest is taken, by the step number in its name, then by modification time.
@@ -55,7 +59,8 @@ CONFIG_KEYS = ("model_args", "model_config", "config")
 STATE_KEYS = ("model", "model_state_dict", "state_dict")
 # Hugging Face GPT-2 stores these four as Conv1D, [in, out]: the transpose of nn.Linear
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Hugging Face activation_function values -> GPTConfig.activation (gelu_fast is the tanh form too)
+HF_GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 # keys a flat config.json may hold beside the GPTConfig fields
 NON_MODEL_KEYS = frozenset(
     {"format", "tokenizer", "weights_dtype", "parameters", "corpus", "training", "samples", "metadata"}
@@ -260,8 +265,11 @@ def _load_torch_checkpoint(path: Path) -> tuple[GPT, ModelExtras]:
             f"{path}: unrecognised checkpoint layout: expected a config under one of "
             f"{CONFIG_KEYS} and weights under one of {STATE_KEYS}; found keys {found}"
         )
-    model = _build_gpt(_gpt_config(checkpoint[config_key], str(path)), checkpoint[state_key], str(path))
     fmt = "nanogpt" if config_key == "model_args" else "torch"
+    args = dict(checkpoint[config_key])
+    if fmt == "nanogpt":
+        args.setdefault("activation", "gelu")  # nanoGPT's MLP: nn.GELU(), the exact form
+    model = _build_gpt(_gpt_config(args, str(path)), checkpoint[state_key], str(path))
     extras = ModelExtras(source=str(path), format=fmt, tokenizer=_stored_tokenizer(checkpoint, path))
     extras.metadata = {
         k: v for k, v in checkpoint.items() if k not in (state_key, "optimizer") and not torch.is_tensor(v)
@@ -334,7 +342,7 @@ def _gpt_config(config: Mapping[str, Any], where: str) -> GPTConfig:
 def _gpt2_unsupported(config: Mapping[str, Any]) -> str | None:
     """Which GPT-2 variant setting the native GPT lacks, if any (those go to the HF adapter)."""
     activation = config.get("activation_function", "gelu_new")
-    if activation not in HF_TANH_GELUS:
+    if activation not in HF_GELUS:
         return f"activation_function={activation!r}"
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if config.get(flag):
@@ -357,6 +365,7 @@ def _gpt2_config(config: Mapping[str, Any], where: Path) -> GPTConfig:
             n_embd=config.get("n_embd", 768),
             bias=True,
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            activation=HF_GELUS[config.get("activation_function", "gelu_new")],
         )
     except ValidationError as e:
         raise ModelLoadError(f"{where}: bad GPT-2 config: {_first_line(e)}") from None
