@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -258,11 +259,24 @@ def test_cuda_without_cuda_is_a_config_error() -> None:
         load_model("default", device="cuda")
 
 
-def test_missing_file_and_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=f"model file not found: {tmp_path}/nope.pt"):
+def test_a_missing_path_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModelLoadError, match=f"^model not found: no file or folder at {tmp_path}/nope.pt; models are"):
         load_model(tmp_path / "nope.pt")
-    with pytest.raises(ModelLoadError, match="unknown model name 'gpt7'"):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=rf"^model not found: no file or folder at gpt7 \({tmp_path}/gpt7\); "
+                                             r"nor is 'gpt7' a model name \(the one built in is 'default'\)"):
         load_model("gpt7")
+
+
+def test_backend_hf_without_transformers_says_how_to_install_it(tiny: GPT, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    save_file({k: v for k, v in tiny.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": ARGS}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    for source in (tmp_path, "default", tmp_path / "missing"):  # never a native fallback
+        with pytest.raises(ModelLoadError, match=r"^Hugging Face models need transformers: pip install decodekit\[hf\]$"):
+            load_model(source, device="cpu", backend="hf")
+    assert isinstance(load_model(tmp_path, device="cpu")[0], GPT)  # backend='auto' needs no transformers here
 
 
 def test_wrong_formats_name_the_file(tiny: GPT, tmp_path: Path) -> None:

@@ -164,22 +164,31 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     if backend not in ("auto", "native", "hf"):
         raise ConfigError(f"backend={backend!r}: expected 'auto', 'native' or 'hf'")
+    if backend == "hf":
+        from decodekit.models.hf import import_transformers
+
+        import_transformers()  # without it, say how to install it rather than load anything natively
     if isinstance(source, str) and source == DEFAULT_MODEL_NAME:  # a Path named "default" is a path
+        if backend == "hf":
+            raise ConfigError("backend='hf' needs a Hugging Face model folder; 'default' is decodekit's own GPT")
         model, extras = _load_default()
         return _finish(model, torch_device, torch_dtype), extras
 
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and "/" not in source and "\\" not in source and not path.suffix:
-            raise ModelLoadError(
-                f"unknown model name {source!r}: expected {DEFAULT_MODEL_NAME!r} or a path "
-                "to a checkpoint file or folder (models are never downloaded)"
-            )
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(_not_found(source, path))
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if backend == "hf" and (config is None or "model_type" not in config):
+        if path.is_file():
+            what = "is a file"
+        elif config is None:
+            what = "has no config.json"
+        else:
+            what = "has a config.json without model_type (decodekit's own GPT format)"
+        raise ConfigError(f"backend='hf' needs a Hugging Face model folder (config.json with model_type); {path} {what}")
 
     if path.is_dir():
-        if (path / "config.json").is_file():
-            config = _read_json(path / "config.json")
+        if config is not None:
             if "model_type" in config:
                 return _load_hf_folder(path, config, torch_device, torch_dtype, backend)
             weights = _folder_safetensors(path)
@@ -187,9 +196,6 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
             return _finish(model, torch_device, torch_dtype), extras
         path = find_latest_checkpoint(path)
         logger.info("decodekit: loading the newest checkpoint in the folder: %s", path)
-
-    if backend == "hf":
-        raise ConfigError(f"backend='hf' needs a Hugging Face model folder; {path} is a file")
     if path.suffix == ".safetensors":
         config_path = _sibling_config(path)
         model, extras = _load_safetensors([path], _read_json(config_path), config_path)
@@ -201,6 +207,15 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
             f"{', '.join(CHECKPOINT_SUFFIXES)}"
         )
     return _finish(model, torch_device, torch_dtype), extras
+
+
+def _not_found(source: str | Path, path: Path) -> str:
+    """The one line for a source that is no file or folder (and, if it looks like one, no name)."""
+    where = str(path) if path.is_absolute() else f"{path} ({path.absolute()})"
+    message = f"model not found: no file or folder at {where}"
+    if isinstance(source, str) and "/" not in source and "\\" not in source and not path.suffix:
+        message += f"; nor is {source!r} a model name (the one built in is {DEFAULT_MODEL_NAME!r})"
+    return message + "; models are never downloaded"
 
 
 def find_latest_checkpoint(folder: Path) -> Path:
@@ -410,22 +425,25 @@ def _hf_tokenizer_spec(path: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------ weights
 
 
+def unpickling_problem(error: pickle.UnpicklingError) -> str:
+    """What ``torch.load(weights_only=True)``'s error says, in one line (the file is named by the caller)."""
+    blocked = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(error))
+    if blocked:
+        return (
+            "refused to load: the checkpoint holds pickled objects other than tensors "
+            f"({blocked.group(1) or blocked.group(2)}), which could run code; "
+            "re-save it as a state dict or safetensors"
+        )
+    detail = str(error).split("WeightsUnpickler error:", 1)[-1]
+    return f"not a PyTorch checkpoint weights_only=True can read ({_first_line(detail)})"
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, every failure turned into one ModelLoadError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        blocked = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(e))
-        if blocked:
-            raise ModelLoadError(
-                f"{path}: refused to load: the checkpoint holds pickled objects other than tensors "
-                f"({blocked.group(1) or blocked.group(2)}), which could run code; "
-                "re-save it as a state dict or safetensors"
-            ) from None
-        detail = str(e).split("WeightsUnpickler error:", 1)[-1]
-        raise ModelLoadError(
-            f"{path}: not a PyTorch checkpoint weights_only=True can read ({_first_line(detail)})"
-        ) from None
+        raise ModelLoadError(f"{path}: {unpickling_problem(e)}") from None
     except Exception as e:  # torch raises KeyError, EOFError, RuntimeError... on damaged files
         raise ModelLoadError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})"
