@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -305,6 +306,45 @@ def test_weights_that_do_not_fit_the_config(tiny: GPT, tmp_path: Path) -> None:
     torch.save({"model_args": dict(ARGS, n_heads=2), "model": tiny.state_dict()}, tmp_path / "c.pt")
     with pytest.raises(ModelLoadError, match=r"c\.pt: bad GPT config: n_heads: Extra inputs are not permitted"):
         load_model(tmp_path / "c.pt")
+
+
+# ------------------------------------------------------------------------------ tokenizer fit
+
+
+def small_tokenizer_json(path: Path) -> Path:
+    """A ``tokenizer.json`` of 28 ids: one per lower-case letter, space, and [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "[UNK]": 27}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.save(str(path))
+    return path
+
+
+def test_a_tokenizer_much_smaller_than_the_model_is_refused_naming_both_sizes(tmp_path: Path) -> None:
+    model = GPT(GPTConfig(block_size=8, vocab_size=257, n_layer=1, n_head=1, n_embd=8))
+    small = load_tokenizer(str(small_tokenizer_json(tmp_path / "tokenizer.json")))
+    with pytest.raises(ConfigError, match=r"^the tokenizer \(JSONTokenizer\) has 28 ids but the model has 257 logits: "
+                                          r"it would sample ids the tokenizer cannot decode"):
+        check_vocab(small, model)
+    check_vocab(ByteTokenizer(), model)  # one spare logit
+    padded = GPT(GPTConfig(block_size=8, vocab_size=256 + 64, n_layer=1, n_head=1, n_embd=8))
+    check_vocab(ByteTokenizer(), padded)  # padding up to 64 extra logits is normal (nanoGPT pads to a multiple of 64)
+    with pytest.raises(ConfigError, match="has 256 ids but the model has 321 logits"):
+        check_vocab(ByteTokenizer(), GPT(GPTConfig(block_size=8, vocab_size=321, n_layer=1, n_head=1, n_embd=8)))
+
+
+def test_decode_refuses_a_misfit_tokenizer_before_any_output(tmp_path: Path) -> None:
+    path = small_tokenizer_json(tmp_path / "tokenizer.json")
+    run = subprocess.run([sys.executable, "-m", "decodekit.cli.main", "tokenizer=json", f"tokenizer.path={path}",
+                          "prompt=ab", "max_new_tokens=40", "seed=1", "device=cpu"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert run.returncode != 0 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        "decode: error: the tokenizer (JSONTokenizer) has 28 ids but the model has 257 logits: "
+        "it would sample ids the tokenizer cannot decode; they do not belong together"
+    ]
 
 
 # ------------------------------------------------------------------------------ the default model
