@@ -102,9 +102,10 @@ class HFCausalLM:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), local_files_only=True, dtype=dtype
             )
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a .bin file
-            raise ModelLoadError(_refused_pickle(path, e)) from None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            refused = _unpickling_error(e)  # torch.load(weights_only=True) refused a .bin file
+            if refused is not None:
+                raise ModelLoadError(_refused_pickle(path, refused)) from None
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ModelLoadError(f"{path}: transformers could not load it ({first.strip()[:200]})") from None
         model.requires_grad_(False)
@@ -147,6 +148,16 @@ class HFCausalLM:
         """Rows ``cache[index]``; the ``DynamicCache`` is reordered in place and returned."""
         cache.reorder_cache(index)
         return cache
+
+
+def _unpickling_error(error: BaseException | None) -> pickle.UnpicklingError | None:
+    """The ``UnpicklingError`` behind ``error``: transformers before 5 re-raises it as an OSError."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, pickle.UnpicklingError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _refused_pickle(folder: Path, error: pickle.UnpicklingError) -> str:
