@@ -332,14 +332,33 @@ def _from_dict(spec: dict[str, Any]) -> Tokenizer:
 
 
 def check_vocab(tokenizer: Tokenizer, model: Any) -> None:
-    """Raise a one-line ConfigError when ``tokenizer`` has ids the model has no logits for."""
+    """Raise a one-line ConfigError, before any decoding, when ``tokenizer`` and ``model`` do not fit.
+
+    They do not fit when the tokenizer has ids the model has no logits for, or when the model
+    has many more logits than the tokenizer has ids: it would then sample ids the tokenizer
+    cannot decode, found only in the middle of the output. A few more logits are normal, since
+    many models pad their vocabulary (nanoGPT's GPT-2 to 50304 for 50257 tokens, GPT-J to
+    50400, Phi-2 to 51200 for 50295), so up to ``max(64, model.vocab_size // 32)`` more are
+    accepted (:func:`spare_logits`).
+    """
     special = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
     top = max([tokenizer.vocab_size - 1, *special])
+    name = type(tokenizer).__name__
     if top >= model.vocab_size:
         raise ConfigError(
-            f"the tokenizer ({type(tokenizer).__name__}) uses ids up to {top} but the model has only "
+            f"the tokenizer ({name}) uses ids up to {top} but the model has only "
             f"{model.vocab_size} logits: they do not belong together"
         )
+    if model.vocab_size - (top + 1) > spare_logits(model.vocab_size):
+        raise ConfigError(
+            f"the tokenizer ({name}) has {top + 1} ids but the model has {model.vocab_size} logits: it "
+            f"would sample ids the tokenizer cannot decode; they do not belong together"
+        )
+
+
+def spare_logits(model_vocab_size: int) -> int:
+    """How many more logits than tokenizer ids :func:`check_vocab` takes for vocabulary padding."""
+    return max(64, model_vocab_size // 32)
 
 
 # ------------------------------------------------------------------------------ ids to text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from decodekit.errors import ConfigError, ModelLoadError  # noqa: E402
-from decodekit.models import GPT, CausalLM, HFCausalLM, load_model  # noqa: E402
+from decodekit.models import GPT, CausalLM, GPTConfig, HFCausalLM, load_model  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 99, 0, 42, 42, 7, 63], [1, 2, 3, 4, 5, 6, 7, 8]])
 
@@ -39,6 +41,21 @@ def test_gpt2_folder_loads_as_native_gpt_with_the_same_logits(gpt2_folder) -> No
     assert isinstance(model, GPT) and extras.format == "hf-gpt2"
     assert (model.vocab_size, model.max_context) == (100, 64)
     torch.testing.assert_close(model(IDS), reference_logits(hf_model, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_gelu_form_follows_activation_function(gpt2_folder, tmp_path: Path) -> None:
+    assert load_model(gpt2_folder[0], device="cpu")[0].config.activation == "gelu_tanh"  # gelu_new
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0, activation_function="gelu")
+    exact = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # weights large enough for the two GELU forms to differ in the logits
+        for p in exact.parameters():
+            p.mul_(10.0)
+    exact.save_pretrained(tmp_path)
+    model, extras = load_model(tmp_path, device="cpu")
+    assert isinstance(model, GPT) and extras.format == "hf-gpt2" and model.config.activation == "gelu"
+    torch.testing.assert_close(model(IDS), reference_logits(exact, IDS), atol=1e-4, rtol=1e-5)
 
 
 def test_gpt2_pytorch_model_bin_loads_too(gpt2_folder, tmp_path: Path) -> None:
@@ -90,6 +107,47 @@ def test_adapter_and_native_agree_on_a_left_padded_batch(gpt2_folder) -> None:
         logits, _ = model.step(ids, position_ids=position_ids, attention_mask=mask, cache=model.new_cache(2, 8))
         alone = native(ids[:1, 3:])[0, -1]
         torch.testing.assert_close(logits[0], alone, atol=1e-5, rtol=1e-5)
+
+
+class Exploit:
+    """Unpickling this would create ``marker`` (it never must)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_backend_hf_refuses_a_pickle_with_code_in_one_line_naming_the_file(gpt2_folder, tmp_path: Path) -> None:
+    _, hf_model = gpt2_folder
+    folder, marker = tmp_path / "model", tmp_path / "ran"
+    hf_model.config.save_pretrained(folder)
+    torch.save({**hf_model.state_dict(), "payload": Exploit(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=rf"^{folder}/pytorch_model\.bin: refused to load: the checkpoint holds "
+                                             r"pickled objects other than tensors \(.*\), which could run code"):
+        load_model(folder, device="cpu", backend="hf")
+    assert not marker.exists()
+
+
+def test_backend_hf_needs_a_hugging_face_folder(tmp_path: Path) -> None:
+    native = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"model_config": native.config.model_dump(), "model_state_dict": native.state_dict()}, tmp_path / "m.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model": native.config.model_dump()}))
+    with pytest.raises(ConfigError, match=rf"backend='hf' needs a Hugging Face model folder .*; {tmp_path} has a "
+                                          r"config.json without model_type \(decodekit's own GPT format\)"):
+        load_model(tmp_path, device="cpu", backend="hf")
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/m.pt is a file"):
+        load_model(tmp_path / "m.pt", device="cpu", backend="hf")
+    with pytest.raises(ConfigError, match="'default' is decodekit's own GPT"):
+        load_model("default", device="cpu", backend="hf")
+
+
+def test_a_transformers_older_than_the_tested_range_is_one_line(gpt2_folder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.45.2")  # the module import gives now
+    with pytest.raises(ModelLoadError, match=r"^Hugging Face models need transformers >= 4\.56; found 4\.45\.2: "
+                                             r"pip install -U 'decodekit\[hf\]'$"):
+        load_model(gpt2_folder[0], device="cpu", backend="hf")
 
 
 def test_native_backend_refuses_other_architectures(tmp_path: Path) -> None:

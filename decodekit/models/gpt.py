@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +32,16 @@ class GPTConfig(BaseModel):
 
     ``dropout`` is accepted so nanoGPT checkpoints load, and ignored: this module is for
     inference (and small from-scratch training runs without dropout).
+
+    ``activation`` is the MLP's GELU: ``"gelu_tanh"``, the tanh approximation GPT-2 was trained
+    with (Hugging Face's ``gelu_new``), or ``"gelu"``, the exact erf form of ``nn.GELU()`` that
+    nanoGPT's ``model.py`` uses. The two differ by up to about 5e-4 per activation, which
+    shows in the logits, so a model must run with the form it was trained with:
+    :func:`~decodekit.models.loading.load_model` sets ``"gelu"`` for nanoGPT checkpoints and
+    reads Hugging Face's ``activation_function``. The default, ``"gelu_tanh"``, is what this
+    module has always used, so configs saved without the field (the embedded default model,
+    ``.pt`` and safetensors files written from a :class:`GPT`) keep the form they were
+    trained with.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,6 +54,9 @@ class GPTConfig(BaseModel):
     bias: bool = Field(True, description="biases in Linear and LayerNorm layers (GPT-2: True)")
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="ignored (inference only)")
     layer_norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon (GPT-2: 1e-5)")
+    activation: Literal["gelu_tanh", "gelu"] = Field(
+        "gelu_tanh", description="MLP GELU: 'gelu_tanh' (GPT-2's tanh form) or 'gelu' (exact erf, nanoGPT's nn.GELU())"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
@@ -211,15 +224,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward layer: 4x wider, GELU (tanh approximation, as GPT-2)."""
+    """The position-wise feed-forward layer: 4x wider, GELU in the form ``config.activation`` names."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):

@@ -9,6 +9,8 @@ transformers is imported when an adapter is first built (``pip install decodekit
 from __future__ import annotations
 
 import inspect
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,27 @@ import torch
 from decodekit.errors import ModelLoadError
 from decodekit.models.packing import pack_weights
 
-__all__ = ["HFCausalLM", "cache_argument_name", "import_transformers"]
+__all__ = ["HFCausalLM", "MIN_TRANSFORMERS", "cache_argument_name", "import_transformers"]
+
+# the oldest transformers the adapter is tested with (docs/models.md): 4.56 brought the
+# ``dtype`` argument of from_pretrained and DynamicCache(config=...)
+MIN_TRANSFORMERS = (4, 56)
 
 
 def import_transformers() -> Any:
-    """The ``transformers`` module, or a one-line error saying how to install it."""
+    """The ``transformers`` module, or a one-line error saying how to install (or upgrade) it."""
     try:
         import transformers
     except ImportError:
         raise ModelLoadError(
             "Hugging Face models need transformers: pip install decodekit[hf]"
         ) from None
+    found = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    if found < MIN_TRANSFORMERS:
+        raise ModelLoadError(
+            f"Hugging Face models need transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; "
+            f"found {transformers.__version__}: pip install -U 'decodekit[hf]'"
+        )
     return transformers
 
 
@@ -90,7 +102,10 @@ class HFCausalLM:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), local_files_only=True, dtype=dtype
             )
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            refused = _unpickling_error(e)  # torch.load(weights_only=True) refused a .bin file
+            if refused is not None:
+                raise ModelLoadError(_refused_pickle(path, refused)) from None
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ModelLoadError(f"{path}: transformers could not load it ({first.strip()[:200]})") from None
         model.requires_grad_(False)
@@ -133,3 +148,22 @@ class HFCausalLM:
         """Rows ``cache[index]``; the ``DynamicCache`` is reordered in place and returned."""
         cache.reorder_cache(index)
         return cache
+
+
+def _unpickling_error(error: BaseException | None) -> pickle.UnpicklingError | None:
+    """The ``UnpicklingError`` behind ``error``: transformers before 5 re-raises it as an OSError."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, pickle.UnpicklingError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _refused_pickle(folder: Path, error: pickle.UnpicklingError) -> str:
+    """One line naming the pickled weights file of ``folder`` that ``torch.load`` refused, and why."""
+    from decodekit.models.loading import unpickling_problem
+
+    files = sorted(folder.glob("*.bin"))
+    where = files[0] if len(files) == 1 else folder / "*.bin"
+    return f"{where}: {unpickling_problem(error)}"

@@ -4,12 +4,16 @@
 
 - ``"default"``: the small byte-level GPT shipped in ``decodekit/data/default_model/``;
 - nanoGPT checkpoints, ``{"model_args": {...}, "model": state_dict, ...}``, with or
-  without the ``_orig_mod.`` prefix ``torch.compile`` leaves on parameter names;
+  without the ``_orig_mod.`` prefix ``torch.compile`` leaves on parameter names; they run
+  with nanoGPT's exact GELU (``activation="gelu"``) unless ``model_args`` says otherwise;
 - plain ``.pt`` files, ``{"model_config": {...}, "model_state_dict": {...}}``;
 - safetensors weights with a JSON config: a folder holding ``model.safetensors`` and
   ``config.json``, or a ``.safetensors`` file with ``<stem>.json`` or ``config.json`` beside it;
+  these two are decodekit's own formats and keep :class:`GPTConfig`'s ``activation`` default
+  (the tanh GELU decodekit's GPT trains with) unless their config names one;
 - Hugging Face GPT-2 folders (``config.json`` with ``model_type: gpt2``, plus
-  ``model.safetensors`` or ``pytorch_model.bin``): converted to the native :class:`GPT`;
+  ``model.safetensors`` or ``pytorch_model.bin``): converted to the native :class:`GPT`, the
+  GELU form read from ``activation_function``;
   any other Hugging Face causal LM folder goes through :class:`~decodekit.models.hf.HFCausalLM`;
 - a folder of training snapshots (``snapshots/snapshot_*.pt``, ``ckpt.pt``, ``*.pt``): the
   newest is taken, by the step number in its name, then by modification time.
@@ -55,7 +59,8 @@ CONFIG_KEYS = ("model_args", "model_config", "config")
 STATE_KEYS = ("model", "model_state_dict", "state_dict")
 # Hugging Face GPT-2 stores these four as Conv1D, [in, out]: the transpose of nn.Linear
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Hugging Face activation_function values -> GPTConfig.activation (gelu_fast is the tanh form too)
+HF_GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 # keys a flat config.json may hold beside the GPTConfig fields
 NON_MODEL_KEYS = frozenset(
     {"format", "tokenizer", "weights_dtype", "parameters", "corpus", "training", "samples", "metadata"}
@@ -159,22 +164,31 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     if backend not in ("auto", "native", "hf"):
         raise ConfigError(f"backend={backend!r}: expected 'auto', 'native' or 'hf'")
+    if backend == "hf":
+        from decodekit.models.hf import import_transformers
+
+        import_transformers()  # without it, say how to install it rather than load anything natively
     if isinstance(source, str) and source == DEFAULT_MODEL_NAME:  # a Path named "default" is a path
+        if backend == "hf":
+            raise ConfigError("backend='hf' needs a Hugging Face model folder; 'default' is decodekit's own GPT")
         model, extras = _load_default()
         return _finish(model, torch_device, torch_dtype), extras
 
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and "/" not in source and "\\" not in source and not path.suffix:
-            raise ModelLoadError(
-                f"unknown model name {source!r}: expected {DEFAULT_MODEL_NAME!r} or a path "
-                "to a checkpoint file or folder (models are never downloaded)"
-            )
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(_not_found(source, path))
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if backend == "hf" and (config is None or "model_type" not in config):
+        if path.is_file():
+            what = "is a file"
+        elif config is None:
+            what = "has no config.json"
+        else:
+            what = "has a config.json without model_type (decodekit's own GPT format)"
+        raise ConfigError(f"backend='hf' needs a Hugging Face model folder (config.json with model_type); {path} {what}")
 
     if path.is_dir():
-        if (path / "config.json").is_file():
-            config = _read_json(path / "config.json")
+        if config is not None:
             if "model_type" in config:
                 return _load_hf_folder(path, config, torch_device, torch_dtype, backend)
             weights = _folder_safetensors(path)
@@ -182,9 +196,6 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
             return _finish(model, torch_device, torch_dtype), extras
         path = find_latest_checkpoint(path)
         logger.info("decodekit: loading the newest checkpoint in the folder: %s", path)
-
-    if backend == "hf":
-        raise ConfigError(f"backend='hf' needs a Hugging Face model folder; {path} is a file")
     if path.suffix == ".safetensors":
         config_path = _sibling_config(path)
         model, extras = _load_safetensors([path], _read_json(config_path), config_path)
@@ -196,6 +207,15 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
             f"{', '.join(CHECKPOINT_SUFFIXES)}"
         )
     return _finish(model, torch_device, torch_dtype), extras
+
+
+def _not_found(source: str | Path, path: Path) -> str:
+    """The one line for a source that is no file or folder (and, if it looks like one, no name)."""
+    where = str(path) if path.is_absolute() else f"{path} ({path.absolute()})"
+    message = f"model not found: no file or folder at {where}"
+    if isinstance(source, str) and "/" not in source and "\\" not in source and not path.suffix:
+        message += f"; nor is {source!r} a model name (the one built in is {DEFAULT_MODEL_NAME!r})"
+    return message + "; models are never downloaded"
 
 
 def find_latest_checkpoint(folder: Path) -> Path:
@@ -260,8 +280,11 @@ def _load_torch_checkpoint(path: Path) -> tuple[GPT, ModelExtras]:
             f"{path}: unrecognised checkpoint layout: expected a config under one of "
             f"{CONFIG_KEYS} and weights under one of {STATE_KEYS}; found keys {found}"
         )
-    model = _build_gpt(_gpt_config(checkpoint[config_key], str(path)), checkpoint[state_key], str(path))
     fmt = "nanogpt" if config_key == "model_args" else "torch"
+    args = dict(checkpoint[config_key])
+    if fmt == "nanogpt":
+        args.setdefault("activation", "gelu")  # nanoGPT's MLP: nn.GELU(), the exact form
+    model = _build_gpt(_gpt_config(args, str(path)), checkpoint[state_key], str(path))
     extras = ModelExtras(source=str(path), format=fmt, tokenizer=_stored_tokenizer(checkpoint, path))
     extras.metadata = {
         k: v for k, v in checkpoint.items() if k not in (state_key, "optimizer") and not torch.is_tensor(v)
@@ -334,7 +357,7 @@ def _gpt_config(config: Mapping[str, Any], where: str) -> GPTConfig:
 def _gpt2_unsupported(config: Mapping[str, Any]) -> str | None:
     """Which GPT-2 variant setting the native GPT lacks, if any (those go to the HF adapter)."""
     activation = config.get("activation_function", "gelu_new")
-    if activation not in HF_TANH_GELUS:
+    if activation not in HF_GELUS:
         return f"activation_function={activation!r}"
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if config.get(flag):
@@ -357,6 +380,7 @@ def _gpt2_config(config: Mapping[str, Any], where: Path) -> GPTConfig:
             n_embd=config.get("n_embd", 768),
             bias=True,
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            activation=HF_GELUS[config.get("activation_function", "gelu_new")],
         )
     except ValidationError as e:
         raise ModelLoadError(f"{where}: bad GPT-2 config: {_first_line(e)}") from None
@@ -401,22 +425,25 @@ def _hf_tokenizer_spec(path: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------ weights
 
 
+def unpickling_problem(error: pickle.UnpicklingError) -> str:
+    """What ``torch.load(weights_only=True)``'s error says, in one line (the file is named by the caller)."""
+    blocked = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(error))
+    if blocked:
+        return (
+            "refused to load: the checkpoint holds pickled objects other than tensors "
+            f"({blocked.group(1) or blocked.group(2)}), which could run code; "
+            "re-save it as a state dict or safetensors"
+        )
+    detail = str(error).split("WeightsUnpickler error:", 1)[-1]
+    return f"not a PyTorch checkpoint weights_only=True can read ({_first_line(detail)})"
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, every failure turned into one ModelLoadError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        blocked = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(e))
-        if blocked:
-            raise ModelLoadError(
-                f"{path}: refused to load: the checkpoint holds pickled objects other than tensors "
-                f"({blocked.group(1) or blocked.group(2)}), which could run code; "
-                "re-save it as a state dict or safetensors"
-            ) from None
-        detail = str(e).split("WeightsUnpickler error:", 1)[-1]
-        raise ModelLoadError(
-            f"{path}: not a PyTorch checkpoint weights_only=True can read ({_first_line(detail)})"
-        ) from None
+        raise ModelLoadError(f"{path}: {unpickling_problem(e)}") from None
     except Exception as e:  # torch raises KeyError, EOFError, RuntimeError... on damaged files
         raise ModelLoadError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})"

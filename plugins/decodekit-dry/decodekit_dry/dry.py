@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from decodekit.validation import token_sequences, validate
 
 DEFAULT_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]
 
-# llama.cpp clamps the exponent so that base ** exponent stays below float32's maximum.
+# llama.cpp's bound on the exponent: about log(float32 max), as a float32 constant
 _FLOAT_MAX_LOG = 88.7228391
 _BLOCK = 64  # match lengths examined per pass; a longer repeat takes another pass
 
@@ -35,12 +36,17 @@ class DRY(LogitsProcessor):
     breaker, and a one-token breaker is never penalised itself. ``multiplier = 0`` turns DRY off;
     typical values: multiplier 0.8, base 1.75, allowed length 2.
 
-    llama.cpp's ``llama_sampler_dry`` semantics (from koboldcpp, by pi6am; the exponent is
-    clamped to keep the penalty finite), computed for all rows at once by comparing the context
-    with shifted copies of itself instead of llama.cpp's per-sequence Z-algorithm. One
-    difference: llama.cpp also treats every vocabulary token whose text *contains* a breaker
-    string as a breaker; here a breaker is exactly the tokenization of its string (or the token
-    ids given). A penalty lowers a logit but never removes a token (it stays finite).
+    llama.cpp's ``llama_sampler_dry`` semantics (from koboldcpp, by pi6am), computed for all
+    rows at once by comparing the context with shifted copies of itself instead of llama.cpp's
+    per-sequence Z-algorithm. As in llama.cpp, the exponent is clamped at
+    ``int(88.7228391 / log(base))`` computed in float32 (:func:`max_exponent`: 128 at base 2,
+    158 at base 1.75), and the penalty is computed in double precision and then rounded to
+    float32. The clamp does not keep the penalty finite: where ``multiplier * base **
+    max_exponent`` exceeds float32's maximum (about 3.4e38: multiplier 1 at base 2, or 2 at
+    base 1.75), a long enough repeat gets an infinite penalty and its token becomes ``-inf``
+    (removed), as in llama.cpp. One difference: llama.cpp also treats every vocabulary
+    token whose text *contains* a breaker string as a breaker; here a breaker is exactly the
+    tokenization of its string (or the token ids given).
     """
 
     name = "dry"
@@ -95,7 +101,7 @@ class DRY(LogitsProcessor):
         self.dry_allowed_length = p.dry_allowed_length
         self.dry_sequence_breakers: list[list[int]] = [list(b) for b in p.dry_sequence_breakers]  # type: ignore[arg-type]
         self.dry_penalty_last_n = p.dry_penalty_last_n
-        self._max_exponent = int(_FLOAT_MAX_LOG / math.log(self.dry_base)) if self.dry_base > 1.000001 else 0
+        self._max_exponent = max_exponent(self.dry_base)
         by_len: dict[int, list[list[int]]] = {}
         for b in self.dry_sequence_breakers:
             by_len.setdefault(len(b), []).append(b)
@@ -155,10 +161,30 @@ class DRY(LogitsProcessor):
         exponent = (lengths - self.dry_allowed_length).clamp(min=0)
         if self._max_exponent > 0:
             exponent = exponent.clamp(max=self._max_exponent)
-        penalty = torch.where(counted, self.dry_multiplier * torch.pow(self.dry_base, exponent.float()), 0.0)
+        # llama.cpp: float penalty = multiplier * std::pow(base, exponent), the power in double
+        power = torch.pow(_float32(self.dry_base), exponent.to(torch.float64))
+        penalty = torch.where(counted, (_float32(self.dry_multiplier) * power).float(), 0.0)  # may be inf
         per_token = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
         per_token.scatter_reduce_(-1, follows, penalty, reduce="amax")  # [B, V]
         return to_dtype(logits.float() - per_token, logits)
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (llama.cpp keeps its DRY settings as ``float``)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def max_exponent(base: float) -> int:
+    """llama.cpp's clamp on the DRY exponent: ``int(88.7228391f / std::log(base))``, in float32.
+
+    Every step is rounded to float32 as in llama.cpp (a double result rounded to float32 is the
+    correctly rounded float32 result here), so base 2 gives 128 where the same formula in
+    double precision gives 127. 0 (no clamp) for a base at or below ``1.000001f``.
+    """
+    base = _float32(base)
+    if base <= _float32(1.000001):
+        return 0
+    return int(_float32(_float32(_FLOAT_MAX_LOG) / _float32(math.log(base))))
 
 
 def suffix_match_lengths(window: torch.Tensor, cap: int) -> torch.Tensor:

@@ -3,8 +3,7 @@ llama.cpp's algorithm on random contexts."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +13,7 @@ import decodekit
 from decodekit.errors import ConfigError
 from decodekit.processors.base import BuildContext
 from decodekit_dry import DRY
+from decodekit_dry.dry import max_exponent
 
 NEG_INF = float("-inf")
 
@@ -78,15 +78,19 @@ def reference_dry(tokens, logits, multiplier, base, allowed, last_n, breakers):
         if repeat[i] >= allowed:
             token = rat(n - 2 - i)
             max_repeat[token] = max(max_repeat.get(token, -1), repeat[i])
-    max_exponent = int(88.7228391 / math.log(base)) if base > 1.000001 else 0
+    # llama.cpp's settings and its clamp are float; std::pow(float, int) is computed in double
+    base32, multiplier32 = np.float32(base), np.float32(multiplier)
+    clamp = int(np.float32(88.7228391) / np.log(base32)) if base32 > np.float32(1.000001) else 0
     single = {b[0] for b in breakers if len(b) == 1}
     for token, length in max_repeat.items():
         if token in single:
             continue
         exponent = length - allowed
-        if max_exponent > 0 and exponent > max_exponent:
-            exponent = max_exponent
-        out[token] -= multiplier * base**exponent
+        if clamp > 0 and exponent > clamp:
+            exponent = clamp
+        with np.errstate(over="ignore"):  # float penalty = ...: past float32's maximum it is inf
+            penalty = np.float32(np.float64(multiplier32) * np.float64(base32) ** exponent)
+        out[token] -= float(penalty)
     return out
 
 
@@ -139,8 +143,7 @@ def test_dry_matches_a_literal_port_of_llama_cpp(case) -> None:
         expected = reference_dry(
             tokens, logits[row].tolist(), case["multiplier"], case["base"], case["allowed"], case["last_n"], case["breakers"]
         )
-        expected = torch.tensor(expected).clamp(min=torch.finfo(torch.float32).min)
-        torch.testing.assert_close(ours[row], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[row], torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_repeats_longer_than_one_comparison_block_are_measured_in_full() -> None:
@@ -151,6 +154,31 @@ def test_repeats_longer_than_one_comparison_block_are_measured_in_full() -> None
     assert out[0, 0].item() == pytest.approx(-(1.02 ** (69 - 2)), rel=1e-5)  # token 0 would extend it
     expected = reference_dry(history, [0.0] * 4, 1.0, 1.02, 2, -1, [])
     torch.testing.assert_close(out[0], torch.tensor(expected))
+
+
+def test_the_exponent_clamp_is_llama_cpps_float32_one() -> None:
+    # int(88.7228391f / logf(base)): in double precision base 2 would give 127
+    assert [max_exponent(b) for b in (2.0, 1.75, 1.1, 3.0, 1e6)] == [128, 158, 930, 80, 6]
+    assert max_exponent(1.0) == max_exponent(1.000001) == 0  # no clamp, as llama.cpp
+
+
+def test_a_long_repeat_at_base_2_is_penalised_with_exponent_128() -> None:
+    history = torch.tensor([[5] * 200])  # token 5 would extend a repeat of 199 tokens
+    out = DRY(2.0**-120, 2.0, 2, [], -1)(history, torch.zeros(1, 8))
+    assert out[0, 5].item() == -(2.0 ** (128 - 120))  # exponent 197 clamped to 128, not 127
+    assert out[0, :5].eq(0).all() and out[0, 6:].eq(0).all()
+
+
+def test_a_penalty_past_float32s_maximum_removes_the_token_as_in_llama_cpp() -> None:
+    history = [3] * 201  # a repeat of 200 tokens: exponent 198, clamped to 158
+    logits = torch.zeros(1, 4)
+    removed = DRY(2.0, 1.75, 2, [], -1)(torch.tensor([history]), logits)
+    assert removed[0, 3].item() == NEG_INF  # 2 * 1.75 ** 158 = 5.0e38 rounds to float inf
+    assert removed[0, [0, 1, 2]].eq(0).all()
+    kept = DRY(1.0, 1.75, 2, [], -1)(torch.tensor([history]), logits)
+    assert kept[0, 3].item() == pytest.approx(-(1.75**158), rel=1e-6)  # 2.5e38: still finite
+    assert removed[0].tolist() == reference_dry(history, [0.0] * 4, 2.0, 1.75, 2, -1, [])
+    assert DRY(0.8, 2.0, 2, [], -1)(torch.tensor([history]), logits)[0, 3].item() == pytest.approx(-0.8 * 2.0**128, rel=1e-6)
 
 
 def test_a_one_token_breaker_is_never_penalised() -> None:
