@@ -1,0 +1,131 @@
+"""Key/value caches of the native GPT: one batch at a shared length, or independent slots.
+
+:class:`KVCache` serves :func:`decodekit.generate`: every row at the same length, left padding
+masked. :class:`SlotCache` serves the request engine: each row its own sequence at its own
+length. Both expose the same three methods the attention layers call: ``attention_mask``
+(the mask for ``T`` new positions), ``write`` (store new keys and values, return all so far)
+and ``advance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decodekit.errors import ConfigError
+
+__all__ = ["KVCache", "SlotCache"]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every position seen so far, for all layers at once.
+
+    ``k`` and ``v`` are ``[n_layer, B, H, max_length, D]``, allocated once; ``length`` is a
+    plain Python int (how many positions are filled), so no step ever syncs with the device.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def attention_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """The ``[B, 1, T, S]`` mask for ``T`` new positions: causal, minus the caller's padding.
+
+        Each query may attend to earlier real tokens and to itself (so a left-padding row never
+        attends to nothing).
+        """
+        B, S = self.k.shape[1], self.length + T
+        if S > self.max_length:
+            raise ConfigError(f"cache holds {self.max_length} positions; {S} were needed")
+        if attention_mask.shape != (B, S):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})")
+        device = attention_mask.device
+        query_pos = torch.arange(self.length, S, device=device)[:, None]  # [T, 1]
+        key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        causal = key_pos <= query_pos  # [T, S]
+        return (causal & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``T`` new positions' keys and values ``[B, H, T, D]``; all so far ``[B, H, S, D]``."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+@dataclass
+class SlotCache:
+    """A cache of independent rows ("slots") at different lengths, for the request engine.
+
+    Row ``b`` holds its own sequence's keys and values at positions ``0 .. lengths[b] - 1`` (no
+    padding), and a decoding step writes each row's new position at ``lengths[b]``: one scatter
+    per layer. Attention looks at the first ``span`` positions (a host int, the longest row after
+    this step), each row masked to its own length. A newcomer's prompt is prefilled alone through
+    a :class:`KVCache` and copied in with :meth:`place`; :meth:`view` gives the first ``n`` rows
+    (shared storage) so that only occupied slots are computed.
+
+    ``k``, ``v``: ``[n_layer, slots, H, max_length, D]``; ``lengths``: ``[slots]`` long.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
+    span: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def view(self, n: int, span: int) -> SlotCache:
+        """The first ``n`` slots; ``span``: the longest of them."""
+        return SlotCache(self.k[:, :n], self.v[:, :n], self.lengths[:n], span)
+
+    def place(self, slot: int, cache: KVCache, row: int = 0) -> None:
+        """Copy row ``row`` of a prefilled ``cache`` into ``slot`` (its length: ``cache.length``)."""
+        n = cache.length
+        if n > self.max_length:
+            raise ConfigError(f"a prompt of {n} positions does not fit a slot of {self.max_length}")
+        self.k[:, slot, :, :n] = cache.k[:, row, :, :n]
+        self.v[:, slot, :, :n] = cache.v[:, row, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.lengths[dst] = self.lengths[src]
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """``[B, 1, 1, span]``: each row sees its own positions and the one it writes now."""
+        if T != 1:
+            raise ConfigError(f"a slot cache takes one new position per row and step, not {T}")
+        if self.span > self.max_length:
+            raise ConfigError(f"slot cache holds {self.max_length} positions; {self.span} were needed")
+        key_pos = torch.arange(self.span, device=self.lengths.device)
+        mask = key_pos[None, :] <= self.lengths[:, None]  # [B, span]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()
+        return mask[:, None, None, :]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key and value ``[B, H, 1, D]`` at its own length."""
+        index = self.lengths.view(-1, 1, 1, 1).expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
