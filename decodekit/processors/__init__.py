@@ -1,7 +1,7 @@
 """Built-in logits processors, one module per family."""
 
 from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
-from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.processors.base import BanSkippedWarning, BuildContext, LogitsProcessor, ProcessorChain
 from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
 from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
 from decodekit.processors.temperature import Temperature
@@ -30,6 +30,7 @@ BUILTIN_PROCESSORS = [
 __all__ = [
     "BUILTIN_PROCESSORS",
     "BadWords",
+    "BanSkippedWarning",
     "BagOfWords",
     "BuildContext",
     "EosLengthPenalty",

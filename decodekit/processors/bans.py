@@ -20,15 +20,21 @@ class BadWords(LogitsProcessor):
     be completed. transformers' ``NoBadWordsLogitsProcessor`` semantics. Sequences are grouped by
     length and matched as tensors: the cost per step grows with the number of distinct lengths,
     not with the number of sequences or rows. A ban that would leave a row no token is not
-    applied to that row. From settings, strings are tokenized (``bad_words=[" damn"]``); note
-    that with BPE tokenizers ``"damn"`` and ``" damn"`` are different sequences.
+    applied to that row (on CPU a :class:`BanSkippedWarning` says so), and a set of one-token
+    sequences that covers the whole vocabulary is refused. An empty list is off.
+
+    From settings, strings are tokenized (``bad_words=[" damn"]``; with BPE tokenizers ``"damn"``
+    and ``" damn"`` are different sequences); a string whose tokens do not decode back to it
+    (characters the tokenizer drops or maps to an unknown token) is refused, and so is an entry
+    that is exactly the end-of-sequence token: banning it would let no sequence end (transformers
+    drops such an entry silently; to hold EOS back for a while use ``min_new_tokens``).
     """
 
     name = "bad_words"
     idempotent = True
     test_params = [
-        lambda v: {"sequences": [[v - 1]]},
-        lambda v: {"sequences": [[0, v - 1], [v // 2]]},
+        lambda v: {"sequences": [[v - 1]] if v > 1 else [[0, 0]]},
+        lambda v: {"sequences": [[0, v - 1], [v // 2]] if v > 1 else [[0, 0]]},
         lambda v: {"sequences": [[0, 0, 0], [1 % v, 0], [v - 1, v - 1]]},
     ]
     order = 50
@@ -36,7 +42,7 @@ class BadWords(LogitsProcessor):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         bad_words: list[str | list[int]] = Field(
-            min_length=1, description="strings or token-id sequences that must never be generated"
+            description="strings or token-id sequences that must never be generated; [] = off"
         )
 
         @field_validator("bad_words")
@@ -45,9 +51,9 @@ class BadWords(LogitsProcessor):
             return token_sequences(value)
 
     def __init__(self, sequences: list[list[int]]) -> None:
-        if not sequences or any(not s for s in sequences):
-            raise ConfigError("bad_words: needs at least one non-empty token sequence")
-        if any((not isinstance(t, int)) or t < 0 for s in sequences for t in s):
+        if any(not s for s in sequences):
+            raise ConfigError(f"bad_words: {list(sequences)!r} holds an empty token sequence")
+        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 for s in sequences for t in s):
             raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
         self.sequences = [list(s) for s in sequences]
         single = sorted({s[0] for s in self.sequences if len(s) == 1})
@@ -66,10 +72,18 @@ class BadWords(LogitsProcessor):
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> BadWords:
         seqs = [context.tokens("bad_words", w) if isinstance(w, str) else list(w) for w in params.bad_words]
+        eos = [] if context.eos_token_id is None else context.eos_ids("bad_words")
+        for word, s in zip(params.bad_words, seqs):
+            if len(s) == 1 and s[0] in eos:
+                raise ConfigError(
+                    f"bad_words: {word!r} is the end-of-sequence token {s[0]}; banning it would let no sequence "
+                    "end (to hold it back for a while, use min_new_tokens)"
+                )
         if context.vocab_size is not None:
             for s in seqs:
                 if max(s) >= context.vocab_size:
                     raise ConfigError(f"bad_words: token id {max(s)} is outside the vocabulary (size {context.vocab_size})")
+            _refuse_whole_vocabulary(seqs, context.vocab_size)
         return cls(seqs)
 
     def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -78,6 +92,7 @@ class BadWords(LogitsProcessor):
             biggest = max(max(s) for s in self.sequences)
             if biggest >= vocab_size:
                 raise ConfigError(f"bad_words: token id {biggest} is outside the vocabulary (size {vocab_size})")
+            _refuse_whole_vocabulary(self.sequences, vocab_size)
             always = torch.zeros(vocab_size, dtype=torch.bool)
             always[self._single] = True
             groups = {n: (p.to(device), last.to(device)) for n, (p, last) in self._groups.items()}
@@ -85,6 +100,8 @@ class BadWords(LogitsProcessor):
         return self._cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.sequences:
+            return logits
         batch, vocab = logits.shape
         always, groups = self._on(vocab, logits.device)
         t = input_ids.shape[-1]
@@ -96,7 +113,15 @@ class BadWords(LogitsProcessor):
             tail = ids[:, t - (n - 1) :]  # [B, n-1]
             match = (tail[:, None, :] == prefixes[None, :, :]).all(dim=-1)  # [B, N]
             banned.scatter_reduce_(-1, last.expand(batch, -1), match.to(torch.uint8), reduce="amax")
-        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits)
+        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits, "bad_words")
+
+
+def _refuse_whole_vocabulary(sequences: list[list[int]], vocab_size: int) -> None:
+    """A set of one-token bans that covers every token would leave nothing to generate."""
+    if len({s[0] for s in sequences if len(s) == 1 and s[0] < vocab_size}) >= vocab_size:
+        raise ConfigError(
+            f"bad_words: bans every token of the vocabulary (size {vocab_size}); nothing would be left to generate"
+        )
 
 
 class LogitBias(LogitsProcessor):
@@ -116,7 +141,7 @@ class LogitBias(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        logit_bias: dict[int, float] = Field(min_length=1, description="token id -> bias in [-100, 100]")
+        logit_bias: dict[int, float] = Field(description="token id -> bias in [-100, 100]; {} = off")
 
         @field_validator("logit_bias")
         @classmethod
@@ -144,6 +169,8 @@ class LogitBias(LogitsProcessor):
         return self._dense[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.logit_bias:
+            return logits
         bias = self._bias(logits.shape[-1], logits.device)
         return to_dtype(logits.float() + bias, logits)
 
@@ -198,4 +225,4 @@ class MinNewTokens(LogitsProcessor):
         if generated >= self.min_new_tokens:
             return logits
         held = logits.index_fill(-1, self._eos_for(logits.shape[-1], logits.device), NEG_INF)
-        return keep_nonempty(held, logits)
+        return keep_nonempty(held, logits, "min_new_tokens")

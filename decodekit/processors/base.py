@@ -16,7 +16,8 @@ Two optional methods let a processor see more than one step:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -77,8 +78,9 @@ class LogitsProcessor:
 class BuildContext:
     """What a processor may need from the surroundings when built from settings.
 
-    ``encode`` turns text into token ids (for ``bad_words`` given as strings), and
-    ``eos_token_id`` names the end-of-sequence token(s).
+    ``encode`` turns text into token ids (for ``bad_words`` given as strings), ``decode`` turns
+    them back (to check that the tokens mean the text), and ``eos_token_id`` names the
+    end-of-sequence token(s).
     """
 
     def __init__(
@@ -87,10 +89,12 @@ class BuildContext:
         eos_token_id: int | list[int] | None = None,
         encode: Callable[[str], list[int]] | None = None,
         vocab_size: int | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
     ) -> None:
         self.eos_token_id = eos_token_id
         self.encode = encode
         self.vocab_size = vocab_size
+        self.decode = decode
 
     def eos_ids(self, setting: str) -> list[int]:
         if self.eos_token_id is None:
@@ -101,9 +105,16 @@ class BuildContext:
     def tokens(self, setting: str, text: str) -> list[int]:
         if self.encode is None:
             raise ConfigError(f"{setting}: {text!r} is text, but no tokenizer is loaded; give token ids instead")
-        ids = self.encode(text)
+        ids = list(self.encode(text))
         if not ids:
             raise ConfigError(f"{setting}: {text!r} encodes to no tokens")
+        if self.decode is not None:
+            back = self.decode(ids)
+            if back != text and back.strip() != text.strip():  # some tokenizers drop a leading space
+                raise ConfigError(
+                    f"{setting}: {text!r} is not what its tokens {ids} decode to ({back!r}): the tokenizer "
+                    "cannot encode it, and banning those tokens would ban something else"
+                )
         return ids
 
 
@@ -200,7 +211,10 @@ class ProcessorChain(LogitsProcessor):
 
 
 def _fuse(processors: list[Processor]) -> list[Processor]:
-    """Replace ``TopK`` directly followed by ``TopP`` with the equivalent fused processor."""
+    """Replace ``TopK`` directly followed by ``TopP`` with the equivalent fused processor.
+
+    Only when both act: an "off" value (``top_k <= 0``, ``top_p = 1``) or ``top_p = 0`` runs as is.
+    """
     from decodekit.processors.truncation import TopK, TopKTopP, TopP
 
     out: list[Processor] = []
@@ -208,7 +222,7 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
     while i < len(processors):
         p = processors[i]
         nxt = processors[i + 1] if i + 1 < len(processors) else None
-        if type(p) is TopK and type(nxt) is TopP:
+        if type(p) is TopK and type(nxt) is TopP and p.top_k > 0 and 0.0 < nxt.top_p < 1.0:
             out.append(TopKTopP(p, nxt))
             i += 2
         else:
@@ -273,9 +287,24 @@ def to_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def keep_nonempty(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Rows of ``new`` that lost every token fall back to ``old`` (a ban never empties a row)."""
+class BanSkippedWarning(UserWarning):
+    """A ban would have removed every token left in a row, so that row was left as it was."""
+
+
+def keep_nonempty(new: torch.Tensor, old: torch.Tensor, setting: str = "") -> torch.Tensor:
+    """Rows of ``new`` that lost every token fall back to ``old`` (a ban never empties a row).
+
+    On CPU, where a sync is free, this is said in a :class:`BanSkippedWarning` naming ``setting``
+    and the rows; on an accelerator it happens silently (checking would sync every step).
+    """
     empty = new.amax(dim=-1, keepdim=True) == NEG_INF  # [B, 1]
-    if new.device.type == "cpu" and not bool(empty.any()):  # the usual case; a sync is free on CPU
-        return new
+    if new.device.type == "cpu":
+        if not bool(empty.any()):  # the usual case; a sync is free on CPU
+            return new
+        rows = empty.flatten().nonzero().flatten().tolist()
+        warnings.warn(
+            f"{setting or 'a ban'}: would remove every token left in row(s) {rows[:8]}; not applied there",
+            BanSkippedWarning,
+            stacklevel=3,
+        )
     return torch.where(empty, old, new)

@@ -15,7 +15,8 @@ class RepetitionPenalty(LogitsProcessor):
     """Discourage every token already in the sequence (prompt included), once each.
 
     For each token ``i`` present in ``input_ids``: ``x_i' = x_i / r`` if ``x_i > 0`` else
-    ``x_i * r``. ``r > 1`` discourages repetition, ``r < 1`` encourages it; typical 1.1 to 1.3.
+    ``x_i * r``. ``r > 1`` discourages repetition, ``r < 1`` encourages it, ``r = 1`` is off;
+    typical 1.1 to 1.3.
     transformers' ``RepetitionPenaltyLogitsProcessor`` semantics (CTRL, Keskar et al. 2019).
     Left-padding tokens count as present, as in transformers.
     """
@@ -31,7 +32,7 @@ class RepetitionPenalty(LogitsProcessor):
         self.repetition_penalty = float(validate(self.Params, repetition_penalty=repetition_penalty).repetition_penalty)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] == 0:
+        if input_ids.shape[-1] == 0 or self.repetition_penalty == 1.0:
             return logits
         ids = input_ids.to(logits.device)
         seen = logits.gather(-1, ids).float()  # [B, T]: only the history's logits change
@@ -79,6 +80,8 @@ class PresencePenalty(_GeneratedCounts):
         self.presence_penalty = float(validate(self.Params, presence_penalty=presence_penalty).presence_penalty)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.presence_penalty == 0.0:
+            return logits
         c = self.counts(input_ids, logits)
         out = logits.float() - self.presence_penalty * (c > 0).float()
         return to_dtype(out, logits)
@@ -103,6 +106,8 @@ class FrequencyPenalty(_GeneratedCounts):
         self.frequency_penalty = float(validate(self.Params, frequency_penalty=frequency_penalty).frequency_penalty)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.frequency_penalty == 0.0:
+            return logits
         c = self.counts(input_ids, logits)
         return to_dtype(logits.float() - self.frequency_penalty * c, logits)
 
@@ -113,8 +118,8 @@ class NoRepeatNGram(LogitsProcessor):
     With ``n = no_repeat_ngram_size``: for each earlier position where the last ``n - 1`` tokens
     occurred, the token that followed them is set to ``-inf``. ``n = 1`` bans every token seen.
     transformers' ``NoRepeatNGramLogitsProcessor`` semantics, vectorised (no loop over rows).
-    A ban that would leave a row no token is not applied to that row.
-    Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization".
+    ``n = 0`` is off, as in transformers. A ban that would leave a row no token is not applied to
+    that row. Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization".
     """
 
     name = "no_repeat_ngram"
@@ -123,7 +128,7 @@ class NoRepeatNGram(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        no_repeat_ngram_size: int = Field(ge=1, description="ban repeating n-grams of this size")
+        no_repeat_ngram_size: int = Field(ge=0, description="ban repeating n-grams of this size; 0 = off")
 
     def __init__(self, no_repeat_ngram_size: int) -> None:
         self.no_repeat_ngram_size = validate(self.Params, no_repeat_ngram_size=no_repeat_ngram_size).no_repeat_ngram_size
@@ -131,7 +136,7 @@ class NoRepeatNGram(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         n = self.no_repeat_ngram_size
         t = input_ids.shape[-1]
-        if t < n:
+        if n == 0 or t < n:
             return logits
         ids = input_ids.to(logits.device)
         windows = ids.unfold(-1, n, 1)  # [B, W, n], every n-gram so far
@@ -139,4 +144,4 @@ class NoRepeatNGram(LogitsProcessor):
         match = (windows[..., : n - 1] == prefix[:, None, :]).all(dim=-1)  # [B, W]
         hits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         hits.scatter_add_(-1, windows[..., n - 1], match.float())
-        return keep_nonempty(torch.where(hits > 0, NEG_INF, logits), logits)
+        return keep_nonempty(torch.where(hits > 0, NEG_INF, logits), logits, "no_repeat_ngram_size")

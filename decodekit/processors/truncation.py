@@ -29,7 +29,8 @@ class TopK(LogitsProcessor):
 
     Tokens tied with the k-th are kept, as in transformers' ``TopKLogitsWarper``, whose
     semantics this has (``k`` is raised to ``min_tokens_to_keep`` and capped at the vocabulary).
-    Typical range 20 to 100. Fan et al. 2018, "Hierarchical Neural Story Generation".
+    ``k = 0`` (transformers, llama.cpp) and ``k = -1`` (llama.cpp, vLLM) mean off: every token kept,
+    the logits returned unchanged. Typical range 20 to 100. Fan et al. 2018, "Hierarchical Neural Story Generation".
     """
 
     name = "top_k"
@@ -38,7 +39,7 @@ class TopK(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        top_k: int = Field(ge=1, description="keep the k most likely tokens")
+        top_k: int = Field(ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
 
     def __init__(self, top_k: int, min_tokens_to_keep: int = 1) -> None:
         self.top_k = validate(self.Params, top_k=top_k).top_k
@@ -48,6 +49,8 @@ class TopK(LogitsProcessor):
         return min(max(self.top_k, self.min_tokens_to_keep), vocab_size)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.top_k <= 0:
+            return logits
         k = self.k_for(logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         return torch.where(logits < kth, NEG_INF, logits)
@@ -59,7 +62,9 @@ class TopP(LogitsProcessor):
     Sort ascending, ``c_j`` = cumulative probability; tokens with ``c_j <= 1 - p`` are removed
     (transformers' ``TopPLogitsWarper`` rule), then every token whose logit is at least the
     smallest kept one is kept, so ties at the cut stay together (transformers leaves that to the
-    sort order). ``p = 1`` keeps every token of non-zero probability. Typical range 0.8 to 0.95.
+    sort order). ``p = 1`` is off (transformers and llama.cpp skip it): the logits come back
+    unchanged, tokens of underflowing probability included. ``p = 0`` keeps only the most likely
+    token (and its ties), as llama.cpp does. Typical range 0.8 to 0.95.
     Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
     """
 
@@ -68,13 +73,17 @@ class TopP(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        top_p: float = Field(gt=0.0, le=1.0, description="nucleus mass, in (0, 1]")
+        top_p: float = Field(ge=0.0, le=1.0, description="nucleus mass, in [0, 1]; 1 = off, 0 = most likely only")
 
     def __init__(self, top_p: float, min_tokens_to_keep: int = 1) -> None:
         self.top_p = float(validate(self.Params, top_p=top_p).top_p)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.top_p == 1.0:
+            return logits
+        if self.top_p == 0.0:
+            return torch.where(_keep_top_n(logits, torch.ones_like(logits, dtype=torch.bool), self.min_tokens_to_keep), NEG_INF, logits)
         v = logits.shape[-1]
         ascending = torch.sort(logits, dim=-1).values  # [B, V]
         cum = ascending.float().softmax(dim=-1).cumsum(dim=-1)
@@ -128,7 +137,8 @@ class TopKTopP(LogitsProcessor):
 class MinP(LogitsProcessor):
     """Keep tokens with ``p_i >= min_p * max_j p_j``: a cut that scales with the model's confidence.
 
-    transformers' ``MinPLogitsWarper`` semantics. Typical range 0.01 to 0.2.
+    transformers' ``MinPLogitsWarper`` semantics; ``min_p = 0`` is off (logits unchanged), as in
+    llama.cpp. Typical range 0.01 to 0.2.
     Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM Outputs".
     """
 
@@ -138,13 +148,15 @@ class MinP(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        min_p: float = Field(ge=0.0, le=1.0, description="relative probability floor, in [0, 1]")
+        min_p: float = Field(ge=0.0, le=1.0, description="relative probability floor, in [0, 1]; 0 = off")
 
     def __init__(self, min_p: float, min_tokens_to_keep: int = 1) -> None:
         self.min_p = float(validate(self.Params, min_p=min_p).min_p)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.min_p == 0.0:
+            return logits
         probs = logits.float().softmax(dim=-1)
         remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
         remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
@@ -156,7 +168,8 @@ class TypicalP(LogitsProcessor):
 
     With ``H = -sum p log p`` and ``d_i = |-log p_i - H|``, sort by ``d`` ascending and keep the
     first tokens until their mass reaches ``typical_p`` (plus any tied in ``d`` with the last).
-    transformers' ``TypicalLogitsWarper`` semantics. Typical range 0.2 to 0.95.
+    transformers' ``TypicalLogitsWarper`` semantics; ``typical_p = 1`` is off (logits unchanged),
+    as transformers and llama.cpp skip it. Typical range 0.2 to 0.95.
     Meister et al. 2023, "Locally Typical Sampling".
     """
 
@@ -165,13 +178,15 @@ class TypicalP(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        typical_p: float = Field(gt=0.0, le=1.0, description="typical mass, in (0, 1]")
+        typical_p: float = Field(gt=0.0, le=1.0, description="typical mass, in (0, 1]; 1 = off")
 
     def __init__(self, typical_p: float, min_tokens_to_keep: int = 1) -> None:
         self.typical_p = float(validate(self.Params, typical_p=typical_p).typical_p)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.typical_p == 1.0:
+            return logits
         x = logits.float()
         logp = torch.log_softmax(x, dim=-1)
         entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
@@ -188,7 +203,8 @@ class TypicalP(LogitsProcessor):
 class EpsilonCutoff(LogitsProcessor):
     """Remove tokens with ``p_i < epsilon`` (the most likely token always stays).
 
-    transformers' ``EpsilonLogitsWarper`` semantics. Typical range 3e-4 to 9e-4.
+    transformers' ``EpsilonLogitsWarper`` semantics; ``epsilon_cutoff = 0`` is off (logits
+    unchanged), as transformers skips it. Typical range 3e-4 to 9e-4.
     Hewitt et al. 2022, "Truncation Sampling as Language Model Desmoothing".
     """
 
@@ -198,13 +214,15 @@ class EpsilonCutoff(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        epsilon_cutoff: float = Field(gt=0.0, lt=1.0, description="absolute probability floor, in (0, 1)")
+        epsilon_cutoff: float = Field(ge=0.0, lt=1.0, description="absolute probability floor, in [0, 1); 0 = off")
 
     def __init__(self, epsilon_cutoff: float, min_tokens_to_keep: int = 1) -> None:
         self.epsilon_cutoff = float(validate(self.Params, epsilon_cutoff=epsilon_cutoff).epsilon_cutoff)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.epsilon_cutoff == 0.0:
+            return logits
         remove = logits.float().softmax(dim=-1) < self.epsilon_cutoff
         remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
         return torch.where(remove, NEG_INF, logits)
@@ -214,7 +232,8 @@ class EtaCutoff(LogitsProcessor):
     """Remove tokens with ``p_i < eta``, ``eta = min(epsilon, sqrt(epsilon) * exp(-H))``.
 
     An entropy-dependent epsilon cut: permissive when the model is unsure. transformers'
-    ``EtaLogitsWarper`` semantics. Typical range 3e-4 to 2e-3.
+    ``EtaLogitsWarper`` semantics; ``eta_cutoff = 0`` is off (logits unchanged), as transformers
+    skips it. Typical range 3e-4 to 2e-3.
     Hewitt et al. 2022, "Truncation Sampling as Language Model Desmoothing".
     """
 
@@ -223,13 +242,15 @@ class EtaCutoff(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        eta_cutoff: float = Field(gt=0.0, lt=1.0, description="eta's epsilon, in (0, 1)")
+        eta_cutoff: float = Field(ge=0.0, lt=1.0, description="eta's epsilon, in [0, 1); 0 = off")
 
     def __init__(self, eta_cutoff: float, min_tokens_to_keep: int = 1) -> None:
         self.eta_cutoff = float(validate(self.Params, eta_cutoff=eta_cutoff).eta_cutoff)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.eta_cutoff == 0.0:
+            return logits
         logp = torch.log_softmax(logits.float(), dim=-1)
         probs = logp.exp()
         entropy = -(logp * probs).nansum(dim=-1, keepdim=True)
@@ -243,7 +264,8 @@ class TopNSigma(LogitsProcessor):
 
     Works on raw logits, so it is insensitive to temperature applied after it. llama.cpp's
     ``top_n_sigma`` semantics (population standard deviation over tokens not already removed);
-    transformers has no counterpart. Typical ``n`` 1.0 to 2.0.
+    transformers has no counterpart. ``n <= 0`` is off (logits unchanged), as in llama.cpp, whose
+    default is -1. Typical ``n`` 1.0 to 2.0.
     Tang et al. 2024, "Top-nσ: Not All Logits Are You Need".
     """
 
@@ -252,12 +274,16 @@ class TopNSigma(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        top_n_sigma: float = Field(gt=0.0, allow_inf_nan=False, description="how many standard deviations below the max to keep")
+        top_n_sigma: float = Field(
+            allow_inf_nan=False, description="how many standard deviations below the max to keep; <= 0 = off"
+        )
 
     def __init__(self, top_n_sigma: float) -> None:
         self.top_n_sigma = float(validate(self.Params, top_n_sigma=top_n_sigma).top_n_sigma)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.top_n_sigma <= 0.0:
+            return logits
         x = logits.float()
         finite = torch.isfinite(x)
         count = finite.sum(dim=-1, keepdim=True).clamp(min=1)
