@@ -5,7 +5,8 @@ from decodekit.processors.base import BanSkippedWarning, BuildContext, LogitsPro
 from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
 from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
 from decodekit.processors.temperature import Temperature
-from decodekit.processors.truncation import EpsilonCutoff, EtaCutoff, MinP, TopK, TopNSigma, TopP, TypicalP
+from decodekit.processors.cutoffs import EpsilonCutoff, EtaCutoff, MinP, TopNSigma, TypicalP
+from decodekit.processors.truncation import TopK, TopP
 
 BUILTIN_PROCESSORS = [
     RepetitionPenalty,

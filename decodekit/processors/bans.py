@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
+from decodekit.processors.rows import generated_count, prompt_lengths
 from decodekit.validation import token_sequences, validate
 
 
@@ -179,8 +180,9 @@ class MinNewTokens(LogitsProcessor):
     """Hold EOS back until ``min_new_tokens`` tokens have been generated.
 
     While fewer have been generated, the EOS token(s) are set to ``-inf`` (unless EOS is the only
-    token left in a row). The prompt length comes from ``begin``; used outside the loop, pass
-    ``prompt_length``. transformers' ``MinNewTokensLengthLogitsProcessor`` semantics.
+    token left in a row). The prompt lengths come from ``begin`` (negative padding ids not
+    counted); used outside the loop, pass ``prompt_length``. transformers'
+    ``MinNewTokensLengthLogitsProcessor`` semantics; 0 is off. Takes one value per row.
     """
 
     name = "min_new_tokens"
@@ -191,27 +193,41 @@ class MinNewTokens(LogitsProcessor):
         lambda v: {"min_new_tokens": 100, "eos_token_id": [0, v - 1]},
     ]
     order = 70
+    negative_padding = True
+    row_fields = ("min_new_tokens", "_prompt_lengths")
+    row_params = {"min_new_tokens": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         min_new_tokens: int = Field(ge=0, description="no EOS before this many new tokens")
 
-    def __init__(self, min_new_tokens: int, eos_token_id: int | list[int], prompt_length: int | None = None) -> None:
-        self.min_new_tokens = validate(self.Params, min_new_tokens=min_new_tokens).min_new_tokens
+    def __init__(self, min_new_tokens: Any, eos_token_id: int | list[int], prompt_length: int | None = None) -> None:
+        self.init_setting("min_new_tokens", min_new_tokens, int)
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not ids or any(i < 0 for i in ids):
             raise ConfigError(f"min_new_tokens: eos_token_id={eos_token_id!r} must name token ids >= 0")
         self.eos_token_id = ids
         self.prompt_length = prompt_length
+        self._prompt_lengths: torch.Tensor | None = None
         self._eos = torch.tensor(ids, dtype=torch.long)
         self._eos_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.active = self.any_row_on()
 
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> MinNewTokens:
         return cls(params.min_new_tokens, context.eos_ids("min_new_tokens"))
 
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> MinNewTokens:
+        return cls(values["min_new_tokens"], context.eos_ids("min_new_tokens"))
+
+    def any_row_on(self) -> bool:
+        m = self.min_new_tokens
+        return bool((m > 0).any()) if isinstance(m, torch.Tensor) else m > 0
+
     def begin(self, input_ids: torch.Tensor) -> None:
         self.prompt_length = input_ids.shape[-1]
+        self._prompt_lengths = prompt_lengths(input_ids)
 
     def _eos_for(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """The EOS ids inside the vocabulary, on ``device``: filtered once, not per step (no sync)."""
@@ -221,8 +237,13 @@ class MinNewTokens(LogitsProcessor):
         return self._eos_cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        generated = input_ids.shape[-1] - (self.prompt_length or 0)
-        if generated >= self.min_new_tokens:
+        if not self.active:
             return logits
+        self.check_batch(logits)
+        if self._prompt_lengths is None and self.prompt_length is not None:  # given, not begun
+            generated = torch.full(input_ids.shape[:1], input_ids.shape[-1] - self.prompt_length)
+        else:
+            generated = generated_count(input_ids, self._prompt_lengths)  # [B]
+        hold = generated.to(logits.device)[:, None] < self.value("min_new_tokens", logits)  # [B, 1]
         held = logits.index_fill(-1, self._eos_for(logits.shape[-1], logits.device), NEG_INF)
-        return keep_nonempty(held, logits, "min_new_tokens")
+        return keep_nonempty(torch.where(hold, held, logits), logits, "min_new_tokens")

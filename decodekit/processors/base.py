@@ -7,11 +7,36 @@ removes every token of a row. It never changes its input in place.
 
 Two optional methods let a processor see more than one step:
 
-- ``begin(input_ids)``: called once with the prompt before the first step (the chain forwards
-  it). Processors that count *generated* tokens (presence and frequency penalties, min new
-  tokens) learn the prompt length here.
-- ``reorder(index)``: called by beam search when rows are re-ordered, for processors that keep
-  per-row state.
+- ``begin(input_ids)``: called once with the prompts ``[B, T0]`` before the first step (the chain
+  forwards it). Processors that count *generated* tokens record each row's prompt length here:
+  the number of its non-negative ids.
+- ``reorder(index)``: rows taken as ``[index]`` (beam search expands and reorders rows this way).
+
+Per-row settings (what a request engine builds on). Every built-in takes, for each setting, a
+scalar or one value per row (a list, tuple or 1-D tensor of length ``B``; ``logit_bias`` a list of
+dicts, ``bad_words`` a list of lists). Each value is validated like the scalar, and an error names
+the row (``row 3: top_p=1.5 is not allowed: ...``). Every setting has an "off" value; a row that is
+off gets its logits back bit for bit, and a row's result is exactly the one it gets alone, built
+with its own scalar values (the batch adds no Python loop over rows). Temperature 0 keeps only the
+row's first maximum (the token ``argmax`` picks). A processor built per row holds ``[B]`` tensors
+and is called with batches of ``B`` rows only (another size is a one-line error); one built from
+scalars runs on any batch.
+
+- ``row_fields``: names of the tensor attributes with a leading batch dimension (per-row values and
+  per-row state such as prompt lengths). ``reorder`` and ``assign`` work generically from them.
+- ``row_params``: the constructor arguments that take per-row values, each with the value that
+  turns it off (what :func:`decodekit.registry.build_row_chain` gives rows that do not set it).
+- ``assign(rows, other)``: ``other`` is a processor of the same class built (and ``begin``-ed) for
+  ``k`` rows; its per-row values and state are copied into rows ``rows`` (``LongTensor[k]``) of this
+  one, which must be built per row. A request engine admits new requests into batch slots so.
+- ``active``: False when every row is off (known from host values, no sync); a chain skips inactive
+  processors. ``assign`` recomputes it (one host sync, at admission, not per step); ``reorder``
+  keeps it.
+- ``negative_padding``: the processor reads ``input_ids`` and ignores negative ids there (rows may
+  be left-padded with ``-1``): they are never counted as present, never part of an n-gram. Positive
+  pad ids given by users of ``generate`` keep their meaning (counted, as transformers does). A
+  row ``b`` at a call with history ``[B, T]`` has generated
+  ``(input_ids[b] >= 0).sum() - prompt_length[b]`` tokens, the last that many columns.
 """
 
 from __future__ import annotations
@@ -24,6 +49,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.processors.rows import column, float_rows, int_rows, is_row_list, row_values
+from decodekit.validation import validate
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,12 +79,79 @@ class LogitsProcessor:
     order: ClassVar[int] = 1000
     idempotent: ClassVar[bool] = False  # filters whose second pass removes nothing more
     test_params: ClassVar[list[Any]] = []  # constructor kwargs (or vocab_size -> kwargs) for the property suite
+    row_fields: ClassVar[tuple[str, ...]] = ()  # tensor attributes with a leading batch dimension
+    row_params: ClassVar[dict[str, Any]] = {}  # constructor arguments taking per-row values -> their off value
+    negative_padding: ClassVar[bool] = False  # reads input_ids and ignores negative (padding) ids
+    active: bool = True  # False when every row is off: a chain skips the processor
+    rows: int | None = None  # the batch size when built with per-row values
+
+    @classmethod
+    def supports_rows(cls) -> bool:
+        """Whether the constructor takes per-row values (declared by ``row_params``)."""
+        return bool(cls.row_params)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def begin(self, input_ids: torch.Tensor) -> None:
         """Called once with the prompt ``[B, T0]`` before the first step. Default: nothing."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows taken as ``[index]``: every ``row_fields`` tensor is indexed; scalars are kept."""
+        for field in self.row_fields:
+            value = getattr(self, field, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, field, value[index.to(value.device)])
+        if self.rows is not None:
+            self.rows = int(index.shape[0])
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        """Copy ``other``'s per-row values and state (built for ``len(rows)`` rows) into rows ``rows``."""
+        if type(other) is not type(self):
+            raise ConfigError(f"{self.name}: assign needs a {type(self).__name__}, got {type(other).__name__}")
+        if self.rows is None:
+            raise ConfigError(f"{self.name}: assign needs a processor built with per-row values")
+        for field in self.row_fields:
+            mine, theirs = getattr(self, field, None), getattr(other, field, None)
+            if not isinstance(mine, torch.Tensor):
+                continue  # state not started yet (no begin)
+            if theirs is None:
+                raise ConfigError(f"{self.name}: assign: the new rows have no {field.lstrip('_')} (call begin first)")
+            updated = mine.clone()
+            updated[rows.to(mine.device)] = torch.as_tensor(theirs).to(device=mine.device, dtype=mine.dtype)
+            setattr(self, field, updated)
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        """Whether some row is not off, from host values (a sync when they live on a device)."""
+        return True
+
+    def init_setting(self, name: str, value: Any, kind: type = float) -> None:
+        """Set ``self.<name>`` from a scalar or from per-row values, each validated by ``Params``."""
+
+        def check(v: Any) -> Any:
+            return kind(getattr(validate(self.Params, **{name: v}), name))
+
+        if not is_row_list(value):
+            setattr(self, name, check(value))
+            return
+        values = row_values(value, check)
+        if self.rows is not None and len(values) != self.rows:
+            raise ConfigError(f"{self.name}: {name} has {len(values)} per-row values, another setting {self.rows}")
+        setattr(self, name, float_rows(values) if kind is float else int_rows(values))
+        self.rows = len(values)
+
+    def value(self, name: str, like: torch.Tensor) -> Any:
+        """A setting as a Python scalar, or per row as a ``[B, 1]`` column on ``like``'s device."""
+        v = getattr(self, name)
+        return column(v, like) if isinstance(v, torch.Tensor) else v
+
+    def check_batch(self, logits: torch.Tensor) -> None:
+        """One line when a processor built for ``rows`` rows is called with another batch size."""
+        if self.rows is not None and logits.shape[0] != self.rows:
+            raise ConfigError(
+                f"{self.name}: built with per-row values for {self.rows} rows, called with a batch of {logits.shape[0]}"
+            )
 
     def __or__(self, other: Processor) -> ProcessorChain:
         return ProcessorChain([self, other])
@@ -70,8 +164,14 @@ class LogitsProcessor:
         """Build from validated params; override when the constructor needs the context."""
         return cls(**params.model_dump())
 
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> LogitsProcessor:
+        """Build from per-row values (one list per ``row_params`` name) and settings shared by every row."""
+        return cls(**values, **shared)
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        shown = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("active", "rows")}
+        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({fields})"
 
 
@@ -152,7 +252,8 @@ class ProcessorChain(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         for p in self._steps:
-            logits = p(input_ids, logits)
+            if getattr(p, "active", True):
+                logits = p(input_ids, logits)
         return logits
 
     def begin(self, input_ids: torch.Tensor) -> None:
@@ -166,6 +267,14 @@ class ProcessorChain(LogitsProcessor):
             reorder = getattr(p, "reorder", None)
             if reorder is not None:
                 reorder(index)
+
+    def assign(self, rows: torch.Tensor, other: ProcessorChain) -> None:  # type: ignore[override]
+        """Processor by processor, :meth:`LogitsProcessor.assign`; ``other`` has the same structure."""
+        if not isinstance(other, ProcessorChain) or [type(p) for p in other] != [type(p) for p in self]:
+            raise ConfigError(f"assign: the chains differ ({self!r} and {other!r})")
+        for mine, theirs in zip(self.processors, other.processors):
+            mine.assign(rows, theirs)  # type: ignore[attr-defined]
+        self._steps = _fuse(self.processors)
 
     def __or__(self, other: Processor) -> ProcessorChain:
         return ProcessorChain([*self.processors, other])
@@ -193,6 +302,8 @@ class ProcessorChain(LogitsProcessor):
         """
         where = f" at step {step}" if step is not None else ""
         for p in self.processors:
+            if not getattr(p, "active", True):
+                continue
             try:
                 out = p(input_ids, logits)
             except Exception as exc:  # a plugin's failure is reported with its name
@@ -213,7 +324,8 @@ class ProcessorChain(LogitsProcessor):
 def _fuse(processors: list[Processor]) -> list[Processor]:
     """Replace ``TopK`` directly followed by ``TopP`` with the equivalent fused processor.
 
-    Only when both act: an "off" value (``top_k <= 0``, ``top_p = 1``) or ``top_p = 0`` runs as is.
+    Only when both act and are built from scalars: an "off" value (``top_k <= 0``, ``top_p = 1``),
+    ``top_p = 0`` or per-row values run as they are.
     """
     from decodekit.processors.truncation import TopK, TopKTopP, TopP
 
@@ -222,7 +334,7 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
     while i < len(processors):
         p = processors[i]
         nxt = processors[i + 1] if i + 1 < len(processors) else None
-        if type(p) is TopK and type(nxt) is TopP and p.top_k > 0 and 0.0 < nxt.top_p < 1.0:
+        if type(p) is TopK and type(nxt) is TopP and p.rows is None and nxt.rows is None and p.top_k > 0 and 0.0 < nxt.top_p < 1.0:
             out.append(TopKTopP(p, nxt))
             i += 2
         else:
