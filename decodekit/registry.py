@@ -256,3 +256,65 @@ def build_chain(settings: Mapping[str, Any], **kwargs: Any) -> ProcessorChain:
 def build_sampler(name: str, settings: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
     """:meth:`Registry.build_sampler` on the process-wide registry."""
     return get_registry().build_sampler(name, settings, **kwargs)
+
+
+def build_row_chain(
+    settings: list[Mapping[str, Any]], context: BuildContext | None = None, order: list[str] | None = None
+) -> ProcessorChain:
+    """One chain for a batch whose rows each have their own settings (one dict of flat settings per row).
+
+    A processor is in the chain when some row gives it a value that is not off; rows that do not
+    set it get its off value (``row_params``), so their logits pass it unchanged. Processors run in
+    the registry's default order, or ``order`` first (as ``processor_order``). A processor without
+    per-row support is built once, and only when every row gives it the same settings. Errors name
+    the row: ``row 3: top_p=1.5 is not allowed: must be <= 1.0``.
+    """
+    registry = get_registry()
+    context = context or BuildContext()
+    if isinstance(settings, Mapping) or not settings:
+        raise ConfigError(f"settings: {settings!r} is not allowed: give a list with one dict of settings per row")
+    grouped = []
+    for i, row in enumerate(settings):
+        try:
+            grouped.append(registry.split(row))
+        except ConfigError as exc:
+            raise ConfigError(f"row {i}: {exc}") from None
+    names = {key.split(":", 1)[1] for g in grouped for key in g if key.startswith("processor:")}
+    rank = {name: i for i, name in enumerate(registry.default_order())}
+    first = {name: i for i, name in enumerate(order or [])}
+    for name in first:
+        registry.processor(name)
+    built = []
+    for name in sorted(names, key=lambda n: (0, first[n]) if n in first else (1, rank[n])):
+        component = registry.processors[name]
+        params = []
+        for i, g in enumerate(grouped):
+            given = g.get(f"processor:{name}")
+            try:
+                params.append(None if given is None else validate(component.params, **given))
+            except ConfigError as exc:
+                raise ConfigError(f"row {i}: {exc}") from None
+        processor = _row_processor(component, params, context)
+        if getattr(processor, "active", True):
+            built.append(processor)
+    return ProcessorChain(built)
+
+
+def _row_processor(component: Component, params: list[BaseModel | None], context: BuildContext) -> Any:
+    """``component`` built for every row: per-row values where it takes them, else one shared build."""
+    cls, given = component.cls, [p for p in params if p is not None]
+    row_params = getattr(cls, "row_params", {})
+    shared = {k: v for k, v in given[0].model_dump().items() if k not in row_params}
+    for i, p in enumerate(params):
+        if p is not None and {k: v for k, v in p.model_dump().items() if k not in row_params} != shared:
+            raise ConfigError(
+                f"row {i}: {', '.join(shared)} of {component.name} must be the same in every row that sets it"
+            )
+    if not row_params:
+        if len(given) != len(params) or any(p != given[0] for p in given):
+            raise ConfigError(
+                f"{component.name} takes no per-row values: give every row the same {', '.join(component.settings)}"
+            )
+        return cls.from_params(given[0], context)
+    values = {k: [off if p is None else getattr(p, k) for p in params] for k, off in row_params.items()}
+    return cls.from_row_params(values, shared, context)

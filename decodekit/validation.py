@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -46,11 +47,38 @@ def describe(error: ValidationError, prefix: str = "") -> str:
 
 
 def validate(model: type[M], prefix: str = "", /, **values: Any) -> M:
-    """``model(**values)``, raising :class:`ConfigError` with a one-line message on bad input."""
+    """``model(**values)``, raising :class:`ConfigError` with a one-line message on bad input.
+
+    A boolean given for a setting that is not a boolean is refused (pydantic would read ``True``
+    as 1: ``top_k=True`` would mean ``top_k=1``).
+    """
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        if field is not None and holds_bool(value) and not mentions_bool(field.annotation):
+            what = "a number, not a boolean" if isinstance(value, bool) else "numbers, not booleans"
+            raise ConfigError(f"{prefix}{name}={value!r} is not allowed: must be {what}")
     try:
         return model(**values)
     except ValidationError as exc:
         raise ConfigError(describe(exc, prefix)) from None
+
+
+def mentions_bool(annotation: Any) -> bool:
+    """Whether a field's type takes booleans anywhere: ``bool``, ``Any``, or a type holding one."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(mentions_bool(a) for a in typing.get_args(annotation))
+
+
+def holds_bool(value: Any) -> bool:
+    """Whether ``value`` is a boolean or a list, tuple or dict holding one (keys included)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(holds_bool(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds_bool(k) or holds_bool(v) for k, v in value.items())
+    return False
 
 
 def token_sequences(value: list[Any]) -> list[Any]:

@@ -172,7 +172,7 @@ BAD = [
     (["strategy=nucleos"], ["strategy='nucleos'", "did you mean 'nucleus'", "known: beam, greedy"]),
     (["strategy=beam", "num_beams=0"], ["num_beams=0", ">= 1"]),
     (["tempreature=0.5"], ["tempreature", "did you mean 'temperature'", "known:"]),
-    (["top_k=0"], ["top_k=0", ">= 1"]),
+    (["top_k=-2"], ["top_k=-2", ">= -1"]),
     (["num_samples=0"], ["num_samples=0", ">= 1"]),
     (["max_new_tokens=0"], ["max_new_tokens=0", ">= 1"]),
     (["device=tpu"], ["device='tpu'", "pattern"]),
@@ -187,7 +187,7 @@ BAD = [
     (["processor_order=[top_kk]"], ["processor_order", "top_kk", "did you mean 'top_k'"]),
     (["temperature=0.3,0.7"], ["temperature=0.3,0.7", "add -m"]),
     (["prompt=a", "prompt_tokens=[1]"], ["prompt and prompt_tokens", "only one"]),
-    (["bad_words=[]"], ["bad_words=[]", "at least 1"]),
+    (["bad_words=[[]]"], ["bad_words=[[]]", "an entry is empty"]),
     (["top_p=]"], ["top_p=]", "cannot parse"]),
     (["+colour=red"], ["colour", "not a known setting"]),
 ]

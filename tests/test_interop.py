@@ -87,7 +87,7 @@ def test_the_wrapper_tells_presence_penalty_where_the_prompt_ends(hf_model) -> N
     chain = PresencePenalty(2.0)
     wrapped = to_transformers(chain)
     hf_generate(hf_model, [wrapped])
-    assert chain._prompt_length == PROMPT.shape[1]
+    assert (chain._prompt_length == PROMPT.shape[1]).all()  # one prompt length per row
 
 
 def transformers_chain():

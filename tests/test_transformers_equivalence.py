@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decodekit import ProcessorChain
 
 from decodekit.processors import (
     BadWords,
@@ -116,3 +120,42 @@ def test_logit_bias_matches_sequence_bias_with_one_token_sequences() -> None:
     ours = LogitBias({3: 2.5, 17: -4.0, 250: 100.0})
     theirs = lp.SequenceBiasLogitsProcessor(sequence_bias=[[[3], 2.5], [[17], -4.0], [[250], 100.0]])
     _same_distribution(ours(ids, logits), theirs(ids, logits.clone()))
+
+
+# --- chains of built-ins in any order --------------------------------------------------------
+
+# (ours, theirs) for every built-in with a transformers counterpart, sign-dependent ones included
+PAIRS = {
+    "temperature": (lambda: Temperature(0.6), lambda: lp.TemperatureLogitsWarper(0.6)),
+    "hot": (lambda: Temperature(1.7), lambda: lp.TemperatureLogitsWarper(1.7)),
+    "top_k": (lambda: TopK(40), lambda: lp.TopKLogitsWarper(40)),
+    "top_p": (lambda: TopP(0.85), lambda: lp.TopPLogitsWarper(0.85)),
+    "min_p": (lambda: MinP(0.02), lambda: lp.MinPLogitsWarper(0.02)),
+    "typical_p": (lambda: TypicalP(0.9), lambda: lp.TypicalLogitsWarper(0.9)),
+    "epsilon": (lambda: EpsilonCutoff(1e-4), lambda: lp.EpsilonLogitsWarper(1e-4)),
+    "eta": (lambda: EtaCutoff(1e-4), lambda: lp.EtaLogitsWarper(1e-4)),
+    "repetition": (lambda: RepetitionPenalty(1.5), lambda: lp.RepetitionPenaltyLogitsProcessor(1.5)),
+    "encouraging": (lambda: RepetitionPenalty(0.8), lambda: lp.RepetitionPenaltyLogitsProcessor(0.8)),
+    "no_repeat": (lambda: NoRepeatNGram(2), lambda: lp.NoRepeatNGramLogitsProcessor(2)),
+    "bad_words": (lambda: BadWords([[5], [2, 9]]), lambda: lp.NoBadWordsLogitsProcessor([[5], [2, 9]], eos_token_id=299)),
+    "logit_bias": (
+        lambda: LogitBias({3: 4.0, 11: -3.0}),
+        lambda: lp.SequenceBiasLogitsProcessor(sequence_bias=[[[3], 4.0], [[11], -3.0]]),
+    ),
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    names=st.lists(st.sampled_from(sorted(PAIRS)), min_size=2, max_size=6, unique=True).flatmap(st.permutations),
+    seed=st.integers(0, 2**16),
+)
+def test_chains_of_builtins_in_any_order_give_transformers_distribution(names: list[str], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, V, generator=g) * 4 + 1  # no ties; positive and negative logits
+    ids = torch.randint(0, 20, (4, 10), generator=g)
+    ours = ProcessorChain([PAIRS[n][0]() for n in names])
+    theirs = lp.LogitsProcessorList([PAIRS[n][1]() for n in names])
+    mine, reference = ours(ids, logits), theirs(ids, logits.clone())
+    assert torch.equal(mine == float("-inf"), reference == float("-inf")), f"{names}: different tokens removed"
+    assert torch.allclose(mine.softmax(-1), reference.softmax(-1), atol=1e-6, rtol=1e-5), names

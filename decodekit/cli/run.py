@@ -61,7 +61,10 @@ class Decoder:
         if eos is not None and eos >= model.vocab_size:
             raise ConfigError(f"eos_token_id={eos} is not allowed: the model has {model.vocab_size} tokens")
         context = BuildContext(
-            eos_token_id=eos, encode=text_encoder(tokenizer) if tokenizer else None, vocab_size=model.vocab_size
+            eos_token_id=eos,
+            encode=text_encoder(tokenizer) if tokenizer else None,
+            decode=tokenizer.decode if tokenizer else None,
+            vocab_size=model.vocab_size,
         )
         settings = config.settings()
         chain = registry.build_chain(

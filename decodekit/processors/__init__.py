@@ -1,11 +1,12 @@
 """Built-in logits processors, one module per family."""
 
 from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
-from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.processors.base import BanSkippedWarning, BuildContext, LogitsProcessor, ProcessorChain
 from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
 from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
 from decodekit.processors.temperature import Temperature
-from decodekit.processors.truncation import EpsilonCutoff, EtaCutoff, MinP, TopK, TopNSigma, TopP, TypicalP
+from decodekit.processors.cutoffs import EpsilonCutoff, EtaCutoff, MinP, TopNSigma, TypicalP
+from decodekit.processors.truncation import TopK, TopP
 
 BUILTIN_PROCESSORS = [
     RepetitionPenalty,
@@ -30,6 +31,7 @@ BUILTIN_PROCESSORS = [
 __all__ = [
     "BUILTIN_PROCESSORS",
     "BadWords",
+    "BanSkippedWarning",
     "BagOfWords",
     "BuildContext",
     "EosLengthPenalty",

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
+from decodekit.processors.rows import generated_count, prompt_lengths
 from decodekit.validation import token_sequences, validate
 
 
@@ -20,15 +21,21 @@ class BadWords(LogitsProcessor):
     be completed. transformers' ``NoBadWordsLogitsProcessor`` semantics. Sequences are grouped by
     length and matched as tensors: the cost per step grows with the number of distinct lengths,
     not with the number of sequences or rows. A ban that would leave a row no token is not
-    applied to that row. From settings, strings are tokenized (``bad_words=[" damn"]``); note
-    that with BPE tokenizers ``"damn"`` and ``" damn"`` are different sequences.
+    applied to that row (on CPU a :class:`BanSkippedWarning` says so), and a set of one-token
+    sequences that covers the whole vocabulary is refused. An empty list is off.
+
+    From settings, strings are tokenized (``bad_words=[" damn"]``; with BPE tokenizers ``"damn"``
+    and ``" damn"`` are different sequences); a string whose tokens do not decode back to it
+    (characters the tokenizer drops or maps to an unknown token) is refused, and so is an entry
+    that is exactly the end-of-sequence token: banning it would let no sequence end (transformers
+    drops such an entry silently; to hold EOS back for a while use ``min_new_tokens``).
     """
 
     name = "bad_words"
     idempotent = True
     test_params = [
-        lambda v: {"sequences": [[v - 1]]},
-        lambda v: {"sequences": [[0, v - 1], [v // 2]]},
+        lambda v: {"sequences": [[v - 1]] if v > 1 else [[0, 0]]},
+        lambda v: {"sequences": [[0, v - 1], [v // 2]] if v > 1 else [[0, 0]]},
         lambda v: {"sequences": [[0, 0, 0], [1 % v, 0], [v - 1, v - 1]]},
     ]
     order = 50
@@ -36,7 +43,7 @@ class BadWords(LogitsProcessor):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         bad_words: list[str | list[int]] = Field(
-            min_length=1, description="strings or token-id sequences that must never be generated"
+            description="strings or token-id sequences that must never be generated; [] = off"
         )
 
         @field_validator("bad_words")
@@ -45,9 +52,9 @@ class BadWords(LogitsProcessor):
             return token_sequences(value)
 
     def __init__(self, sequences: list[list[int]]) -> None:
-        if not sequences or any(not s for s in sequences):
-            raise ConfigError("bad_words: needs at least one non-empty token sequence")
-        if any((not isinstance(t, int)) or t < 0 for s in sequences for t in s):
+        if any(not s for s in sequences):
+            raise ConfigError(f"bad_words: {list(sequences)!r} holds an empty token sequence")
+        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 for s in sequences for t in s):
             raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
         self.sequences = [list(s) for s in sequences]
         single = sorted({s[0] for s in self.sequences if len(s) == 1})
@@ -66,10 +73,18 @@ class BadWords(LogitsProcessor):
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> BadWords:
         seqs = [context.tokens("bad_words", w) if isinstance(w, str) else list(w) for w in params.bad_words]
+        eos = [] if context.eos_token_id is None else context.eos_ids("bad_words")
+        for word, s in zip(params.bad_words, seqs):
+            if len(s) == 1 and s[0] in eos:
+                raise ConfigError(
+                    f"bad_words: {word!r} is the end-of-sequence token {s[0]}; banning it would let no sequence "
+                    "end (to hold it back for a while, use min_new_tokens)"
+                )
         if context.vocab_size is not None:
             for s in seqs:
                 if max(s) >= context.vocab_size:
                     raise ConfigError(f"bad_words: token id {max(s)} is outside the vocabulary (size {context.vocab_size})")
+            _refuse_whole_vocabulary(seqs, context.vocab_size)
         return cls(seqs)
 
     def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -78,6 +93,7 @@ class BadWords(LogitsProcessor):
             biggest = max(max(s) for s in self.sequences)
             if biggest >= vocab_size:
                 raise ConfigError(f"bad_words: token id {biggest} is outside the vocabulary (size {vocab_size})")
+            _refuse_whole_vocabulary(self.sequences, vocab_size)
             always = torch.zeros(vocab_size, dtype=torch.bool)
             always[self._single] = True
             groups = {n: (p.to(device), last.to(device)) for n, (p, last) in self._groups.items()}
@@ -85,6 +101,8 @@ class BadWords(LogitsProcessor):
         return self._cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.sequences:
+            return logits
         batch, vocab = logits.shape
         always, groups = self._on(vocab, logits.device)
         t = input_ids.shape[-1]
@@ -96,7 +114,15 @@ class BadWords(LogitsProcessor):
             tail = ids[:, t - (n - 1) :]  # [B, n-1]
             match = (tail[:, None, :] == prefixes[None, :, :]).all(dim=-1)  # [B, N]
             banned.scatter_reduce_(-1, last.expand(batch, -1), match.to(torch.uint8), reduce="amax")
-        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits)
+        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits, "bad_words")
+
+
+def _refuse_whole_vocabulary(sequences: list[list[int]], vocab_size: int) -> None:
+    """A set of one-token bans that covers every token would leave nothing to generate."""
+    if len({s[0] for s in sequences if len(s) == 1 and s[0] < vocab_size}) >= vocab_size:
+        raise ConfigError(
+            f"bad_words: bans every token of the vocabulary (size {vocab_size}); nothing would be left to generate"
+        )
 
 
 class LogitBias(LogitsProcessor):
@@ -116,7 +142,7 @@ class LogitBias(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        logit_bias: dict[int, float] = Field(min_length=1, description="token id -> bias in [-100, 100]")
+        logit_bias: dict[int, float] = Field(description="token id -> bias in [-100, 100]; {} = off")
 
         @field_validator("logit_bias")
         @classmethod
@@ -144,6 +170,8 @@ class LogitBias(LogitsProcessor):
         return self._dense[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.logit_bias:
+            return logits
         bias = self._bias(logits.shape[-1], logits.device)
         return to_dtype(logits.float() + bias, logits)
 
@@ -152,8 +180,9 @@ class MinNewTokens(LogitsProcessor):
     """Hold EOS back until ``min_new_tokens`` tokens have been generated.
 
     While fewer have been generated, the EOS token(s) are set to ``-inf`` (unless EOS is the only
-    token left in a row). The prompt length comes from ``begin``; used outside the loop, pass
-    ``prompt_length``. transformers' ``MinNewTokensLengthLogitsProcessor`` semantics.
+    token left in a row). The prompt lengths come from ``begin`` (negative padding ids not
+    counted); used outside the loop, pass ``prompt_length``. transformers'
+    ``MinNewTokensLengthLogitsProcessor`` semantics; 0 is off. Takes one value per row.
     """
 
     name = "min_new_tokens"
@@ -164,27 +193,41 @@ class MinNewTokens(LogitsProcessor):
         lambda v: {"min_new_tokens": 100, "eos_token_id": [0, v - 1]},
     ]
     order = 70
+    negative_padding = True
+    row_fields = ("min_new_tokens", "_prompt_lengths")
+    row_params = {"min_new_tokens": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         min_new_tokens: int = Field(ge=0, description="no EOS before this many new tokens")
 
-    def __init__(self, min_new_tokens: int, eos_token_id: int | list[int], prompt_length: int | None = None) -> None:
-        self.min_new_tokens = validate(self.Params, min_new_tokens=min_new_tokens).min_new_tokens
+    def __init__(self, min_new_tokens: Any, eos_token_id: int | list[int], prompt_length: int | None = None) -> None:
+        self.init_setting("min_new_tokens", min_new_tokens, int)
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not ids or any(i < 0 for i in ids):
             raise ConfigError(f"min_new_tokens: eos_token_id={eos_token_id!r} must name token ids >= 0")
         self.eos_token_id = ids
         self.prompt_length = prompt_length
+        self._prompt_lengths: torch.Tensor | None = None
         self._eos = torch.tensor(ids, dtype=torch.long)
         self._eos_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.active = self.any_row_on()
 
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> MinNewTokens:
         return cls(params.min_new_tokens, context.eos_ids("min_new_tokens"))
 
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> MinNewTokens:
+        return cls(values["min_new_tokens"], context.eos_ids("min_new_tokens"))
+
+    def any_row_on(self) -> bool:
+        m = self.min_new_tokens
+        return bool((m > 0).any()) if isinstance(m, torch.Tensor) else m > 0
+
     def begin(self, input_ids: torch.Tensor) -> None:
         self.prompt_length = input_ids.shape[-1]
+        self._prompt_lengths = prompt_lengths(input_ids)
 
     def _eos_for(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """The EOS ids inside the vocabulary, on ``device``: filtered once, not per step (no sync)."""
@@ -194,8 +237,13 @@ class MinNewTokens(LogitsProcessor):
         return self._eos_cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        generated = input_ids.shape[-1] - (self.prompt_length or 0)
-        if generated >= self.min_new_tokens:
+        if not self.active:
             return logits
+        self.check_batch(logits)
+        if self._prompt_lengths is None and self.prompt_length is not None:  # given, not begun
+            generated = torch.full(input_ids.shape[:1], input_ids.shape[-1] - self.prompt_length)
+        else:
+            generated = generated_count(input_ids, self._prompt_lengths)  # [B]
+        hold = generated.to(logits.device)[:, None] < self.value("min_new_tokens", logits)  # [B, 1]
         held = logits.index_fill(-1, self._eos_for(logits.shape[-1], logits.device), NEG_INF)
-        return keep_nonempty(held, logits)
+        return keep_nonempty(torch.where(hold, held, logits), logits, "min_new_tokens")

@@ -7,22 +7,50 @@ removes every token of a row. It never changes its input in place.
 
 Two optional methods let a processor see more than one step:
 
-- ``begin(input_ids)``: called once with the prompt before the first step (the chain forwards
-  it). Processors that count *generated* tokens (presence and frequency penalties, min new
-  tokens) learn the prompt length here.
-- ``reorder(index)``: called by beam search when rows are re-ordered, for processors that keep
-  per-row state.
+- ``begin(input_ids)``: called once with the prompts ``[B, T0]`` before the first step (the chain
+  forwards it). Processors that count *generated* tokens record each row's prompt length here:
+  the number of its non-negative ids.
+- ``reorder(index)``: rows taken as ``[index]`` (beam search expands and reorders rows this way).
+
+Per-row settings (what a request engine builds on). Every built-in takes, for each setting, a
+scalar or one value per row (a list, tuple or 1-D tensor of length ``B``; ``logit_bias`` a list of
+dicts, ``bad_words`` a list of lists). Each value is validated like the scalar, and an error names
+the row (``row 3: top_p=1.5 is not allowed: ...``). Every setting has an "off" value; a row that is
+off gets its logits back bit for bit, and a row's result is exactly the one it gets alone, built
+with its own scalar values (the batch adds no Python loop over rows). Temperature 0 keeps only the
+row's first maximum (the token ``argmax`` picks). A processor built per row holds ``[B]`` tensors
+and is called with batches of ``B`` rows only (another size is a one-line error); one built from
+scalars runs on any batch.
+
+- ``row_fields``: names of the tensor attributes with a leading batch dimension (per-row values and
+  per-row state such as prompt lengths). ``reorder`` and ``assign`` work generically from them.
+- ``row_params``: the constructor arguments that take per-row values, each with the value that
+  turns it off (what :func:`decodekit.registry.build_row_chain` gives rows that do not set it).
+- ``assign(rows, other)``: ``other`` is a processor of the same class built (and ``begin``-ed) for
+  ``k`` rows; its per-row values and state are copied into rows ``rows`` (``LongTensor[k]``) of this
+  one, which must be built per row. A request engine admits new requests into batch slots so.
+- ``active``: False when every row is off (known from host values, no sync); a chain skips inactive
+  processors. ``assign`` recomputes it (one host sync, at admission, not per step); ``reorder``
+  keeps it.
+- ``negative_padding``: the processor reads ``input_ids`` and ignores negative ids there (rows may
+  be left-padded with ``-1``): they are never counted as present, never part of an n-gram. Positive
+  pad ids given by users of ``generate`` keep their meaning (counted, as transformers does). A
+  row ``b`` at a call with history ``[B, T]`` has generated
+  ``(input_ids[b] >= 0).sum() - prompt_length[b]`` tokens, the last that many columns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.processors.rows import column, float_rows, int_rows, is_row_list, row_values
+from decodekit.validation import validate
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,12 +79,79 @@ class LogitsProcessor:
     order: ClassVar[int] = 1000
     idempotent: ClassVar[bool] = False  # filters whose second pass removes nothing more
     test_params: ClassVar[list[Any]] = []  # constructor kwargs (or vocab_size -> kwargs) for the property suite
+    row_fields: ClassVar[tuple[str, ...]] = ()  # tensor attributes with a leading batch dimension
+    row_params: ClassVar[dict[str, Any]] = {}  # constructor arguments taking per-row values -> their off value
+    negative_padding: ClassVar[bool] = False  # reads input_ids and ignores negative (padding) ids
+    active: bool = True  # False when every row is off: a chain skips the processor
+    rows: int | None = None  # the batch size when built with per-row values
+
+    @classmethod
+    def supports_rows(cls) -> bool:
+        """Whether the constructor takes per-row values (declared by ``row_params``)."""
+        return bool(cls.row_params)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def begin(self, input_ids: torch.Tensor) -> None:
         """Called once with the prompt ``[B, T0]`` before the first step. Default: nothing."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows taken as ``[index]``: every ``row_fields`` tensor is indexed; scalars are kept."""
+        for field in self.row_fields:
+            value = getattr(self, field, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, field, value[index.to(value.device)])
+        if self.rows is not None:
+            self.rows = int(index.shape[0])
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        """Copy ``other``'s per-row values and state (built for ``len(rows)`` rows) into rows ``rows``."""
+        if type(other) is not type(self):
+            raise ConfigError(f"{self.name}: assign needs a {type(self).__name__}, got {type(other).__name__}")
+        if self.rows is None:
+            raise ConfigError(f"{self.name}: assign needs a processor built with per-row values")
+        for field in self.row_fields:
+            mine, theirs = getattr(self, field, None), getattr(other, field, None)
+            if not isinstance(mine, torch.Tensor):
+                continue  # state not started yet (no begin)
+            if theirs is None:
+                raise ConfigError(f"{self.name}: assign: the new rows have no {field.lstrip('_')} (call begin first)")
+            updated = mine.clone()
+            updated[rows.to(mine.device)] = torch.as_tensor(theirs).to(device=mine.device, dtype=mine.dtype)
+            setattr(self, field, updated)
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        """Whether some row is not off, from host values (a sync when they live on a device)."""
+        return True
+
+    def init_setting(self, name: str, value: Any, kind: type = float) -> None:
+        """Set ``self.<name>`` from a scalar or from per-row values, each validated by ``Params``."""
+
+        def check(v: Any) -> Any:
+            return kind(getattr(validate(self.Params, **{name: v}), name))
+
+        if not is_row_list(value):
+            setattr(self, name, check(value))
+            return
+        values = row_values(value, check)
+        if self.rows is not None and len(values) != self.rows:
+            raise ConfigError(f"{self.name}: {name} has {len(values)} per-row values, another setting {self.rows}")
+        setattr(self, name, float_rows(values) if kind is float else int_rows(values))
+        self.rows = len(values)
+
+    def value(self, name: str, like: torch.Tensor) -> Any:
+        """A setting as a Python scalar, or per row as a ``[B, 1]`` column on ``like``'s device."""
+        v = getattr(self, name)
+        return column(v, like) if isinstance(v, torch.Tensor) else v
+
+    def check_batch(self, logits: torch.Tensor) -> None:
+        """One line when a processor built for ``rows`` rows is called with another batch size."""
+        if self.rows is not None and logits.shape[0] != self.rows:
+            raise ConfigError(
+                f"{self.name}: built with per-row values for {self.rows} rows, called with a batch of {logits.shape[0]}"
+            )
 
     def __or__(self, other: Processor) -> ProcessorChain:
         return ProcessorChain([self, other])
@@ -69,16 +164,23 @@ class LogitsProcessor:
         """Build from validated params; override when the constructor needs the context."""
         return cls(**params.model_dump())
 
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> LogitsProcessor:
+        """Build from per-row values (one list per ``row_params`` name) and settings shared by every row."""
+        return cls(**values, **shared)
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        shown = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("active", "rows")}
+        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({fields})"
 
 
 class BuildContext:
     """What a processor may need from the surroundings when built from settings.
 
-    ``encode`` turns text into token ids (for ``bad_words`` given as strings), and
-    ``eos_token_id`` names the end-of-sequence token(s).
+    ``encode`` turns text into token ids (for ``bad_words`` given as strings), ``decode`` turns
+    them back (to check that the tokens mean the text), and ``eos_token_id`` names the
+    end-of-sequence token(s).
     """
 
     def __init__(
@@ -87,10 +189,12 @@ class BuildContext:
         eos_token_id: int | list[int] | None = None,
         encode: Callable[[str], list[int]] | None = None,
         vocab_size: int | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
     ) -> None:
         self.eos_token_id = eos_token_id
         self.encode = encode
         self.vocab_size = vocab_size
+        self.decode = decode
 
     def eos_ids(self, setting: str) -> list[int]:
         if self.eos_token_id is None:
@@ -101,9 +205,16 @@ class BuildContext:
     def tokens(self, setting: str, text: str) -> list[int]:
         if self.encode is None:
             raise ConfigError(f"{setting}: {text!r} is text, but no tokenizer is loaded; give token ids instead")
-        ids = self.encode(text)
+        ids = list(self.encode(text))
         if not ids:
             raise ConfigError(f"{setting}: {text!r} encodes to no tokens")
+        if self.decode is not None:
+            back = self.decode(ids)
+            if back != text and back.strip() != text.strip():  # some tokenizers drop a leading space
+                raise ConfigError(
+                    f"{setting}: {text!r} is not what its tokens {ids} decode to ({back!r}): the tokenizer "
+                    "cannot encode it, and banning those tokens would ban something else"
+                )
         return ids
 
 
@@ -141,7 +252,8 @@ class ProcessorChain(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         for p in self._steps:
-            logits = p(input_ids, logits)
+            if getattr(p, "active", True):
+                logits = p(input_ids, logits)
         return logits
 
     def begin(self, input_ids: torch.Tensor) -> None:
@@ -155,6 +267,14 @@ class ProcessorChain(LogitsProcessor):
             reorder = getattr(p, "reorder", None)
             if reorder is not None:
                 reorder(index)
+
+    def assign(self, rows: torch.Tensor, other: ProcessorChain) -> None:  # type: ignore[override]
+        """Processor by processor, :meth:`LogitsProcessor.assign`; ``other`` has the same structure."""
+        if not isinstance(other, ProcessorChain) or [type(p) for p in other] != [type(p) for p in self]:
+            raise ConfigError(f"assign: the chains differ ({self!r} and {other!r})")
+        for mine, theirs in zip(self.processors, other.processors):
+            mine.assign(rows, theirs)  # type: ignore[attr-defined]
+        self._steps = _fuse(self.processors)
 
     def __or__(self, other: Processor) -> ProcessorChain:
         return ProcessorChain([*self.processors, other])
@@ -182,6 +302,8 @@ class ProcessorChain(LogitsProcessor):
         """
         where = f" at step {step}" if step is not None else ""
         for p in self.processors:
+            if not getattr(p, "active", True):
+                continue
             try:
                 out = p(input_ids, logits)
             except Exception as exc:  # a plugin's failure is reported with its name
@@ -200,7 +322,11 @@ class ProcessorChain(LogitsProcessor):
 
 
 def _fuse(processors: list[Processor]) -> list[Processor]:
-    """Replace ``TopK`` directly followed by ``TopP`` with the equivalent fused processor."""
+    """Replace ``TopK`` directly followed by ``TopP`` with the equivalent fused processor.
+
+    Only when both act and are built from scalars: an "off" value (``top_k <= 0``, ``top_p = 1``),
+    ``top_p = 0`` or per-row values run as they are.
+    """
     from decodekit.processors.truncation import TopK, TopKTopP, TopP
 
     out: list[Processor] = []
@@ -208,7 +334,7 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
     while i < len(processors):
         p = processors[i]
         nxt = processors[i + 1] if i + 1 < len(processors) else None
-        if type(p) is TopK and type(nxt) is TopP:
+        if type(p) is TopK and type(nxt) is TopP and p.rows is None and nxt.rows is None and p.top_k > 0 and 0.0 < nxt.top_p < 1.0:
             out.append(TopKTopP(p, nxt))
             i += 2
         else:
@@ -273,9 +399,24 @@ def to_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def keep_nonempty(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Rows of ``new`` that lost every token fall back to ``old`` (a ban never empties a row)."""
+class BanSkippedWarning(UserWarning):
+    """A ban would have removed every token left in a row, so that row was left as it was."""
+
+
+def keep_nonempty(new: torch.Tensor, old: torch.Tensor, setting: str = "") -> torch.Tensor:
+    """Rows of ``new`` that lost every token fall back to ``old`` (a ban never empties a row).
+
+    On CPU, where a sync is free, this is said in a :class:`BanSkippedWarning` naming ``setting``
+    and the rows; on an accelerator it happens silently (checking would sync every step).
+    """
     empty = new.amax(dim=-1, keepdim=True) == NEG_INF  # [B, 1]
-    if new.device.type == "cpu" and not bool(empty.any()):  # the usual case; a sync is free on CPU
-        return new
+    if new.device.type == "cpu":
+        if not bool(empty.any()):  # the usual case; a sync is free on CPU
+            return new
+        rows = empty.flatten().nonzero().flatten().tolist()
+        warnings.warn(
+            f"{setting or 'a ban'}: would remove every token left in row(s) {rows[:8]}; not applied there",
+            BanSkippedWarning,
+            stacklevel=3,
+        )
     return torch.where(empty, old, new)

@@ -1,12 +1,18 @@
-"""Penalties on tokens already in the sequence: repetition, presence, frequency, n-gram blocking."""
+"""Penalties on tokens already in the sequence: repetition, presence, frequency, n-gram blocking.
+
+Each reads ``input_ids`` and ignores negative ids there (left padding; see
+:mod:`decodekit.processors.base`), and takes its setting as a scalar or one value per row.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor, keep_nonempty, to_dtype
-from decodekit.validation import validate
+from decodekit.processors.rows import column, generated_mask, prompt_lengths, real_tokens
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -15,48 +21,90 @@ class RepetitionPenalty(LogitsProcessor):
     """Discourage every token already in the sequence (prompt included), once each.
 
     For each token ``i`` present in ``input_ids``: ``x_i' = x_i / r`` if ``x_i > 0`` else
-    ``x_i * r``. ``r > 1`` discourages repetition, ``r < 1`` encourages it; typical 1.1 to 1.3.
-    transformers' ``RepetitionPenaltyLogitsProcessor`` semantics (CTRL, Keskar et al. 2019).
-    Left-padding tokens count as present, as in transformers.
+    ``x_i * r``. ``r > 1`` discourages repetition, ``r < 1`` encourages it, ``r = 1`` is off;
+    typical 1.1 to 1.3. transformers' ``RepetitionPenaltyLogitsProcessor`` semantics (CTRL,
+    Keskar et al. 2019). Non-negative left-padding ids count as present, as in transformers;
+    negative ones are not tokens.
     """
 
     name = "repetition_penalty"
     order = 10
+    negative_padding = True
+    row_fields = ("repetition_penalty",)
+    row_params = {"repetition_penalty": 1.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         repetition_penalty: float = Field(gt=0.0, allow_inf_nan=False, description="> 1 discourages repeats; 1 = off")
 
-    def __init__(self, repetition_penalty: float) -> None:
-        self.repetition_penalty = float(validate(self.Params, repetition_penalty=repetition_penalty).repetition_penalty)
+    def __init__(self, repetition_penalty: Any) -> None:
+        self.init_setting("repetition_penalty", repetition_penalty)
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        r = self.repetition_penalty
+        return bool((r != 1.0).any()) if isinstance(r, torch.Tensor) else r != 1.0
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] == 0:
+        r = self.repetition_penalty
+        if input_ids.shape[-1] == 0 or not self.active:
             return logits
-        ids = input_ids.to(logits.device)
-        seen = logits.gather(-1, ids).float()  # [B, T]: only the history's logits change
-        r = min(self.repetition_penalty, _F32_MAX)
-        inv = min(1.0 / self.repetition_penalty, _F32_MAX)  # extreme r must not turn 0 * r into NaN
-        penalised = torch.where(seen < 0, seen * r, seen * inv)
+        if isinstance(r, torch.Tensor):
+            self.check_batch(logits)
+            r64 = column(r, logits, torch.float64)
+            strength, inverse = r64.clamp(max=_F32_MAX).float(), (1.0 / r64).clamp(max=_F32_MAX).float()
+        else:  # extreme r must not turn 0 * r into NaN
+            strength, inverse = min(r, _F32_MAX), min(1.0 / r, _F32_MAX)
+        present = _counts(input_ids, logits, real_tokens(input_ids)) > 0  # [B, V]
+        x = logits.float()
+        penalised = torch.where(x < 0, x * strength, x * inverse)
         info = torch.finfo(logits.dtype)
-        penalised = torch.where(torch.isinf(seen), seen, penalised.clamp(min=info.min, max=info.max))
-        return logits.scatter(-1, ids, penalised.to(logits.dtype))
+        penalised = torch.where(torch.isinf(x), x, penalised.clamp(min=info.min, max=info.max)).to(logits.dtype)
+        if isinstance(r, torch.Tensor):
+            present = present & (column(r, logits, torch.float64) != 1.0)
+        return torch.where(present, penalised, logits)
+
+
+def _counts(input_ids: torch.Tensor, logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` float32: how often each token occurs among the positions ``counted`` (``[B, T]``)."""
+    ids = input_ids.to(logits.device)
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return counts.scatter_add_(-1, ids.clamp(min=0), counted.to(logits.device, torch.float32))
 
 
 class _GeneratedCounts(LogitsProcessor):
     """Shared by presence and frequency penalties: counts of each token among generated ones."""
 
-    def __init__(self) -> None:
-        self._prompt_length: int | None = None
+    negative_padding = True
+    setting = ""
+
+    def __init__(self, value: Any) -> None:
+        self._prompt_length: torch.Tensor | None = None
+        self.init_setting(self.setting, value)
+        self.active = self.any_row_on()
 
     def begin(self, input_ids: torch.Tensor) -> None:
-        self._prompt_length = input_ids.shape[-1]
+        self._prompt_length = prompt_lengths(input_ids)
+
+    def any_row_on(self) -> bool:
+        a = getattr(self, self.setting)
+        return bool((a != 0.0).any()) if isinstance(a, torch.Tensor) else a != 0.0
 
     def counts(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        start = self._prompt_length or 0
-        generated = input_ids[:, start:].to(logits.device)
-        counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        return counts.scatter_add_(-1, generated, torch.ones_like(generated, dtype=torch.float32))
+        return _counts(input_ids, logits, generated_mask(input_ids, self._prompt_length))
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        self.check_batch(logits)
+        alpha = self.value(self.setting, logits)
+        out = to_dtype(logits.float() - alpha * self._amount(self.counts(input_ids, logits)), logits)
+        if isinstance(alpha, torch.Tensor):
+            out = torch.where(alpha == 0.0, logits, out)
+        return out
+
+    def _amount(self, counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class PresencePenalty(_GeneratedCounts):
@@ -64,47 +112,48 @@ class PresencePenalty(_GeneratedCounts):
 
     ``c_i`` counts token ``i`` among the *generated* tokens (OpenAI's and vLLM's semantics); when
     used outside :func:`decodekit.generate` (no ``begin`` call) it counts all of ``input_ids``.
-    Range -2 to 2 as OpenAI allows; negative values encourage repeats. transformers has none.
+    Range -2 to 2 as OpenAI allows; negative values encourage repeats; 0 is off. transformers has none.
     """
 
     name = "presence_penalty"
+    setting = "presence_penalty"
     order = 20
+    row_fields = ("presence_penalty", "_prompt_length")
+    row_params = {"presence_penalty": 0.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         presence_penalty: float = Field(ge=-2.0, le=2.0, description="flat penalty on generated tokens, in [-2, 2]")
 
-    def __init__(self, presence_penalty: float) -> None:
-        super().__init__()
-        self.presence_penalty = float(validate(self.Params, presence_penalty=presence_penalty).presence_penalty)
+    def __init__(self, presence_penalty: Any) -> None:
+        super().__init__(presence_penalty)
 
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        c = self.counts(input_ids, logits)
-        out = logits.float() - self.presence_penalty * (c > 0).float()
-        return to_dtype(out, logits)
+    def _amount(self, counts: torch.Tensor) -> torch.Tensor:
+        return (counts > 0).float()
 
 
 class FrequencyPenalty(_GeneratedCounts):
     """Subtract ``alpha`` per occurrence among generated tokens: ``x_i' = x_i - alpha * c_i``.
 
     OpenAI's semantics (``c_i`` counts generated tokens only; see :class:`PresencePenalty`).
-    Range -2 to 2. transformers has none.
+    Range -2 to 2; 0 is off. transformers has none.
     """
 
     name = "frequency_penalty"
+    setting = "frequency_penalty"
     order = 30
+    row_fields = ("frequency_penalty", "_prompt_length")
+    row_params = {"frequency_penalty": 0.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         frequency_penalty: float = Field(ge=-2.0, le=2.0, description="penalty per generated occurrence, in [-2, 2]")
 
-    def __init__(self, frequency_penalty: float) -> None:
-        super().__init__()
-        self.frequency_penalty = float(validate(self.Params, frequency_penalty=frequency_penalty).frequency_penalty)
+    def __init__(self, frequency_penalty: Any) -> None:
+        super().__init__(frequency_penalty)
 
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        c = self.counts(input_ids, logits)
-        return to_dtype(logits.float() - self.frequency_penalty * c, logits)
+    def _amount(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts
 
 
 class NoRepeatNGram(LogitsProcessor):
@@ -112,31 +161,63 @@ class NoRepeatNGram(LogitsProcessor):
 
     With ``n = no_repeat_ngram_size``: for each earlier position where the last ``n - 1`` tokens
     occurred, the token that followed them is set to ``-inf``. ``n = 1`` bans every token seen.
-    transformers' ``NoRepeatNGramLogitsProcessor`` semantics, vectorised (no loop over rows).
-    A ban that would leave a row no token is not applied to that row.
-    Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization".
+    transformers' ``NoRepeatNGramLogitsProcessor`` semantics, vectorised (no loop over rows; per-row
+    sizes take one pass per distinct size). ``n = 0`` is off, as in transformers. An n-gram holding
+    a negative (padding) id is never one. A ban that would leave a row no token is not applied to
+    that row. Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization".
     """
 
     name = "no_repeat_ngram"
     idempotent = True
     order = 40
+    negative_padding = True
+    row_fields = ("no_repeat_ngram_size",)
+    row_params = {"no_repeat_ngram_size": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        no_repeat_ngram_size: int = Field(ge=1, description="ban repeating n-grams of this size")
+        no_repeat_ngram_size: int = Field(ge=0, description="ban repeating n-grams of this size; 0 = off")
 
-    def __init__(self, no_repeat_ngram_size: int) -> None:
-        self.no_repeat_ngram_size = validate(self.Params, no_repeat_ngram_size=no_repeat_ngram_size).no_repeat_ngram_size
+    def __init__(self, no_repeat_ngram_size: Any) -> None:
+        self.init_setting("no_repeat_ngram_size", no_repeat_ngram_size, int)
+        self.active = self.any_row_on()
+        self._sizes = self._distinct_sizes()
+
+    def _distinct_sizes(self) -> list[int]:
+        n = self.no_repeat_ngram_size
+        return sorted({int(v) for v in n.tolist()} - {0}) if isinstance(n, torch.Tensor) else [n] if n else []
+
+    def any_row_on(self) -> bool:
+        n = self.no_repeat_ngram_size
+        return bool((n > 0).any()) if isinstance(n, torch.Tensor) else n > 0
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        super().assign(rows, other)
+        self._sizes = self._distinct_sizes()
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        n = self.no_repeat_ngram_size
-        t = input_ids.shape[-1]
-        if t < n:
-            return logits
+        self.check_batch(logits)
         ids = input_ids.to(logits.device)
-        windows = ids.unfold(-1, n, 1)  # [B, W, n], every n-gram so far
-        prefix = ids[:, t - n + 1 :]  # [B, n-1], the n-gram being started now
-        match = (windows[..., : n - 1] == prefix[:, None, :]).all(dim=-1)  # [B, W]
-        hits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        hits.scatter_add_(-1, windows[..., n - 1], match.float())
-        return keep_nonempty(torch.where(hits > 0, NEG_INF, logits), logits)
+        banned = None
+        per_row = isinstance(self.no_repeat_ngram_size, torch.Tensor)
+        for n in self._sizes:  # one pass per distinct size, not per row
+            if ids.shape[-1] < n:
+                continue
+            hits = _ngram_hits(ids, n, logits.shape)
+            if per_row:
+                hits = hits & (column(self.no_repeat_ngram_size, logits) == n)
+            banned = hits if banned is None else banned | hits
+        if banned is None:
+            return logits
+        return keep_nonempty(torch.where(banned, NEG_INF, logits), logits, "no_repeat_ngram_size")
+
+
+def _ngram_hits(ids: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+    """``[B, V]`` bool: tokens that would complete an n-gram of ``ids`` (none holding a negative id)."""
+    t = ids.shape[-1]
+    windows = ids.unfold(-1, n, 1)  # [B, W, n], every n-gram so far
+    prefix = ids[:, t - n + 1 :]  # [B, n-1], the n-gram being started now
+    match = (windows[..., : n - 1] == prefix[:, None, :]).all(dim=-1) & (windows >= 0).all(dim=-1)  # [B, W]
+    hits = torch.zeros(shape, dtype=torch.float32, device=ids.device)
+    hits.scatter_add_(-1, windows[..., n - 1].clamp(min=0), match.float())
+    return hits > 0

@@ -2,43 +2,86 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from decodekit.processors.base import NEG_INF, LogitsProcessor, to_dtype
+from decodekit.processors.rows import column, float_rows, is_row_list, row_values
 from decodekit.validation import validate
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
-from decodekit.processors.base import NEG_INF, LogitsProcessor, to_dtype
 
 
 class Temperature(LogitsProcessor):
-    """Divide the logits by a temperature ``t``: ``x'_i = (x_i - max_j x_j) / t``.
+    """Divide the logits by a temperature ``t``: ``x'_i = x_i / t``.
 
-    ``t < 1`` sharpens, ``t > 1`` flattens, ``t = 1`` changes nothing; typical range 0.2 to 1.5.
-    ``t = 0`` means greedy: only the (first) most likely token is kept, so any sampler then picks
-    the argmax. Subtracting the row maximum first leaves the distribution exactly as
-    transformers' ``TemperatureLogitsWarper`` (``x / t``) gives it but cannot overflow; the raw
-    values differ by that per-row constant. transformers refuses ``t = 0``; we define it.
+    ``t < 1`` sharpens, ``t > 1`` flattens, ``t = 1`` changes nothing (off); typical range 0.2
+    to 1.5. ``t = 0`` means greedy: only the (first) most likely token is kept, so any sampler then
+    picks the argmax; transformers refuses ``t = 0``, llama.cpp defines it the same way.
+
+    The values are transformers' ``TemperatureLogitsWarper`` ones (``x / t``, computed in float32),
+    not only its distribution, so a processor after it that looks at the sign of a logit
+    (``RepetitionPenalty``) acts as in transformers' same list. Only a row whose scaled values would
+    leave the dtype's range (where transformers gives ``inf`` or NaN) is computed as
+    ``(x - max x) / t`` instead: the same distribution, without overflow. Takes one ``t`` per row.
     """
 
     name = "temperature"
     order = 200
+    row_fields = ("temperature",)
+    row_params = {"temperature": 1.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="softmax temperature; 0 = greedy")
+        temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="softmax temperature; 0 = greedy, 1 = off")
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = float(validate(self.Params, temperature=temperature).temperature)
+    def __init__(self, temperature: Any = 1.0) -> None:
+        def check(t: Any) -> float:
+            return float(validate(self.Params, temperature=t).temperature)
+
+        if is_row_list(temperature):
+            values = row_values(temperature, check)
+            self.temperature: float | torch.Tensor = float_rows(values)
+            self.rows = len(values)
+        else:
+            self.temperature = check(temperature)
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        t = self.temperature
+        return bool((t != 1.0).any()) if isinstance(t, torch.Tensor) else t != 1.0
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.temperature == 1.0:
-            return logits
-        if self.temperature == 0.0:
-            best = logits.argmax(dim=-1, keepdim=True)
-            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True)
-            return torch.where(~keep, NEG_INF, logits)
-        x = logits.float()
-        scale = min(1.0 / self.temperature, _F32_MAX)  # a tiny t must not turn 0 / t into NaN
-        shifted = (x - x.amax(dim=-1, keepdim=True)).mul_(scale)  # <= 0 everywhere: cannot overflow
-        return shifted if logits.dtype == torch.float32 else to_dtype(shifted, logits)
+        t = self.temperature
+        if not isinstance(t, torch.Tensor):
+            if t == 1.0:
+                return logits
+            if t == 0.0:
+                return _greedy(logits)
+            return _scale(logits, t, min(1.0 / t, _F32_MAX))
+        self.check_batch(logits)
+        t64 = column(t, logits, torch.float64)  # [B, 1]
+        safe = torch.where(t64 == 0.0, 1.0, t64)
+        scaled = _scale(logits, safe.float(), (1.0 / safe).clamp(max=_F32_MAX).float())
+        out = torch.where(t64 == 0.0, _greedy(logits), scaled)
+        return torch.where(t64 == 1.0, logits, out)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Only each row's first maximum (the token ``argmax`` picks) kept."""
+    best = logits.argmax(dim=-1, keepdim=True)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True)
+    return torch.where(keep, logits, NEG_INF)
+
+
+def _scale(logits: torch.Tensor, t: float | torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``x / t``; rows whose values would overflow get ``(x - max x) * scale`` instead."""
+    x = logits.float()
+    scaled = (x / t).to(logits.dtype)
+    fits = (torch.isfinite(scaled) | (x == NEG_INF)).all(dim=-1, keepdim=True)  # [B, 1]
+    if logits.device.type == "cpu" and bool(fits.all()):  # the usual case; a sync is free on CPU
+        return scaled
+    shifted = to_dtype((x - x.amax(dim=-1, keepdim=True)).mul_(scale), logits)  # <= 0: cannot overflow
+    return torch.where(fits, scaled, shifted)

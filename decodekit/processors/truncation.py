@@ -2,18 +2,20 @@
 
 Every filter here keeps whole groups of tied values (a token tied with the last one kept is
 kept too), so results never depend on how a sort orders equal values, and every filter is
-idempotent. Each always keeps at least the most likely token.
+idempotent. Each always keeps at least the most likely token. This module holds the rank and
+mass filters (top-k, top-p, fused); :mod:`decodekit.processors.cutoffs` the probability cut-offs.
+Each takes its setting as a scalar or one value per row (see :mod:`decodekit.processors.base`).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from decodekit.validation import validate
 from decodekit.processors.base import NEG_INF, LogitsProcessor
+from decodekit.processors.rows import column
 
 
 def _keep_top_n(logits: torch.Tensor, remove: torch.Tensor, n: int) -> torch.Tensor:
@@ -29,28 +31,56 @@ class TopK(LogitsProcessor):
 
     Tokens tied with the k-th are kept, as in transformers' ``TopKLogitsWarper``, whose
     semantics this has (``k`` is raised to ``min_tokens_to_keep`` and capped at the vocabulary).
-    Typical range 20 to 100. Fan et al. 2018, "Hierarchical Neural Story Generation".
+    ``k = 0`` (transformers, llama.cpp) and ``k = -1`` (llama.cpp, vLLM) mean off: every token kept,
+    the logits returned unchanged. Typical range 20 to 100. Fan et al. 2018, "Hierarchical Neural Story Generation".
     """
 
     name = "top_k"
     idempotent = True
     order = 300
+    row_fields = ("top_k",)
+    row_params = {"top_k": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        top_k: int = Field(ge=1, description="keep the k most likely tokens")
+        top_k: int = Field(ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
 
-    def __init__(self, top_k: int, min_tokens_to_keep: int = 1) -> None:
-        self.top_k = validate(self.Params, top_k=top_k).top_k
+    def __init__(self, top_k: Any, min_tokens_to_keep: int = 1) -> None:
+        self.init_setting("top_k", top_k, int)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
+        self.active = self.any_row_on()
+        self._k_max = self._largest_k()
+
+    def any_row_on(self) -> bool:
+        k = self.top_k
+        return bool((k > 0).any()) if isinstance(k, torch.Tensor) else k > 0
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        super().assign(rows, other)
+        self._k_max = self._largest_k()
+
+    def _largest_k(self) -> int:
+        """The largest k of any row (host value: one ``topk`` call serves every row)."""
+        k = self.top_k
+        return max(int(k.max()) if isinstance(k, torch.Tensor) else k, self.min_tokens_to_keep)
 
     def k_for(self, vocab_size: int) -> int:
         return min(max(self.top_k, self.min_tokens_to_keep), vocab_size)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        k = self.k_for(logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        return torch.where(logits < kth, NEG_INF, logits)
+        if not isinstance(self.top_k, torch.Tensor):
+            if self.top_k <= 0:
+                return logits
+            k = self.k_for(logits.shape[-1])
+            kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+            return torch.where(logits < kth, NEG_INF, logits)
+        self.check_batch(logits)
+        v = logits.shape[-1]
+        k = column(self.top_k, logits)  # [B, 1]
+        top = torch.topk(logits, min(self._k_max, v), dim=-1).values  # [B, k_max]
+        k_row = k.clamp(min=self.min_tokens_to_keep).clamp(max=top.shape[-1])
+        kth = top.gather(-1, k_row - 1)  # each row's k-th largest
+        return torch.where((logits < kth) & (k > 0), NEG_INF, logits)
 
 
 class TopP(LogitsProcessor):
@@ -59,26 +89,53 @@ class TopP(LogitsProcessor):
     Sort ascending, ``c_j`` = cumulative probability; tokens with ``c_j <= 1 - p`` are removed
     (transformers' ``TopPLogitsWarper`` rule), then every token whose logit is at least the
     smallest kept one is kept, so ties at the cut stay together (transformers leaves that to the
-    sort order). ``p = 1`` keeps every token of non-zero probability. Typical range 0.8 to 0.95.
+    sort order). ``p = 1`` is off (transformers and llama.cpp skip it): the logits come back
+    unchanged, tokens of underflowing probability included. ``p = 0`` keeps only the most likely
+    token (and its ties), as llama.cpp does. Typical range 0.8 to 0.95.
     Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
     """
 
     name = "top_p"
     order = 400
+    row_fields = ("top_p",)
+    row_params = {"top_p": 1.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        top_p: float = Field(gt=0.0, le=1.0, description="nucleus mass, in (0, 1]")
+        top_p: float = Field(ge=0.0, le=1.0, description="nucleus mass, in [0, 1]; 1 = off, 0 = most likely only")
 
-    def __init__(self, top_p: float, min_tokens_to_keep: int = 1) -> None:
-        self.top_p = float(validate(self.Params, top_p=top_p).top_p)
+    def __init__(self, top_p: Any, min_tokens_to_keep: int = 1) -> None:
+        self.init_setting("top_p", top_p)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        p = self.top_p
+        return bool((p < 1.0).any()) if isinstance(p, torch.Tensor) else p < 1.0
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        p = self.top_p
+        if not isinstance(p, torch.Tensor):
+            if p == 1.0:
+                return logits
+            if p == 0.0:
+                return self._most_likely(logits)
+            return self._nucleus(logits, 1.0 - p)
+        self.check_batch(logits)
+        p = column(p, logits, torch.float64)  # [B, 1]
+        out = torch.where(p == 0.0, self._most_likely(logits), self._nucleus(logits, (1.0 - p).float()))
+        return torch.where(p == 1.0, logits, out)
+
+    def _most_likely(self, logits: torch.Tensor) -> torch.Tensor:
+        remove = _keep_top_n(logits, torch.ones_like(logits, dtype=torch.bool), self.min_tokens_to_keep)
+        return torch.where(remove, NEG_INF, logits)
+
+    def _nucleus(self, logits: torch.Tensor, tail: float | torch.Tensor) -> torch.Tensor:
+        """Remove tokens whose ascending cumulative mass is ``<= tail`` (``1 - p``)."""
         v = logits.shape[-1]
         ascending = torch.sort(logits, dim=-1).values  # [B, V]
         cum = ascending.float().softmax(dim=-1).cumsum(dim=-1)
-        n_removed = (cum <= 1.0 - self.top_p).sum(dim=-1, keepdim=True)
+        n_removed = (cum <= tail).sum(dim=-1, keepdim=True)
         n_removed = n_removed.clamp(max=max(v - self.min_tokens_to_keep, 0))
         threshold = ascending.gather(-1, n_removed)  # smallest kept logit, [B, 1]
         return torch.where(logits < threshold, NEG_INF, logits)
@@ -123,151 +180,6 @@ class TopKTopP(LogitsProcessor):
         n_removed = (cum <= 1.0 - self.top_p.top_p).sum(dim=-1, keepdim=True)
         n_removed = n_removed.clamp(max=max(k - self.top_p.min_tokens_to_keep, 0))
         return ascending.gather(-1, n_removed)
-
-
-class MinP(LogitsProcessor):
-    """Keep tokens with ``p_i >= min_p * max_j p_j``: a cut that scales with the model's confidence.
-
-    transformers' ``MinPLogitsWarper`` semantics. Typical range 0.01 to 0.2.
-    Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM Outputs".
-    """
-
-    name = "min_p"
-    idempotent = True
-    order = 500
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        min_p: float = Field(ge=0.0, le=1.0, description="relative probability floor, in [0, 1]")
-
-    def __init__(self, min_p: float, min_tokens_to_keep: int = 1) -> None:
-        self.min_p = float(validate(self.Params, min_p=min_p).min_p)
-        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
-
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.float().softmax(dim=-1)
-        remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
-        remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
-        return torch.where(remove, NEG_INF, logits)
-
-
-class TypicalP(LogitsProcessor):
-    """Locally typical filtering: keep the tokens whose surprise is closest to the entropy.
-
-    With ``H = -sum p log p`` and ``d_i = |-log p_i - H|``, sort by ``d`` ascending and keep the
-    first tokens until their mass reaches ``typical_p`` (plus any tied in ``d`` with the last).
-    transformers' ``TypicalLogitsWarper`` semantics. Typical range 0.2 to 0.95.
-    Meister et al. 2023, "Locally Typical Sampling".
-    """
-
-    name = "typical_p"
-    order = 600
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        typical_p: float = Field(gt=0.0, le=1.0, description="typical mass, in (0, 1]")
-
-    def __init__(self, typical_p: float, min_tokens_to_keep: int = 1) -> None:
-        self.typical_p = float(validate(self.Params, typical_p=typical_p).typical_p)
-        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
-
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        x = logits.float()
-        logp = torch.log_softmax(x, dim=-1)
-        entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
-        distance = (-logp - entropy).abs()  # +inf for removed tokens
-        ascending, order = torch.sort(distance, dim=-1)
-        cum = x.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-        last = (cum < self.typical_p).sum(dim=-1, keepdim=True).clamp(max=x.shape[-1] - 1)
-        threshold = ascending.gather(-1, last)
-        floor = ascending[..., min(self.min_tokens_to_keep, x.shape[-1]) - 1 :][..., :1]
-        remove = distance > torch.maximum(threshold, floor)
-        return torch.where(remove, NEG_INF, logits)
-
-
-class EpsilonCutoff(LogitsProcessor):
-    """Remove tokens with ``p_i < epsilon`` (the most likely token always stays).
-
-    transformers' ``EpsilonLogitsWarper`` semantics. Typical range 3e-4 to 9e-4.
-    Hewitt et al. 2022, "Truncation Sampling as Language Model Desmoothing".
-    """
-
-    name = "epsilon_cutoff"
-    idempotent = True
-    order = 700
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        epsilon_cutoff: float = Field(gt=0.0, lt=1.0, description="absolute probability floor, in (0, 1)")
-
-    def __init__(self, epsilon_cutoff: float, min_tokens_to_keep: int = 1) -> None:
-        self.epsilon_cutoff = float(validate(self.Params, epsilon_cutoff=epsilon_cutoff).epsilon_cutoff)
-        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
-
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        remove = logits.float().softmax(dim=-1) < self.epsilon_cutoff
-        remove = _keep_top_n(logits, remove, self.min_tokens_to_keep)
-        return torch.where(remove, NEG_INF, logits)
-
-
-class EtaCutoff(LogitsProcessor):
-    """Remove tokens with ``p_i < eta``, ``eta = min(epsilon, sqrt(epsilon) * exp(-H))``.
-
-    An entropy-dependent epsilon cut: permissive when the model is unsure. transformers'
-    ``EtaLogitsWarper`` semantics. Typical range 3e-4 to 2e-3.
-    Hewitt et al. 2022, "Truncation Sampling as Language Model Desmoothing".
-    """
-
-    name = "eta_cutoff"
-    order = 800
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        eta_cutoff: float = Field(gt=0.0, lt=1.0, description="eta's epsilon, in (0, 1)")
-
-    def __init__(self, eta_cutoff: float, min_tokens_to_keep: int = 1) -> None:
-        self.eta_cutoff = float(validate(self.Params, eta_cutoff=eta_cutoff).eta_cutoff)
-        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
-
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        probs = logp.exp()
-        entropy = -(logp * probs).nansum(dim=-1, keepdim=True)
-        eta = torch.clamp(math.sqrt(self.eta_cutoff) * torch.exp(-entropy), max=self.eta_cutoff)
-        remove = _keep_top_n(logits, probs < eta, self.min_tokens_to_keep)
-        return torch.where(remove, NEG_INF, logits)
-
-
-class TopNSigma(LogitsProcessor):
-    """Keep tokens with ``x_i >= max_j x_j - n * sigma``, sigma the std of the finite logits.
-
-    Works on raw logits, so it is insensitive to temperature applied after it. llama.cpp's
-    ``top_n_sigma`` semantics (population standard deviation over tokens not already removed);
-    transformers has no counterpart. Typical ``n`` 1.0 to 2.0.
-    Tang et al. 2024, "Top-nσ: Not All Logits Are You Need".
-    """
-
-    name = "top_n_sigma"
-    order = 900
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        top_n_sigma: float = Field(gt=0.0, allow_inf_nan=False, description="how many standard deviations below the max to keep")
-
-    def __init__(self, top_n_sigma: float) -> None:
-        self.top_n_sigma = float(validate(self.Params, top_n_sigma=top_n_sigma).top_n_sigma)
-
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        x = logits.float()
-        finite = torch.isfinite(x)
-        count = finite.sum(dim=-1, keepdim=True).clamp(min=1)
-        zeroed = torch.where(finite, x, torch.zeros_like(x))
-        row_max = torch.where(finite, x, NEG_INF).amax(dim=-1, keepdim=True)
-        mean = zeroed.sum(dim=-1, keepdim=True) / count
-        var = torch.where(finite, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=-1, keepdim=True) / count
-        threshold = row_max - self.top_n_sigma * var.sqrt()
-        threshold = torch.where(torch.isnan(threshold), torch.full_like(threshold, NEG_INF), threshold)
-        return torch.where(x < threshold, NEG_INF, logits)
 
 
 def _min_keep(n: int) -> int:
