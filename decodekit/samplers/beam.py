@@ -7,12 +7,15 @@ diverse beam search, over beam groups (a group's penalty depends on the tokens e
 chose). The bookkeeping follows transformers 5's vectorised ``_beam_search`` step for step, and
 diverse beam search follows transformers 4's group beam search (which transformers 5 dropped), so
 the same model and prompt give the same sequences and scores.
+
+This module holds the search loop and the model side (:class:`_Runner`); the kept hypotheses and
+the returned output are in :mod:`decodekit.samplers.hypotheses`, the ``must_include`` steps in
+:mod:`decodekit.samplers.constrained`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -22,11 +25,14 @@ from decodekit.errors import ConfigError
 from decodekit.processors.base import BuildContext, invalid_rows
 from decodekit.random import RowRandom, row_seeds
 from decodekit.samplers.base import Sampler
-from decodekit.samplers.constrained import Constraints, allocate, phrases_from_setting, tails
+from decodekit.samplers.constrained import (
+    Constraints,
+    constrained_candidates,
+    fallback_hypotheses,
+    phrases_from_setting,
+)
+from decodekit.samplers.hypotheses import NEG, KeptHypotheses, beam_output, group_done, take
 from decodekit.validation import validate
-
-NEG = -1.0e9  # an impossible score, as transformers writes it (finite, so sums stay ordered)
-
 
 class BeamSearch(Sampler):
     """Keep the ``num_beams`` best partial sequences per prompt; return the best finished ones.
@@ -63,10 +69,11 @@ class BeamSearch(Sampler):
       ``diversity_penalty * (times the token was just chosen by earlier groups for this
       prompt)`` (Hamming diversity), and that penalty is part of its scores. The bookkeeping is
       transformers 4's group beam search: each group keeps its own ``k = num_beams /
-      num_beam_groups`` hypotheses and is done on its own (:func:`_group_done`: its top candidate,
-      EOS or not, is the bound); a done group adds nothing and its beams count as ``pad_token_id``
-      in later groups' penalty; at ``max_new_tokens`` the EOS candidates among a group's first
-      ``k`` finish, then, if the group is still open, its ``k`` best other candidates.
+      num_beam_groups`` hypotheses and is done on its own
+      (:func:`~decodekit.samplers.hypotheses.group_done`: its top candidate, EOS or not, is the
+      bound); a done group adds nothing and its beams count as ``pad_token_id`` in later groups'
+      penalty; at ``max_new_tokens`` the EOS candidates among a group's first ``k`` finish, then,
+      if the group is still open, its ``k`` best other candidates.
     - ``must_include``: words (or token-id lists) that must each appear in the output:
       constrained beam search (see :mod:`decodekit.samplers.constrained` and docs/beam.md).
 
@@ -216,9 +223,9 @@ class BeamSearch(Sampler):
         run_score = torch.zeros((B, G, k), device=device)
         run_score[..., 1:] = NEG
         run_logp = torch.zeros((B, G, k, N), device=device)
-        kept = _Kept.empty(run_seq, run_logp)
+        kept = KeptHypotheses.empty(run_seq, run_logp)
         unsatisfied = torch.ones((B, G), dtype=torch.bool, device=device)  # can still improve (groups: not done)
-        by_group = G > 1  # transformers 4's group beam search bookkeeping (see _group_done)
+        by_group = G > 1  # transformers 4's group beam search bookkeeping (see group_done)
         may_finish_rank = torch.arange(K, device=device) < k  # only the top k candidates may finish
         one_sample = self.beam_sample and nb == 1
         draw_order = -torch.arange(K, device=device, dtype=torch.float32)
@@ -257,7 +264,7 @@ class BeamSearch(Sampler):
                         chosen = keys.topk(k, dim=-1).indices  # [B, k]
                     next_score = keys.gather(1, chosen)
                 else:
-                    found = _constrained_candidates(
+                    found = constrained_candidates(
                         constraints, scored, run_score[:, 0], run_seq[:, 0], met, progress, eos, K, k, T0, step, N
                     )
                     beam, token, score, hits, may_finish, chosen, next_score, met, progress, fallback_ok = found
@@ -273,17 +280,19 @@ class BeamSearch(Sampler):
                 norm = norm + (~may_finish).to(torch.float32) * NEG
                 kept.merge(g, cand_seq, cand_logp, norm, may_finish, step + 1, torch.isin(token, eos))
                 if constraints is not None and last:
-                    fallback = _fallback(score / ((step + 1) ** lp), fallback_ok, cand_seq, cand_logp,
-                                         self.num_return_sequences, step + 1, torch.isin(token, eos))  # fmt: skip
+                    fallback = fallback_hypotheses(
+                        score / ((step + 1) ** lp), fallback_ok, cand_seq, cand_logp,
+                        self.num_return_sequences, step + 1, torch.isin(token, eos),
+                    )  # fmt: skip
 
                 # Running beams for the next step.
-                run_seq[:, g] = _take(cand_seq, chosen)
-                run_logp[:, g] = _take(cand_logp, chosen)
+                run_seq[:, g] = take(cand_seq, chosen)
+                run_logp[:, g] = take(cand_logp, chosen)
                 run_score[:, g] = next_score
                 source[:, g] = beam.gather(1, chosen)
                 open_g = unsatisfied[:, g, None].clone()  # [B, 1]: open before this step's verdict
                 if by_group:  # done now? (then at the last step the open groups' running beams finish)
-                    done = _group_done(kept.score[:, g], kept.done[:, g], score[:, 0], step + 1, N, es, lp)
+                    done = group_done(kept.score[:, g], kept.done[:, g], score[:, 0], step + 1, N, es, lp)
                     unsatisfied[:, g] &= ~done
                     if last:
                         still = unsatisfied[:, g, None].expand(B, k)
@@ -310,7 +319,7 @@ class BeamSearch(Sampler):
 
         if bool(invalid):
             loop.diagnose(chain, history, raw, step)
-        return self._output(ids, kept, fallback, pad, stopping, on_token, output_scores)
+        return beam_output(ids, kept, fallback, self.num_return_sequences, pad, stopping, on_token, output_scores)
 
     def _candidates(
         self, scored: torch.Tensor, run_score: torch.Tensor, K: int, rng: RowRandom | None
@@ -325,123 +334,8 @@ class BeamSearch(Sampler):
             score = acc.gather(1, index)
         return index // V, index % V, score
 
-    def _output(
-        self, ids: torch.Tensor, kept: _Kept, fallback: dict[str, torch.Tensor] | None, pad: int,
-        stopping: Sequence[Any], on_token: Any, output_scores: bool,
-    ) -> Any:  # fmt: skip
-        """The ``num_return_sequences`` best kept hypotheses per prompt as a ``GenerateOutput``."""
-        from decodekit.loop import FINISH_REASONS, GenerateOutput
-
-        B, T0 = ids.shape
-        G, k, L = kept.seq.shape[1:4]
-        r = self.num_return_sequences
-        seqs, scores = kept.seq.view(B, G * k, L), kept.score.view(B, G * k)
-        lengths, ends_eos = kept.length.view(B, G * k), kept.eos.view(B, G * k)
-        logps, done = kept.logp.view(B, G * k, -1), kept.done.view(B, G * k)
-        if fallback is not None:  # must_include: hypotheses that met every constraint first, best first
-            seqs = torch.cat([seqs, fallback["seq"]], dim=1)
-            scores = torch.cat([scores, fallback["score"]], dim=1)
-            lengths = torch.cat([lengths, fallback["len"]], dim=1)
-            ends_eos = torch.cat([ends_eos, fallback["eos"]], dim=1)
-            logps = torch.cat([logps, fallback["logp"]], dim=1)
-            tier = torch.cat([(~done).long(), torch.ones_like(fallback["len"])], dim=1)
-            by_score = scores.argsort(dim=-1, descending=True, stable=True)
-            order = by_score.gather(1, tier.gather(1, by_score).argsort(dim=-1, stable=True))[:, :r]
-        else:
-            order = scores.argsort(dim=-1, descending=True, stable=True)[:, :r]  # already sorted when G == 1
-        seqs, scores = _take(seqs, order).reshape(B * r, L), scores.gather(1, order).reshape(B * r)
-        lengths, ends_eos = lengths.gather(1, order).reshape(B * r), ends_eos.gather(1, order).reshape(B * r)
-        logps = _take(logps, order).reshape(B * r, -1)
-        reason = ends_eos.to(torch.int8)  # 1 = eos, 0 = length
-        n = int(lengths.max())
-        tokens = seqs[:, T0 : T0 + n]
-        if stopping or on_token is not None:
-            prompts = ids.repeat_interleave(r, dim=0)
-            tokens, lengths, reason = _replay(prompts, tokens, lengths, reason, stopping, on_token, pad)
-            n = int(lengths.max())
-            tokens = tokens[:, :n]
-        logprobs = None
-        if output_scores:
-            logprobs = torch.where(torch.arange(n, device=tokens.device) < lengths[:, None], logps[:, :n], 0.0)
-        return GenerateOutput(
-            tokens=tokens,
-            lengths=lengths,
-            finish_reasons=[FINISH_REASONS[c] for c in reason.tolist()],
-            sequences=torch.cat([ids.repeat_interleave(r, dim=0), tokens], dim=1),
-            logprobs=logprobs,
-            scores=None,
-            sequence_scores=scores,
-        )
-
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _group_done(
-    kept_score: torch.Tensor, kept_done: torch.Tensor, best: torch.Tensor, length: int, max_length: int,
-    early_stopping: bool | str, length_penalty: float,
-) -> torch.Tensor:  # fmt: skip
-    """``[B]``: is a group of diverse beam search done (transformers 4's ``BeamHypotheses.is_done``)?
-
-    Once it holds ``k`` hypotheses: with ``early_stopping=True`` at once, otherwise when its
-    worst one scores at least ``best`` (the step's top candidate score, EOS or not) divided by
-    ``length ** length_penalty`` (``max_length`` for ``"never"`` with ``length_penalty > 0``).
-    A done group adds no hypotheses and its beams count as pads in later groups' penalty.
-    """
-    full = kept_done.all(-1)
-    if early_stopping is True:
-        return full
-    if early_stopping == "never" and length_penalty > 0.0:
-        length = max_length
-    return full & (kept_score.amin(-1) >= best / (length**length_penalty))
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, j], ...]`` for ``x [B, M, ...]`` and ``index [B, J]``: ``[B, J, ...]``."""
-    while index.dim() < x.dim():
-        index = index.unsqueeze(-1)
-    return torch.take_along_dim(x, index, dim=1)
-
-
-@dataclass
-class _Kept:
-    """The best finished hypotheses, ``k`` per prompt and group: ``[B, G, k, ...]`` tensors.
-
-    ``score`` is length-normalised (``NEG`` for an empty slot, ``done`` False), ``length`` counts
-    new tokens, ``eos`` says the hypothesis ended at EOS (else at ``max_new_tokens``).
-    """
-
-    seq: torch.Tensor
-    logp: torch.Tensor
-    score: torch.Tensor
-    done: torch.Tensor
-    length: torch.Tensor
-    eos: torch.Tensor
-
-    @classmethod
-    def empty(cls, seq: torch.Tensor, logp: torch.Tensor) -> _Kept:
-        slots = seq.shape[:3]
-        return cls(
-            seq=seq.clone(), logp=logp.clone(), score=torch.full(slots, NEG, device=seq.device),
-            done=torch.zeros(slots, dtype=torch.bool, device=seq.device),
-            length=torch.zeros(slots, dtype=torch.long, device=seq.device),
-            eos=torch.zeros(slots, dtype=torch.bool, device=seq.device),
-        )  # fmt: skip
-
-    def merge(
-        self, g: int, seq: torch.Tensor, logp: torch.Tensor, score: torch.Tensor, done: torch.Tensor,
-        length: int, eos: torch.Tensor,
-    ) -> None:  # fmt: skip
-        """Add group ``g``'s candidates ``[B, M, ...]`` (``score`` already ``NEG``-masked) and keep the k best."""
-        k = self.score.shape[2]
-        best = torch.cat([self.score[:, g], score], dim=1).topk(k, dim=-1).indices  # [B, k]
-        self.seq[:, g] = _take(torch.cat([self.seq[:, g], seq], dim=1), best)
-        self.logp[:, g] = _take(torch.cat([self.logp[:, g], logp], dim=1), best)
-        self.score[:, g] = _take(torch.cat([self.score[:, g], score], dim=1), best)
-        self.done[:, g] = _take(torch.cat([self.done[:, g], done], dim=1), best)
-        new_length = torch.full_like(done, length, dtype=torch.long)
-        self.length[:, g] = _take(torch.cat([self.length[:, g], new_length], dim=1), best)
-        self.eos[:, g] = _take(torch.cat([self.eos[:, g], eos], dim=1), best)
 
 
 class _Runner:
@@ -485,83 +379,6 @@ class _Runner:
         self.cached += 1
 
 
-def _constrained_candidates(
-    constraints: Constraints, scored: torch.Tensor, run_score: torch.Tensor, run_seq: torch.Tensor,
-    met: torch.Tensor, progress: torch.Tensor, eos: torch.Tensor, K: int, k: int, T0: int, step: int, N: int,
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """One step of constrained beam search for one group of beams ``[B, k]``.
-
-    Candidates: the ``K`` best continuations (EOS only for beams that met every constraint) plus,
-    for every beam, its own best continuation and each token that advances an unmet phrase (so
-    every beam that can still meet its constraints in time has a candidate that does). A
-    candidate is dropped when its need exceeds the steps left (while some candidate of the prompt
-    still fits); the ``k`` that go on are allocated round-robin across banks
-    (:func:`~decodekit.samplers.constrained.allocate`). Returns beam, token, score, hits,
-    may_finish, chosen, next scores, next met / progress, and which candidates are fallbacks.
-    """
-    B, _, V = scored.shape
-    all_met = met.all(-1)  # [B, k]
-    acc = scored + run_score[..., None]
-    is_eos = torch.zeros(V, dtype=torch.bool, device=scored.device)
-    is_eos[eos[eos < V]] = True
-    acc = acc.masked_fill(is_eos & ~all_met[..., None], float("-inf"))
-    acc = acc.masked_fill((run_score < NEG / 2)[..., None], float("-inf"))  # beams that never started
-    flat = acc.reshape(B, k * V)
-    top_index = flat.topk(K, dim=-1).indices  # [B, K]
-    adv_token, adv_valid = constraints.next_tokens(met, progress)  # [B, k, 2P]
-    offset = torch.arange(k, device=scored.device)[:, None] * V  # [k, 1]
-    adv_index = (offset + adv_token).reshape(B, -1)
-    own_index = offset.T + acc.argmax(-1)  # [B, k]: every beam's own best continuation
-    index = torch.cat([top_index, own_index, adv_index], dim=1)  # [B, M]
-    score = flat.gather(1, index)
-    valid = torch.cat([torch.ones_like(top_index, dtype=torch.bool), torch.ones_like(own_index, dtype=torch.bool),
-                       adv_valid.reshape(B, -1)], dim=1)  # fmt: skip
-    m = index.shape[1]
-    earlier = torch.arange(m, device=index.device)[None, :] < torch.arange(m, device=index.device)[:, None]
-    valid = valid & torch.isfinite(score)
-    duplicate = ((index[:, :, None] == index[:, None, :]) & earlier & valid[:, None, :]).any(-1)  # of a valid one
-    valid = valid & ~duplicate
-    beam, token = index // V, index % V
-
-    # Constraint state after each candidate's token.
-    end = T0 + step
-    parent_seq = run_seq.gather(1, beam[..., None].expand(-1, -1, run_seq.shape[-1]))
-    tail = tails(parent_seq, T0, end, constraints.width - 1)
-    tail = torch.cat([tail, token[..., None]], dim=-1)  # [B, M, W]
-    new_met, new_progress = constraints.update(met.gather(1, beam[..., None].expand(-1, -1, met.shape[-1])), tail)
-    need = constraints.need(new_met, new_progress)
-    bank = constraints.bank(new_met, new_progress)
-    done = new_met.all(-1)
-    hits = torch.isin(token, eos) | (step + 1 == N)
-    fits = need <= N - (step + 1)
-    fits = fits | ~(fits & valid & ~hits).any(-1, keepdim=True)  # force only while something still fits
-    go_on = valid & ~hits & fits
-    chosen = allocate(torch.where(go_on, score, float("-inf")), bank, go_on, k, constraints.num_banks)
-    next_score = torch.where(go_on.gather(1, chosen), score.gather(1, chosen), NEG)
-    may_finish = hits & valid & done
-    fallback_ok = hits & valid & ~done
-    score = torch.where(valid, score, NEG)
-    next_met = new_met.gather(1, chosen[..., None].expand(-1, -1, new_met.shape[-1]))
-    next_progress = new_progress.gather(1, chosen[..., None].expand(-1, -1, new_progress.shape[-1]))
-    return beam, token, score, hits, may_finish, chosen, next_score, next_met, next_progress, fallback_ok
-
-
-def _fallback(
-    norm: torch.Tensor, ok: torch.Tensor, seq: torch.Tensor, logp: torch.Tensor, r: int, length: int, eos: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The ``r`` best last-step candidates that missed a constraint, for prompts with too few
-    hypotheses that met them all (returned after those, as transformers does)."""
-    key = torch.where(ok, norm, float("-inf"))
-    best = key.topk(r, dim=-1).indices
-    return {
-        "seq": _take(seq, best),
-        "logp": _take(logp, best),
-        "score": torch.where(ok.gather(1, best), norm.gather(1, best), NEG),
-        "len": torch.full_like(best, length),
-        "eos": eos.gather(1, best),
-    }
-
-
 def _extend(seq: torch.Tensor, beam: torch.Tensor, token: torch.Tensor, end: int) -> torch.Tensor:
     """Candidates ``[B, K, L]``: the running sequences ``seq[:, beam]`` with ``token`` at ``end``."""
     out = seq.gather(1, beam[..., None].expand(-1, -1, seq.shape[-1]))
@@ -575,31 +392,3 @@ def _stopped(criteria: Sequence[Any], sequences: torch.Tensor, n_new: int) -> to
     for criterion in criteria:
         stop = stop | criterion(sequences, n_new).to(sequences.device).bool()
     return stop
-
-
-def _replay(
-    prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, reason: torch.Tensor,
-    stopping: Sequence[Any], on_token: Any, pad: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Run stopping criteria and the streaming callback over the returned rows, step by step, as
-    the sampling loop would have: a criterion that fires cuts its row there (reason ``"stop"``)."""
-    R, n = tokens.shape
-    sequences = torch.cat([prompts, tokens], dim=1)
-    T0 = prompts.shape[1]
-    finished = torch.zeros(R, dtype=torch.bool, device=tokens.device)
-    for step in range(n):
-        token = torch.where(finished, pad, tokens[:, step])
-        sequences[:, T0 + step] = token
-        finished = finished | ((lengths == step + 1) & (reason == 1))  # ended at EOS
-        for criterion in stopping:
-            stop = criterion(sequences[:, : T0 + step + 1], step + 1).to(tokens.device) & ~finished
-            lengths = torch.where(stop, step + 1, lengths)
-            reason = torch.where(stop, torch.full_like(reason, 2), reason)
-            finished = finished | stop
-        if on_token is not None:
-            on_token(step, token, finished)
-        finished = finished | (lengths == step + 1)
-        if bool(finished.all()):
-            break
-    tokens = torch.where(torch.arange(n, device=tokens.device) < lengths[:, None], tokens, pad)
-    return tokens, lengths, reason

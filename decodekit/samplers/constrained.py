@@ -5,8 +5,11 @@ padded tensors and answers, for many candidate beams at once, the questions cons
 search asks each step: which constraints are now met, how many tokens of a partly written phrase
 are in place, how many tokens are still needed at least, which tokens would advance a phrase, and
 which "bank" (amount of constraint progress) a beam belongs to. :func:`allocate` then picks the
-beams that continue, round-robin across banks. Everything is tensor ops over ``[..., candidates]``;
-no Python loop over beams, rows or phrases.
+beams that continue, round-robin across banks. :func:`constrained_candidates` is one step of
+constrained beam search for :class:`~decodekit.samplers.BeamSearch` (``must_include``) and
+:func:`fallback_hypotheses` the last-step candidates returned when too few hypotheses met every
+constraint. Everything is tensor ops over ``[..., candidates]``; no Python loop over beams, rows or
+phrases.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from decodekit.errors import ConfigError
 from decodekit.processors.base import BuildContext
 from decodekit.processors.guidance import word_variants
+from decodekit.samplers.hypotheses import NEG, take
 
 _PAD = -2  # in patterns: matches nothing (real tokens are >= 0, "no token" in a tail is -1)
 
@@ -193,3 +197,80 @@ def allocate(score: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor, k: in
     key = rank * num_banks + (num_banks - 1 - bank)
     key = torch.where(valid, key, torch.iinfo(torch.long).max)
     return key.argsort(dim=-1, stable=True)[..., :k]
+
+
+def constrained_candidates(
+    constraints: Constraints, scored: torch.Tensor, run_score: torch.Tensor, run_seq: torch.Tensor,
+    met: torch.Tensor, progress: torch.Tensor, eos: torch.Tensor, K: int, k: int, T0: int, step: int, N: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """One step of constrained beam search for one group of beams ``[B, k]``.
+
+    Candidates: the ``K`` best continuations (EOS only for beams that met every constraint) plus,
+    for every beam, its own best continuation and each token that advances an unmet phrase (so
+    every beam that can still meet its constraints in time has a candidate that does). A
+    candidate is dropped when its need exceeds the steps left (while some candidate of the prompt
+    still fits); the ``k`` that go on are allocated round-robin across banks (:func:`allocate`).
+    Returns beam, token, score, hits, may_finish, chosen, next scores, next met / progress, and
+    which candidates are fallbacks.
+    """
+    B, _, V = scored.shape
+    all_met = met.all(-1)  # [B, k]
+    acc = scored + run_score[..., None]
+    is_eos = torch.zeros(V, dtype=torch.bool, device=scored.device)
+    is_eos[eos[eos < V]] = True
+    acc = acc.masked_fill(is_eos & ~all_met[..., None], float("-inf"))
+    acc = acc.masked_fill((run_score < NEG / 2)[..., None], float("-inf"))  # beams that never started
+    flat = acc.reshape(B, k * V)
+    top_index = flat.topk(K, dim=-1).indices  # [B, K]
+    adv_token, adv_valid = constraints.next_tokens(met, progress)  # [B, k, 2P]
+    offset = torch.arange(k, device=scored.device)[:, None] * V  # [k, 1]
+    adv_index = (offset + adv_token).reshape(B, -1)
+    own_index = offset.T + acc.argmax(-1)  # [B, k]: every beam's own best continuation
+    index = torch.cat([top_index, own_index, adv_index], dim=1)  # [B, M]
+    score = flat.gather(1, index)
+    valid = torch.cat([torch.ones_like(top_index, dtype=torch.bool), torch.ones_like(own_index, dtype=torch.bool),
+                       adv_valid.reshape(B, -1)], dim=1)  # fmt: skip
+    m = index.shape[1]
+    earlier = torch.arange(m, device=index.device)[None, :] < torch.arange(m, device=index.device)[:, None]
+    valid = valid & torch.isfinite(score)
+    duplicate = ((index[:, :, None] == index[:, None, :]) & earlier & valid[:, None, :]).any(-1)  # of a valid one
+    valid = valid & ~duplicate
+    beam, token = index // V, index % V
+
+    # Constraint state after each candidate's token.
+    end = T0 + step
+    parent_seq = run_seq.gather(1, beam[..., None].expand(-1, -1, run_seq.shape[-1]))
+    tail = tails(parent_seq, T0, end, constraints.width - 1)
+    tail = torch.cat([tail, token[..., None]], dim=-1)  # [B, M, W]
+    new_met, new_progress = constraints.update(met.gather(1, beam[..., None].expand(-1, -1, met.shape[-1])), tail)
+    need = constraints.need(new_met, new_progress)
+    bank = constraints.bank(new_met, new_progress)
+    done = new_met.all(-1)
+    hits = torch.isin(token, eos) | (step + 1 == N)
+    fits = need <= N - (step + 1)
+    fits = fits | ~(fits & valid & ~hits).any(-1, keepdim=True)  # force only while something still fits
+    go_on = valid & ~hits & fits
+    chosen = allocate(torch.where(go_on, score, float("-inf")), bank, go_on, k, constraints.num_banks)
+    next_score = torch.where(go_on.gather(1, chosen), score.gather(1, chosen), NEG)
+    may_finish = hits & valid & done
+    fallback_ok = hits & valid & ~done
+    score = torch.where(valid, score, NEG)
+    next_met = new_met.gather(1, chosen[..., None].expand(-1, -1, new_met.shape[-1]))
+    next_progress = new_progress.gather(1, chosen[..., None].expand(-1, -1, new_progress.shape[-1]))
+    return beam, token, score, hits, may_finish, chosen, next_score, next_met, next_progress, fallback_ok
+
+
+def fallback_hypotheses(
+    norm: torch.Tensor, ok: torch.Tensor, seq: torch.Tensor, logp: torch.Tensor, r: int, length: int, eos: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The ``r`` best last-step candidates that missed a constraint, for prompts with too few
+    hypotheses that met them all (returned after those, as transformers does)."""
+    key = torch.where(ok, norm, float("-inf"))
+    best = key.topk(r, dim=-1).indices
+    return {
+        "seq": take(seq, best),
+        "logp": take(logp, best),
+        "score": torch.where(ok.gather(1, best), norm.gather(1, best), NEG),
+        "len": torch.full_like(best, length),
+        "eos": eos.gather(1, best),
+    }
