@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal
@@ -259,7 +259,11 @@ def build_sampler(name: str, settings: Mapping[str, Any] | None = None, **kwargs
 
 
 def build_row_chain(
-    settings: list[Mapping[str, Any]], context: BuildContext | None = None, order: list[str] | None = None
+    settings: list[Mapping[str, Any]],
+    context: BuildContext | None = None,
+    order: list[str] | None = None,
+    *,
+    include: Sequence[str] = (),
 ) -> ProcessorChain:
     """One chain for a batch whose rows each have their own settings (one dict of flat settings per row).
 
@@ -267,7 +271,9 @@ def build_row_chain(
     set it get its off value (``row_params``), so their logits pass it unchanged. Processors run in
     the registry's default order, or ``order`` first (as ``processor_order``). A processor without
     per-row support is built once, and only when every row gives it the same settings. Errors name
-    the row: ``row 3: top_p=1.5 is not allowed: must be <= 1.0``.
+    the row: ``row 3: top_p=1.5 is not allowed: must be <= 1.0``. ``include`` names processors
+    to build even where every row is off (the request engine gives newcomers the structure of
+    its live chain so).
     """
     registry = get_registry()
     context = context or BuildContext()
@@ -279,7 +285,7 @@ def build_row_chain(
             grouped.append(registry.split(row))
         except ConfigError as exc:
             raise ConfigError(f"row {i}: {exc}") from None
-    names = {key.split(":", 1)[1] for g in grouped for key in g if key.startswith("processor:")}
+    names = {key.split(":", 1)[1] for g in grouped for key in g if key.startswith("processor:")} | set(include)
     rank = {name: i for i, name in enumerate(registry.default_order())}
     first = {name: i for i, name in enumerate(order or [])}
     for name in first:
@@ -288,6 +294,9 @@ def build_row_chain(
     for name in sorted(names, key=lambda n: (0, first[n]) if n in first else (1, rank[n])):
         component = registry.processors[name]
         params = []
+        if all(f"processor:{name}" not in g for g in grouped):  # included, set by no row: all off
+            built.append(_row_processor(component, [None] * len(grouped), context))
+            continue
         for i, g in enumerate(grouped):
             given = g.get(f"processor:{name}")
             try:
@@ -295,7 +304,7 @@ def build_row_chain(
             except ConfigError as exc:
                 raise ConfigError(f"row {i}: {exc}") from None
         processor = _row_processor(component, params, context)
-        if getattr(processor, "active", True):
+        if getattr(processor, "active", True) or name in include:
             built.append(processor)
     return ProcessorChain(built)
 
@@ -304,6 +313,10 @@ def _row_processor(component: Component, params: list[BaseModel | None], context
     """``component`` built for every row: per-row values where it takes them, else one shared build."""
     cls, given = component.cls, [p for p in params if p is not None]
     row_params = getattr(cls, "row_params", {})
+    if not given:  # every row off
+        if not row_params:
+            raise ConfigError(f"{component.name} takes no per-row values: it cannot be off in some rows only")
+        return cls.from_row_params({k: [off] * len(params) for k, off in row_params.items()}, {}, context)
     shared = {k: v for k, v in given[0].model_dump().items() if k not in row_params}
     for i, p in enumerate(params):
         if p is not None and {k: v for k, v in p.model_dump().items() if k not in row_params} != shared:

@@ -204,3 +204,72 @@ def test_generate_text_runs_on_the_engine_and_gives_the_loops_results(default, m
         (r.tokens, r.text, r.finish_reason, r.seed, r.prompt_index, r.sample_index) for r in via_loop
     ]
     assert not steps  # output=[] asks for the loop's raw output: the loop ran
+
+
+# --- settings per request ------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st  # noqa: E402
+
+from decodekit.processors.base import BuildContext  # noqa: E402
+from decodekit.registry import build_chain  # noqa: E402
+
+SETTING_VALUES = {
+    "temperature": st.sampled_from([0.0, 0.5, 0.8, 1.0, 1.3]),
+    "top_k": st.sampled_from([0, 1, 5, 40]),
+    "top_p": st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    "min_p": st.sampled_from([0.0, 0.05, 0.2]),
+    "typical_p": st.sampled_from([0.5, 0.95, 1.0]),
+    "epsilon_cutoff": st.sampled_from([0.0, 0.001]),
+    "eta_cutoff": st.sampled_from([0.0, 0.002]),
+    "top_n_sigma": st.sampled_from([0.0, 1.0, 2.0]),
+    "repetition_penalty": st.sampled_from([1.0, 1.2, 0.9]),
+    "presence_penalty": st.sampled_from([0.0, 0.5]),
+    "frequency_penalty": st.sampled_from([0.0, 0.4]),
+    "no_repeat_ngram_size": st.sampled_from([0, 2, 3]),
+    "min_new_tokens": st.sampled_from([0, 3]),
+}
+request_settings = st.dictionaries(st.sampled_from(sorted(SETTING_VALUES)), st.integers(0, 10**6), max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: SETTING_VALUES[k] for k in keys})
+)
+
+
+@hyp_settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(request_settings, st.integers(1, 25), st.sampled_from(PROMPTS[:4])), min_size=3, max_size=9),
+       st.integers(1, 4))  # fmt: skip
+def test_requests_with_their_own_settings_equal_their_solo_decoding(default, mix, slots: int) -> None:
+    model, tokenizer = default
+    requests = [Request(prompt=p, settings=s, max_new_tokens=n, seed=i, stop=["\n", " the"])
+                for i, (s, n, p) in enumerate(mix)]  # fmt: skip
+    outputs = Engine(model, tokenizer, max_slots=slots).generate(requests)
+    context = BuildContext(eos_token_id=tokenizer.eos_token_id, encode=tokenizer.encode, vocab_size=model.vocab_size)
+    for request, out in zip(requests, outputs):
+        assert out.error is None, out.error
+        chain = build_chain(dict(request.settings), context=context) if request.settings else None
+        solo = generate_text(model, tokenizer, [request.prompt], processors=chain, sampler=Multinomial(), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed, stop=request.stop)[0]  # fmt: skip
+        assert (out.tokens, out.text, out.finish_reason) == (solo.tokens, solo.text, solo.finish_reason), request.settings
+
+
+def test_temperature_zero_is_greedy_for_that_request_alone(default) -> None:
+    model, tokenizer = default
+    requests = [Request(prompt="Why do birds", settings={"temperature": 0}, max_new_tokens=20, seed=s) for s in range(3)]
+    requests.append(Request(prompt="Why do birds", settings={"temperature": 1.5}, max_new_tokens=20, seed=0))
+    outputs = Engine(model, tokenizer, max_slots=4).generate(requests)
+    greedy = generate_text(model, tokenizer, ["Why do birds"], max_new_tokens=20, output=[])[0].tokens
+    assert outputs[0].tokens == outputs[1].tokens == outputs[2].tokens == greedy
+    assert outputs[3].tokens != greedy
+
+
+def test_a_setting_without_per_row_values_is_refused_for_that_request(default) -> None:
+    model, tokenizer = default
+    outputs = Engine(model, tokenizer, max_slots=2).generate([
+        Request(prompt="Once", settings={"bad_words": ["the"]}, id="bw"),
+        Request(prompt="Once", settings={"top_p": 7}, id="range"),
+        Request(prompt="Once", settings={"no_such_setting": 1}, id="unknown"),
+        Request(prompt="Once", settings={"top_p": 0.9}, max_new_tokens=4, id="fine"),
+    ])  # fmt: skip
+    by_id = {o.id: o for o in outputs}
+    assert "bad_words" in by_id["bw"].error and "per-row" in by_id["bw"].error
+    assert "top_p" in by_id["range"].error
+    assert "no_such_setting" in by_id["unknown"].error
+    assert by_id["fine"].finish_reason == "length" and len(by_id["fine"].tokens) == 4

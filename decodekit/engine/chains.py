@@ -24,7 +24,8 @@ import torch
 from decodekit.engine.request import Request
 from decodekit.errors import ConfigError, PluginError
 from decodekit.loop import as_chain
-from decodekit.samplers.rejection import fuse
+from decodekit.processors.truncation import TopP
+from decodekit.samplers.rejection import NucleusMultinomial, fuse
 from decodekit.processors.base import ProcessorChain, processor_name
 from decodekit.samplers.base import Greedy, Multinomial, Sampler
 
@@ -66,6 +67,7 @@ class ChainSource:
         self.slots, self.device = slots, model.device
         self.shared = processors is not None or sampler is not None
         self.defaults = dict(settings)
+        self.context = _context(tokenizer, model)
         if self.shared:
             if settings:
                 raise ConfigError("settings: give either one chain (processors=, sampler=) or default settings, not both")
@@ -74,19 +76,26 @@ class ChainSource:
             if getattr(sampler, "drives_loop", False):
                 raise ConfigError(f"sampler {processor_name(sampler)} drives its own loop (beam search): it runs outside the engine")
             check_engine_ready(template, sampler)
-            self.template, self.template_sampler = template, sampler
-            self.chain = copy.deepcopy(template)
-            self.chain.begin(torch.full((slots, 1), -1, dtype=torch.long, device=self.device))
-            self.sampler = copy.deepcopy(sampler)
+            self.template, self.template_sampler = fuse(template, sampler)
+            self.chain = self._for_slots(copy.deepcopy(self.template))
+            self.sampler = copy.deepcopy(self.template_sampler)
+            _begin(self.sampler, self._no_prompts())
+            _per_slot(self.sampler, slots)
         else:
-            from decodekit.registry import build_row_chain
+            self.names: list[str] = []  # the live chain's processors, in chain order
+            self.chain = ProcessorChain()
+            # one top-p value per row, 1 (off: a plain multinomial draw) unless the row defers its
+            # top-p here, as its chain alone would (`fuse`)
+            self.sampler = NucleusMultinomial(TopP([1.0] * slots))
 
-            self._build = build_row_chain
-            self.context = _context(tokenizer, model)
-            self.chain = build_row_chain([dict(self.defaults)] * slots, self.context)
-            self.chain.begin(torch.full((slots, 1), -1, dtype=torch.long, device=self.device))
-            self.sampler = Multinomial()
-        self.chain, self.sampler = fuse(self.chain, self.sampler)
+    def _no_prompts(self) -> torch.Tensor:
+        return torch.full((self.slots, 1), -1, dtype=torch.long, device=self.device)
+
+    def _for_slots(self, chain: ProcessorChain) -> ProcessorChain:
+        chain.begin(self._no_prompts())
+        for p in chain.processors:
+            _per_slot(p, self.slots)
+        return chain
 
     def settings_of(self, request: Request) -> dict[str, Any]:
         return {**self.defaults, **dict(request.settings)}
@@ -97,23 +106,63 @@ class ChainSource:
             if request.settings:
                 raise ConfigError("settings: this engine decodes every request with the one chain it was given")
             return
-        self._build([self.settings_of(request)], self.context)
+        alone = self._alone(self.settings_of(request))[0]
+        for p in alone.processors:
+            if not type(p).supports_rows() or not getattr(p, "negative_padding", False):
+                raise ConfigError(
+                    f"settings: {p.name} has no per-row values yet, so requests cannot set it in the engine; "
+                    "decode such requests with generate_text or decodekit.generate"
+                )
+
+    def _alone(self, settings: dict[str, Any]) -> tuple[ProcessorChain, float]:
+        """The request's chain as it runs alone, and the top-p its sampler takes (1: none)."""
+        from decodekit.registry import build_row_chain
+
+        chain, sampler = fuse(build_row_chain([settings], self.context), Multinomial())
+        if isinstance(sampler, NucleusMultinomial):
+            return chain, float(sampler.recorded_filter.top_p[0])
+        return chain, 1.0
 
     def admit(self, rows: torch.Tensor, requests: Sequence[Request], prompts: Sequence[Sequence[int]]) -> None:
         """Give slots ``rows`` the processors' values and state of these newcomers."""
         prompt_ids = padded(prompts, self.device)
         if self.shared:
             fresh = copy.deepcopy(self.template)
+            fresh.begin(prompt_ids)
             fresh_sampler = copy.deepcopy(self.template_sampler)
-        else:
-            fresh = self._build([self.settings_of(r) for r in requests], self.context)
-            fresh_sampler = Multinomial()
+            _begin(fresh_sampler, prompt_ids)
+            _assign(self.chain, rows, fresh)
+            _assign(self.sampler, rows, fresh_sampler)
+            return
+        from decodekit.registry import build_row_chain
+
+        settings, top_p = [], []
+        for request in requests:  # per newcomer, at admission
+            merged = self.settings_of(request)
+            alone, p = self._alone(merged)
+            if p < 1.0:
+                merged = {**merged, "top_p": 1.0}  # the sampler takes it, as alone
+            settings.append(merged)
+            top_p.append(p)
+            self._extend([q.name for q in alone.processors if q.name != "top_p" or p == 1.0])
+        fresh = build_row_chain(settings, self.context, include=self.names)
         fresh.begin(prompt_ids)
-        if hasattr(fresh_sampler, "begin"):
-            fresh_sampler.begin(prompt_ids)
-        fresh, fresh_sampler = fuse(fresh, fresh_sampler)
         _assign(self.chain, rows, fresh)
-        _assign(self.sampler, rows, fresh_sampler)
+        self.sampler.assign(rows, NucleusMultinomial(TopP(top_p)))
+
+    def _extend(self, names: Sequence[str]) -> None:
+        """Add processors the live chain lacks, off for every slot, keeping the others as they are."""
+        new = [n for n in names if n not in self.names]
+        if not new:
+            return
+        from decodekit.registry import build_row_chain
+
+        live = {p.name: p for p in self.chain.processors}
+        added = build_row_chain([{}] * self.slots, self.context, include=new)
+        added.begin(self._no_prompts())
+        live.update({p.name: p for p in added.processors})
+        self.names = [p.name for p in build_row_chain([{}], self.context, include=[*self.names, *new]).processors]
+        self.chain = ProcessorChain([live[n] for n in self.names])
 
     def reorder(self, index: torch.Tensor) -> None:
         for part in (self.chain, self.sampler):
@@ -126,6 +175,22 @@ class ChainSource:
             return self.sampler(history, logits, rng)
         except Exception as exc:
             raise PluginError(f"sampler {processor_name(self.sampler)} raised: {type(exc).__name__}: {exc}") from exc
+
+
+def _begin(part: Any, prompt_ids: torch.Tensor) -> None:
+    begin = getattr(part, "begin", None)
+    if begin is not None:
+        begin(prompt_ids)
+
+
+def _per_slot(part: Any, slots: int) -> None:
+    """A processor built from scalars, begun on every slot: its state is per row, so it takes
+    newcomers' state by ``assign`` (its scalar values stay shared)."""
+    if getattr(part, "row_fields", ()) and getattr(part, "rows", 0) is None:
+        part.rows = slots
+    inner = getattr(part, "recorded_filter", None)
+    if inner is not None:
+        _per_slot(inner, slots)
 
 
 def _assign(live: Any, rows: torch.Tensor, fresh: Any) -> None:

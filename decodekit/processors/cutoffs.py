@@ -22,6 +22,7 @@ class _Cutoff(LogitsProcessor):
 
     setting: str = ""
     off: float = 0.0
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
 
     def __init__(self, value: Any, min_tokens_to_keep: int = 1) -> None:
         self.init_setting(self.setting, value)

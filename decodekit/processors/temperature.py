@@ -29,6 +29,7 @@ class Temperature(LogitsProcessor):
     """
 
     name = "temperature"
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
     order = 200
     row_fields = ("temperature",)
     row_params = {"temperature": 1.0}

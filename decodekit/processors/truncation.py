@@ -36,6 +36,7 @@ class TopK(LogitsProcessor):
     """
 
     name = "top_k"
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
     idempotent = True
     order = 300
     row_fields = ("top_k",)
@@ -96,6 +97,7 @@ class TopP(LogitsProcessor):
     """
 
     name = "top_p"
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
     order = 400
     row_fields = ("top_p",)
     row_params = {"top_p": 1.0}
@@ -149,6 +151,7 @@ class TopKTopP(LogitsProcessor):
     """
 
     name = "top_k_top_p"
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
 
     def __init__(self, top_k: TopK, top_p: TopP) -> None:
         self.top_k = top_k

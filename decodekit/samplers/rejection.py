@@ -37,8 +37,11 @@ from decodekit.samplers.base import Multinomial, Sampler, sample_probs
 ROUNDS = 8
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
-    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``."""
+def sample_top_p(logits: torch.Tensor, top_p: float | torch.Tensor, rng: RowRandom, *, rounds: int = ROUNDS) -> torch.Tensor:
+    """One token per row from ``softmax(TopP(top_p)(logits))``, without sorting. ``[B, V] -> [B]``.
+
+    ``top_p``: one value, or one per row (``[B]``; 1 = the whole distribution, as ``Multinomial``).
+    """
     probs = logits.float().softmax(dim=-1)  # [B, V]
     draw = rng.next_draw()  # round r uses sub-draw r of this draw; the fallback sub-draw `rounds`
     rounds_on = _rounds_shrinking if probs.device.type == "cpu" else _rounds_all_rows
@@ -75,29 +78,35 @@ def fuse(chain: ProcessorChain, sampler: Any) -> tuple[ProcessorChain, Any]:
     """The chain and sampler to run for ``chain`` then ``sampler``: the same law, maybe faster.
 
     A chain ending in ``TopP`` (keeping at least one token) before plain ``Multinomial`` hands
-    the filter to :class:`NucleusMultinomial`, which samples the nucleus without sorting. A
+    the filter to :class:`NucleusMultinomial`, which samples the nucleus without sorting (processors
+    that are off, ``active = False``, do nothing and are left out first). A
     ``TopK | TopP`` pair is fused in the chain already (``TopKTopP``) and stays there. Anything
     else is returned as it is.
     """
-    last = chain.processors[-1] if len(chain) else None
-    after_top_k = len(chain) > 1 and type(chain.processors[-2]) is TopK
+    steps = [p for p in chain.processors if getattr(p, "active", True)]  # "off" processors do nothing
+    last = steps[-1] if steps else None
+    after_top_k = len(steps) > 1 and type(steps[-2]) is TopK
     if type(sampler) is Multinomial and type(last) is TopP and last.min_tokens_to_keep == 1 and not after_top_k:
-        return ProcessorChain(chain.processors[:-1]), NucleusMultinomial(last)
+        p = last.top_p
+        if isinstance(p, torch.Tensor) or 0.0 < p < 1.0:  # p = 1 is off and p = 0 is argmax: no rounds
+            return ProcessorChain(steps[:-1]), NucleusMultinomial(last)
     return chain, sampler
 
 
-def _round(probs: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _round(probs: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, top_p: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A draw from ``weights`` per row ``[B]`` and whether it is in the nucleus of ``probs`` ``[B]`` bool."""
     pick = sample_probs(weights, u)  # [B]
     q = probs.gather(-1, pick[:, None])  # [B, 1]
     # L(q), the mass of less likely tokens; the mask as a 0/1 float (``sign`` of a clamped
     # difference): exact, and on CPU several times faster than a comparison to bool and ``where``.
     below = torch.linalg.vecdot(probs, _indicator(q - probs), dim=-1)
+    if isinstance(top_p, torch.Tensor):  # one value per row: the same comparison TopP makes
+        return pick, (below + q.squeeze(-1)) > (1.0 - top_p.to(probs.device, torch.float64)).float()
     return pick, (below + q.squeeze(-1)) > 1.0 - top_p
 
 
 def _rounds_all_rows(
-    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: float, rounds: int
+    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: Any, rounds: int
 ) -> torch.Tensor:
     """The rounds on an accelerator: all of them on every row, then the fallback; no host sync."""
     low = torch.full_like(probs[:, :1], -1.0)  # in play: probability > low
@@ -115,7 +124,7 @@ def _rounds_all_rows(
 
 
 def _rounds_shrinking(
-    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: float, rounds: int
+    logits: torch.Tensor, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor], top_p: Any, rounds: int
 ) -> torch.Tensor:
     """The rounds on CPU, where looking at the result is free: each round after the first works
     on the rows still undecided only (usually one or two of a batch), and stops when none is."""
@@ -129,13 +138,15 @@ def _rounds_shrinking(
             return token
         keep = ~accept
         rows, probs, logits, pick = rows[keep], probs[keep], logits[keep], pick[keep]
+        if isinstance(top_p, torch.Tensor):
+            top_p = top_p[keep]
         low = probs.gather(-1, pick[:, None])  # rejected: so is every token no more likely
         weights = probs * _indicator(probs - low)
     token[rows] = sample_probs(_nucleus(logits, probs, top_p), uniform(rounds)[rows])
     return token
 
 
-def _nucleus(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus(logits: torch.Tensor, probs: torch.Tensor, top_p: Any) -> torch.Tensor:
     """``probs`` outside the nucleus set to 0, the nucleus found by the sort-based filter."""
     return torch.where(TopP(top_p)(None, logits) > float("-inf"), probs, 0.0)
 
