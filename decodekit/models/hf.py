@@ -162,7 +162,7 @@ def _unpickling_error(error: BaseException | None) -> pickle.UnpicklingError | N
 
 def _refused_pickle(folder: Path, error: pickle.UnpicklingError) -> str:
     """One line naming the pickled weights file of ``folder`` that ``torch.load`` refused, and why."""
-    from decodekit.models.loading import unpickling_problem
+    from decodekit.models.checkpoints import unpickling_problem
 
     files = sorted(folder.glob("*.bin"))
     where = files[0] if len(files) == 1 else folder / "*.bin"
