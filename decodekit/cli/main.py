@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -52,13 +52,48 @@ def reported() -> Iterator[None]:
     except DecodekitError as e:
         fail(str(e), EXIT_RUNTIME)
     except BrokenPipeError:  # the reader went away (decode ... | head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         raise SystemExit(EXIT_RUNTIME) from None
     except OSError as e:
         fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), EXIT_RUNTIME)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on the closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class _PipeGuard:
+    """stdout that ends the command quietly when its reader has gone (``decode --help | head -2``).
+
+    Hydra catches and prints the exceptions of what it runs (``--cfg``, ``--info``) as tracebacks;
+    a SystemExit passes through it.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> NoReturn:
+        _stdout_to_devnull()
+        raise SystemExit(EXIT_RUNTIME)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -154,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 for job in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
                     compose_config(job, registry)
     sys.argv = [sys.argv[0], *argv]
+    sys.stdout = _PipeGuard(sys.stdout)  # Hydra prints --help, --cfg, --info itself, outside reported()
     decode()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
