@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from decodekit.errors import ConfigError, PluginError
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.validation import validate
 
@@ -63,7 +64,9 @@ class CommandConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="most tokens added per sample")
     num_samples: int = Field(1, ge=1, description="samples per prompt, in one batch")
     batch_size: int = Field(8, ge=1, description="prompts per batch with prompt_file")
-    seed: Optional[int] = Field(None, ge=0, description="sample i uses seed + i; null = random")
+    seed: Optional[int] = Field(
+        None, ge=0, lt=SEED_LIMIT, description="0 <= seed < 2**32; sample i uses seed + i (mod 2**32); null = random"
+    )
     stop: list[str] = Field(default_factory=list, description='stop strings, e.g. \'["\\n\\n"]\'')
     eos_token_id: Optional[int] = Field(None, ge=0, description="end-of-text id (default: the tokenizer's)")
     strategy: str = Field("custom", description="the strategy that preset the knobs")

@@ -18,6 +18,7 @@ from typing import TextIO
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
 from decodekit.cli.run import Decoder, JsonlWriter, Output, label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.text import generate_text
 
@@ -150,7 +151,7 @@ class Session:
         assert d.tokenizer is not None
         context = self.text + typed
         n = c.num_samples
-        seed = (c.seed + self.turns * n) if c.seed is not None else secrets.randbelow(2**31)
+        seed = (c.seed + self.turns * n) % SEED_LIMIT if c.seed is not None else secrets.randbelow(2**31)
         self.turns += 1
         made: list[str] = []
 

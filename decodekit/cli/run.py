@@ -25,6 +25,7 @@ from decodekit.errors import ConfigError
 from decodekit.loop import generate
 from decodekit.models import ModelExtras, load_model
 from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.text import TextResult, generate_text
 from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, continuation_text, load_tokenizer
@@ -392,7 +393,7 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
             if writer is not None:
                 writer.write([text_record(r, first, record) for r in results])
             progress.batch_done(len(results))
-            row_seed += len(batch) * n
+            row_seed = (row_seed + len(batch) * n) % SEED_LIMIT
     finally:
         progress.close()
 
@@ -427,7 +428,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
     stream = not (decoder.drives_loop or config.show_probs)
     probs = ProbsPrinter(out, tokenizer, decoder.eos_token_id, config.show_probs_k) if config.show_probs else None
     progress = Progress.for_run(config, 1)
-    seeds = [seed + i for i in range(n)]
+    seeds = [(seed + i) % SEED_LIMIT for i in range(n)]
     if probs:
         out.line(f"chain: {decoder.chain!r}")
     if n > 1 and stream:
