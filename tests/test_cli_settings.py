@@ -8,8 +8,18 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import assert_one_line_error, decode, model_args, one, unigram  # noqa: E402,F401
+from test_cli import assert_one_line_error, decode, model_args, one  # noqa: E402
+from test_configs import write_unigram  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def unigram(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    folder = tmp_path_factory.mktemp("unigram")
+    return folder, write_unigram(folder)
 
 LAST = 2**32 - 1  # the largest seed
 

@@ -76,6 +76,8 @@ class CommandConfig(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model precision")
     output_file: Optional[str] = Field(None, description="JSONL file, one object per sample")
+    overwrite: bool = Field(False, description="replace an output_file that exists")
+    append: bool = Field(False, description="add to an output_file that exists")
     quiet: bool = Field(False, description="print no samples on stdout")
     show_probs: bool = Field(False, description="top candidates per step, before and after the chain")
     show_probs_k: int = Field(5, ge=1, description="candidates show_probs prints")
@@ -225,6 +227,8 @@ def validate_config(container: Mapping[str, Any], registry: Registry) -> Command
     validate(schema, "tokenizer.", **tok)
     if tok["kind"] in ("json", "hf") and not tok.get("path"):
         raise ConfigError(f"tokenizer.path: is required with tokenizer={tok['kind']}")
+    if config.overwrite and config.append:
+        raise ConfigError("overwrite=true and append=true: give one (replace the output_file, or add to it)")
     given = [k for k in ("prompt", "prompt_tokens", "prompt_file") if getattr(config, k) is not None]
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)}: give only one of prompt, prompt_tokens, prompt_file")

@@ -16,7 +16,8 @@ import warnings
 from typing import TextIO
 
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
-from decodekit.cli.run import Decoder, JsonlWriter, Output, label, settings_record, text_record, unescape
+from decodekit.cli.output import JsonlWriter, Output
+from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
@@ -30,7 +31,7 @@ COMMANDS = {
     "/clear": "forget the session's text and start afresh",
     "/quit": "leave (Ctrl-D too)",
 }
-FIXED = ("interactive", "list", "prompt_file", "prompt_tokens", "output_file")  # keys a session cannot change
+FIXED = ("interactive", "list", "prompt_file", "prompt_tokens", "output_file", "overwrite", "append")  # keys a session cannot change
 
 
 class Session:
@@ -43,6 +44,7 @@ class Session:
         self.base = list(overrides)
         self.extra: dict[str, str] = {}  # /set overrides by key, in order
         self.config = config
+        self.writer = JsonlWriter.for_config(config)  # refused before the model loads if it would lose a file
         self.decoder = Decoder.load(config, registry)
         if self.decoder.tokenizer is None:
             raise ConfigError("interactive=true: needs a tokenizer; this model names none (set tokenizer=...)")
@@ -50,7 +52,6 @@ class Session:
         self.err = sys.stderr
         self.text = ""
         self.turns = 0
-        self.writer = JsonlWriter(config.output_file) if config.output_file else None
 
     # --- the loop
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import decodekit
 from decodekit.cli.config import compose_config, expand_sweep, hydra_context, register_configs, validate_config
 from decodekit.cli.listing import listing, settings_help
+from decodekit.cli.output import check_output_file
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.registry import get_registry
 
@@ -168,7 +169,7 @@ def decode(cfg: DictConfig) -> None:
             run_interactive(overrides, config, registry)
         else:
             heading = f"job {hc.job.num}: {' '.join(overrides)}" if multirun else None
-            run(config, registry, heading=heading, append=multirun and hc.job.num > 0)
+            run(config, registry, heading=heading)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.run or args.multirun or args.cfg or not (args.help or args.hydra_help or args.info or args.shell_completion):
             with hydra_context():
                 for job in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
-                    compose_config(job, registry)
+                    _, config = compose_config(job, registry)
+                    if args.multirun and config.interactive:
+                        raise ConfigError("interactive=true: a prompt loop cannot be swept; drop -m (or interactive=true)")
+                    if not (args.cfg or config.list_components):
+                        check_output_file(config)  # every job's, before the first job runs
     sys.argv = [sys.argv[0], *argv]
     sys.stdout = _PipeGuard(sys.stdout)  # Hydra prints --help, --cfg, --info itself, outside reported()
     decode()
