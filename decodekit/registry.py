@@ -146,16 +146,16 @@ class Registry:
         """A chain of the processors whose settings are given (not ``None``), validated.
 
         Default order: :meth:`default_order`. ``processor_order`` lists names to run first, in that
-        order (the rest follow in default order); ``temperature_last`` moves temperature to the
-        end, as llama.cpp does. Sampler settings in ``settings`` are ignored here.
+        order (the rest follow in default order); each must be in the chain (one of its settings
+        given), or :class:`ConfigError` says which is not. ``temperature_last`` moves temperature
+        to the end, as llama.cpp does. Sampler settings in ``settings`` are ignored here.
         """
         context = context or BuildContext()
         grouped = self.split(settings)
         active = [self.processors[k.split(":", 1)[1]] for k in grouped if k.startswith("processor:")]
         rank = {name: i for i, name in enumerate(self.default_order())}
         if processor_order is not None:
-            for name in processor_order:
-                self.processor(name)
+            self.check_order(processor_order, {c.name for c in active})
             first = {name: i for i, name in enumerate(processor_order)}
             key = lambda c: (0, first[c.name]) if c.name in first else (1, rank[c.name])  # noqa: E731
         else:
@@ -168,6 +168,21 @@ class Registry:
             params = validate(c.params, **grouped[f"processor:{c.name}"])
             built.append(c.cls.from_params(params, context))
         return ProcessorChain(built)
+
+    def check_order(self, processor_order: list[str], active: set[str]) -> None:
+        """Raise :class:`ConfigError` for a ``processor_order`` name that is unknown or not in the chain."""
+        for name in processor_order:
+            try:
+                component = self.processor(name)
+            except ConfigError as e:
+                raise ConfigError(f"processor_order: {e}") from None
+            if name not in active:
+                settings = component.settings
+                what = f"set {settings[0]}=..." if len(settings) == 1 else f"set one of {', '.join(settings)}"
+                raise ConfigError(
+                    f"processor_order: {name!r} is not in the chain, as none of its settings is set; "
+                    f"{what} to add it, or leave it out of processor_order"
+                )
 
     def build_sampler(self, name: str, settings: Mapping[str, Any] | None = None, *, context: BuildContext | None = None) -> Any:
         """The sampler ``name`` built from its settings in ``settings`` (others are ignored)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import assert_one_line_error, decode, model_args, one  # noqa: E402
+from test_cli import assert_one_line_error, decode, model_args  # noqa: E402
 from test_configs import write_unigram  # noqa: E402
 
 
@@ -55,3 +55,43 @@ def test_seeds_derived_for_samples_and_batches_wrap_and_each_makes_its_sample_ag
         (alone,) = [json.loads(line) for line in (tmp_path / path).read_text().splitlines()]
         assert alone["seed"] == record["seed"] and alone["token_ids"] == record["token_ids"], (path, record["seed"])
     assert records[2]["token_ids"] != records[3]["token_ids"]  # the seeds matter here
+
+
+# ------------------------------------------------------------------------------ each setting consistent
+
+
+def test_each_setting_does_what_it_says_or_says_why_not(unigram, tmp_path: Path) -> None:
+    args = [*model_args(unigram), "prompt=ab", "max_new_tokens=6", "seed=0"]
+    one_word, as_list, sampler_only, greedy, both, order, number, swept = decode(
+        [*args, "strategy=greedy", "bad_words=a", "output_file=one.jsonl"],
+        [*args, "strategy=greedy", "bad_words=[a]"],
+        [*args, "sampler=greedy", "output_file=sampler.jsonl"],
+        [*args, "strategy=greedy"],
+        [*args, "strategy=top_k", "sampler=greedy", "output_file=both.jsonl"],
+        [*args, "processor_order=[top_k,top_p]"],
+        [*args, "top_k=true"],
+        ["-m", *args, "interactive=true", "temperature=0.5,0.7"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    # a single string for a list setting is a one-element list, for bad_words as for stop
+    assert one_word.returncode == 0 and as_list.returncode == 0, one_word.stderr + as_list.stderr
+    assert one_word.stdout == as_list.stdout == "abbbbbbb\n"  # 'a' (the likeliest) is banned
+    assert json.loads((tmp_path / "one.jsonl").read_text())["settings"]["bad_words"] == ["a"]
+    # sampler= alone: no preset under it, and the record says so
+    assert sampler_only.returncode == 0 and sampler_only.stderr == "", sampler_only.stderr
+    assert sampler_only.stdout == greedy.stdout == "abaaaaaa\n"
+    settings = json.loads((tmp_path / "sampler.jsonl").read_text())["settings"]
+    assert {k: settings[k] for k in ("strategy", "sampler")} == {"strategy": "custom", "sampler": "greedy"}
+    assert "temperature" not in settings and "top_p" not in settings
+    # a strategy and another sampler: what stays of the strategy is said, and recorded
+    assert both.returncode == 0
+    assert both.stderr.splitlines() == [
+        "decode: warning: sampler=greedy replaces strategy top_k's sampler=multinomial; "
+        "the strategy's chain stays: top_k=40 temperature=1.0"
+    ]
+    settings = json.loads((tmp_path / "both.jsonl").read_text())["settings"]
+    assert {k: settings[k] for k in ("strategy", "sampler", "top_k", "temperature")} == {
+        "strategy": "top_k", "sampler": "greedy", "top_k": 40, "temperature": 1.0}  # fmt: skip
+    assert_one_line_error(order, "processor_order: 'top_k' is not in the chain", "set top_k=... to add it")
+    assert_one_line_error(number, "top_k=true is not allowed: true and false are not numbers")
+    assert_one_line_error(swept, "interactive=true: a prompt loop cannot be swept")

@@ -16,6 +16,7 @@ import warnings
 from typing import TextIO
 
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
+from decodekit.cli.strategies import sampler_note
 from decodekit.cli.output import JsonlWriter, Output
 from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
@@ -50,6 +51,7 @@ class Session:
             raise ConfigError("interactive=true: needs a tokenizer; this model names none (set tokenizer=...)")
         self.out = Output(stdout)
         self.err = sys.stderr
+        self.note(config)
         self.text = ""
         self.turns = 0
 
@@ -129,6 +131,13 @@ class Session:
             return
         self.extra, self.config, self.decoder = extra, config, decoder
         self.out.line("ok: " + " ".join(items))
+        self.note(config)
+
+    def note(self, config: CommandConfig) -> None:
+        """Say so when ``sampler=`` replaced the strategy's sampler and its chain stays."""
+        note = sampler_note(config, self.registry)
+        if note:
+            self.out.line(f"note: {note}")
 
     def status(self) -> None:
         c, d = self.config, self.decoder

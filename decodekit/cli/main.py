@@ -27,7 +27,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import decodekit
-from decodekit.cli.config import compose_config, expand_sweep, hydra_context, register_configs, validate_config
+from decodekit.cli.config import (
+    compose_config,
+    expand_sweep,
+    hydra_context,
+    register_configs,
+    strategy_overrides,
+    validate_config,
+)
 from decodekit.cli.listing import listing, settings_help
 from decodekit.cli.output import check_output_file
 from decodekit.errors import ConfigError, DecodekitError
@@ -112,15 +119,15 @@ def _sweep_dir() -> str:
     return _TMPDIR[0]
 
 
-def _flags_first(argv: list[str], overrides: list[str]) -> list[str]:
-    """``argv`` with the overrides moved after the flags (Hydra's parser wants them last)."""
+def _flags_only(argv: list[str], overrides: list[str]) -> list[str]:
+    """``argv`` without the overrides (Hydra's parser wants them after the flags)."""
     rest, pending = [], list(overrides)
     for token in argv:
         if pending and token == pending[0]:
             pending.pop(0)
         else:
             rest.append(token)
-    return [*rest, *overrides]
+    return rest
 
 
 def literal_prompt(token: str) -> str:
@@ -184,10 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         register_configs(registry)
         register_resolvers()
         args = get_args_parser().parse_intermixed_args(argv)
-        argv = _flags_first(argv, args.overrides)
+        argv_overrides = strategy_overrides(args.overrides)
+        argv = [*_flags_only(argv, args.overrides), *argv_overrides]  # Hydra wants the overrides last
         if args.run or args.multirun or args.cfg or not (args.help or args.hydra_help or args.info or args.shell_completion):
             with hydra_context():
-                for job in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
+                for job in expand_sweep(argv_overrides) if args.multirun else [argv_overrides]:
                     _, config = compose_config(job, registry)
                     if args.multirun and config.interactive:
                         raise ConfigError("interactive=true: a prompt loop cannot be swept; drop -m (or interactive=true)")

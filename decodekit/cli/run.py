@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from decodekit.cli.config import CommandConfig
 from decodekit.cli.output import JsonlWriter, Output, Progress
+from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError
 from decodekit.loop import generate
 from decodekit.models import ModelExtras, load_model
@@ -249,6 +251,9 @@ def run(config: CommandConfig, registry: Registry, *, heading: str | None = None
     """Decode every prompt of ``config``: print the samples, write ``output_file``."""
     writer = JsonlWriter.for_config(config)  # an output file that would be lost is refused before the model loads
     decoder = Decoder.load(config, registry)
+    note = sampler_note(config, registry)
+    if note:
+        warnings.warn(note, stacklevel=2)
     out = Output(quiet=config.quiet)
     if heading:
         print(f"=== {heading} ===", flush=True)
