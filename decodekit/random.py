@@ -158,10 +158,22 @@ class RowRandom:
         return self.uniform(n, draw=draw, sub=sub).log_().neg_()
 
 
+SEED_LIMIT = 2**32
+"""Seeds are integers with ``0 <= seed < SEED_LIMIT``: a row's stream is made from the seed's 32
+bits, so a larger seed would only repeat a smaller one's samples. Seeds derived from one (``seed
++ row``) wrap around modulo ``SEED_LIMIT``, so they stay in the range too."""
+
+
+def _seed_error(seed: object) -> str:
+    return f"seed={seed!r} is not allowed: must be an integer with 0 <= seed < {SEED_LIMIT} (2**32)"
+
+
 def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Seeds per row: an int gives ``seed + row``, a list gives one per row, None draws one.
+    """Seeds per row: an int gives ``(seed + row) % SEED_LIMIT``, a list gives one per row, None draws one.
 
     ``None`` draws from torch's global generator, so ``torch.manual_seed`` makes it repeatable.
+    Every int seed given must be in ``[0, SEED_LIMIT)`` (:class:`ConfigError` otherwise); a tensor
+    is taken as it is (checking it would cost a device sync).
     """
     from decodekit.errors import ConfigError
 
@@ -170,7 +182,13 @@ def row_seeds(seed: int | list[int] | torch.Tensor | None, batch_size: int, devi
     if isinstance(seed, bool):
         raise ConfigError(f"seed={seed!r} is not allowed: must be an integer, a list of integers, or null")
     if isinstance(seed, int):
-        return torch.arange(batch_size, dtype=torch.int64, device=device) + seed
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(_seed_error(seed))
+        return (torch.arange(batch_size, dtype=torch.int64, device=device) + seed) % SEED_LIMIT
+    if isinstance(seed, (list, tuple)):
+        for s in seed:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < SEED_LIMIT:
+                raise ConfigError(_seed_error(s))
     seeds = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
     if seeds.numel() != batch_size:
         raise ConfigError(f"seed: {seeds.numel()} seeds given for {batch_size} rows; give one per row or a single int")

@@ -70,14 +70,17 @@ class Registry:
         name = getattr(cls, "name", "")
         params = getattr(cls, "Params", None)
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {plugin}: {kind} class {cls.__qualname__} has no `name`")
+            raise PluginError(f"plugin {plugin}: {kind} class {getattr(cls, '__qualname__', repr(cls))} has no `name`")
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise PluginError(f"plugin {plugin}: {kind} {name!r} has no pydantic `Params` model")
         table = self.processors if kind == "processor" else self.samplers
         if name in table:
             other = table[name]
             raise PluginError(f"{kind} name {name!r} is registered twice: by plugin {other.plugin} and by plugin {plugin}")
-        component = Component(name, kind, cls, params, plugin, int(getattr(cls, "order", 1000)))
+        order = getattr(cls, "order", 1000)
+        if not isinstance(order, int) or isinstance(order, bool):
+            raise PluginError(f"plugin {plugin}: {kind} {name!r} has order={order!r}; expected an integer")
+        component = Component(name, kind, cls, params, plugin, order)
         for setting in component.settings:
             if setting in self.owners or setting in ("sampler", "strategy"):
                 other = self.owners.get(setting)
@@ -143,16 +146,16 @@ class Registry:
         """A chain of the processors whose settings are given (not ``None``), validated.
 
         Default order: :meth:`default_order`. ``processor_order`` lists names to run first, in that
-        order (the rest follow in default order); ``temperature_last`` moves temperature to the
-        end, as llama.cpp does. Sampler settings in ``settings`` are ignored here.
+        order (the rest follow in default order); each must be in the chain (one of its settings
+        given), or :class:`ConfigError` says which is not. ``temperature_last`` moves temperature
+        to the end, as llama.cpp does. Sampler settings in ``settings`` are ignored here.
         """
         context = context or BuildContext()
         grouped = self.split(settings)
         active = [self.processors[k.split(":", 1)[1]] for k in grouped if k.startswith("processor:")]
         rank = {name: i for i, name in enumerate(self.default_order())}
         if processor_order is not None:
-            for name in processor_order:
-                self.processor(name)
+            self.check_order(processor_order, {c.name for c in active})
             first = {name: i for i, name in enumerate(processor_order)}
             key = lambda c: (0, first[c.name]) if c.name in first else (1, rank[c.name])  # noqa: E731
         else:
@@ -165,6 +168,21 @@ class Registry:
             params = validate(c.params, **grouped[f"processor:{c.name}"])
             built.append(c.cls.from_params(params, context))
         return ProcessorChain(built)
+
+    def check_order(self, processor_order: list[str], active: set[str]) -> None:
+        """Raise :class:`ConfigError` for a ``processor_order`` name that is unknown or not in the chain."""
+        for name in processor_order:
+            try:
+                component = self.processor(name)
+            except ConfigError as e:
+                raise ConfigError(f"processor_order: {e}") from None
+            if name not in active:
+                settings = component.settings
+                what = f"set {settings[0]}=..." if len(settings) == 1 else f"set one of {', '.join(settings)}"
+                raise ConfigError(
+                    f"processor_order: {name!r} is not in the chain, as none of its settings is set; "
+                    f"{what} to add it, or leave it out of processor_order"
+                )
 
     def build_sampler(self, name: str, settings: Mapping[str, Any] | None = None, *, context: BuildContext | None = None) -> Any:
         """The sampler ``name`` built from its settings in ``settings`` (others are ignored)."""
@@ -224,17 +242,75 @@ def load_entry_points(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) 
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:
-    """Collect every plugin's processors, samplers and strategies into a :class:`Registry`."""
-    registry = Registry()
+    """Collect every plugin's processors, samplers and strategies into a :class:`Registry`.
+
+    A plugin whose hook raises, or returns something other than what the hook promises (a list of
+    classes; a mapping of strategy names to settings), gives a :class:`PluginWarning` naming the
+    plugin and the hook, and is left out whole; the others are registered as usual.
+    """
     hooks = pm.hook
-    for kind, hook in (("processor", hooks.decodekit_register_processors), ("sampler", hooks.decodekit_register_samplers)):
-        for impl in hook.get_hookimpls():  # registration order: built-ins first
-            for cls in impl.function() or []:
-                registry.add(cls, kind, impl.plugin_name)
-    for impl in hooks.decodekit_register_strategies.get_hookimpls():
-        for name, settings in (impl.function() or {}).items():
-            registry.add_strategy(name, settings, impl.plugin_name)
+    names = ("decodekit_register_processors", "decodekit_register_samplers", "decodekit_register_strategies")
+    results: dict[str, list[tuple[str, Any]]] = {name: [] for name in names}
+    broken: set[str] = set()
+    for name in names:
+        for impl in getattr(hooks, name).get_hookimpls():  # registration order: built-ins first
+            if impl.plugin_name in broken:
+                continue  # one line per plugin
+            try:
+                result = _hook_result(name, impl.function())
+            except Exception as exc:  # a third party's bug: reported, not fatal
+                broken.add(impl.plugin_name)
+                warnings.warn(f"decodekit plugin {impl.plugin_name!r}: {name} {_failure(exc)}; the plugin is skipped",
+                              PluginWarning, stacklevel=2)  # fmt: skip
+                continue
+            results[name].append((impl.plugin_name, result))
+    registry = Registry()
+    for name, kind in zip(names, ("processor", "sampler")):
+        for plugin, classes in results[name]:
+            if plugin not in broken:
+                for cls in classes:
+                    registry.add(cls, kind, plugin)  # type: ignore[arg-type]
+    for plugin, strategies in results["decodekit_register_strategies"]:
+        if plugin not in broken:
+            for strategy, settings in strategies.items():
+                registry.add_strategy(strategy, settings, plugin)
     return registry
+
+
+class _BadResult(Exception):
+    """A hook returned something it should not have (the message says what)."""
+
+
+def _hook_result(hook: str, result: Any) -> Any:
+    """A hook's result, checked: a list of classes, or a mapping of names to settings."""
+    if hook == "decodekit_register_strategies":
+        if result is None:
+            return {}
+        if not isinstance(result, Mapping):
+            raise _BadResult(f"returned {_shown(result)}, not a mapping of strategy names to settings")
+        for name, settings in result.items():
+            if not isinstance(name, str) or not isinstance(settings, Mapping):
+                raise _BadResult(f"returned strategy {_shown(name)}: {_shown(settings)}; expected a name and a mapping of settings")
+        return result
+    if result is None:
+        return []
+    if not isinstance(result, (list, tuple)):
+        raise _BadResult(f"returned {_shown(result)}, not a list of classes")
+    for item in result:
+        if not isinstance(item, type):
+            raise _BadResult(f"returned {_shown(item)} in its list, not a class")
+    return list(result)
+
+
+def _failure(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, _BadResult) else f"raised {type(exc).__name__}: {exc}"
+
+
+def _shown(value: Any) -> str:
+    """``'top_p' (a str)``: a value and its type, shortened for a one-line message."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} (a {type(value).__name__})"
 
 
 _REGISTRY: Registry | None = None

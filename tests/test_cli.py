@@ -355,3 +355,36 @@ def test_plugins_need_no_yaml_and_show_in_list_and_help(unigram, tmp_path: Path)
     for key in ("prompt", "max_new_tokens", "seed", "processor_order", "temperature_last", "top_p", "num_beams",
                 "device", "dtype", "output_file", "show_probs", "interactive", "list", "testban_ids", "second_best_rank"):  # fmt: skip
         assert re.search(rf"^  {key} +\S", helped.stdout, flags=re.MULTILINE), key
+
+
+BROKEN_PLUGIN = '''
+from decodekit import hookimpl
+
+
+@hookimpl
+def decodekit_register_processors():
+    raise RuntimeError("the plugin's own bug")
+
+
+@hookimpl
+def decodekit_register_samplers():
+    return ["not a class"]
+'''
+
+
+def test_a_plugin_whose_hooks_misbehave_is_named_in_one_line_and_decode_goes_on(unigram, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "decodekit_broken-0.1.dist-info").mkdir(parents=True)
+    (site / "decodekit_broken.py").write_text(BROKEN_PLUGIN)
+    (site / "decodekit_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: decodekit-broken\nVersion: 0.1\n")
+    (site / "decodekit_broken-0.1.dist-info" / "entry_points.txt").write_text("[decodekit]\nbroken = decodekit_broken\n")
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    helped, used = decode(["--help"], [*model_args(unigram), "prompt=ab", "strategy=greedy", "max_new_tokens=3"],
+                          cwd=tmp_path, environ=environ)  # fmt: skip
+    warning = ("decode: warning: decodekit plugin 'broken': decodekit_register_processors raised RuntimeError: "
+               "the plugin's own bug; the plugin is skipped")  # fmt: skip
+    for run in (helped, used):
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.splitlines() == [warning]
+    assert helped.stdout.startswith("decode: continue a prompt")
+    assert used.stdout == "abaaa\n"

@@ -30,10 +30,12 @@ from decodekit.cli.config import (
     expand_sweep,
     hydra_context,
     register_configs,
+    strategy_overrides,
     strategy_preset,
 )
 from decodekit.cli.main import literal_prompt
 from decodekit.cli.run import Decoder
+from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError, PluginError
 from decodekit.models.gpt import GPT, GPTConfig
 from decodekit.processors.base import LogitsProcessor
@@ -190,6 +192,16 @@ BAD = [
     (["bad_words=[[]]"], ["bad_words=[[]]", "an entry is empty"]),
     (["top_p=]"], ["top_p=]", "cannot parse"]),
     (["+colour=red"], ["colour", "not a known setting"]),
+    (["processor_order=[top_k,top_p]"], ["processor_order: 'top_k' is not in the chain", "set top_k=... to add it"]),
+    (["processor_order=[eos_length_penalty]"], ["'eos_length_penalty'", "set one of eos_length_target, eos_length_slope"]),
+    (["top_k=true"], ["top_k=true is not allowed: true and false are not numbers"]),
+    (["temperature=false"], ["temperature=false is not allowed"]),
+    (["max_new_tokens=true"], ["max_new_tokens=true is not allowed"]),
+    (["seed=true"], ["seed=true is not allowed"]),
+    (["logit_bias={1: true}"], ["logit_bias={1: True} is not allowed"]),
+    (["prompt_tokens=[1,true]"], ["prompt_tokens=[1, True] is not allowed"]),
+    (["seed=4294967296"], ["seed=4294967296 is not allowed", "must be < 4294967296"]),
+    (["overwrite=true", "append=true"], ["overwrite=true and append=true: give one"]),
 ]
 
 
@@ -335,3 +347,58 @@ def test_every_command_in_the_docs_composes_or_fails_as_shown(registry: Registry
                 compose_config(job, registry)
     shown = error.group(1)
     assert str(caught.value).split("known:")[0] == shown.split("known:")[0]
+
+
+# ------------------------------------------------------------------------------ consistent settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "expected"),
+    [
+        (["stop=best"], "stop", ["best"]),
+        (["bad_words=damn"], "bad_words", ["damn"]),
+        (["strategy=beam", "must_include=cat"], "must_include", ["cat"]),
+        (["top_k=5", "processor_order=top_k"], "processor_order", ["top_k"]),
+        (["bad_words=[damn,[1,2]]"], "bad_words", ["damn", [1, 2]]),
+        (["guide_attribute=science"], "guide_attribute", "science"),  # a string setting stays a string
+    ],
+)
+def test_one_string_for_a_list_setting_is_a_one_element_list_for_every_such_setting(
+    registry: Registry, overrides: list[str], key: str, expected
+) -> None:
+    _, config = compose_config(overrides, registry)
+    assert getattr(config, key) == expected
+
+
+def test_booleans_are_still_taken_where_a_setting_is_a_boolean(registry: Registry) -> None:
+    _, config = compose_config(["strategy=beam", "early_stopping=true", "beam_sample=true", "temperature_last=true"], registry)
+    assert (config.early_stopping, config.beam_sample, config.temperature_last) == (True, True, True)
+    _, config = compose_config(["~strategy", "top_k=3", "temperature=1"], registry)
+    assert config.settings() == {"top_k": 3, "temperature": 1.0}  # numbers are numbers
+
+
+def test_a_sampler_without_a_strategy_runs_without_the_default_preset(registry: Registry) -> None:
+    _, config = compose_config(["sampler=greedy"], registry)
+    assert (config.strategy, config.sampler, config.settings()) == ("custom", "greedy", {})
+    assert sampler_note(config, registry) is None
+    _, config = compose_config(["sampler=multinomial", "temperature=0.5"], registry)
+    assert (config.strategy, config.settings()) == ("custom", {"temperature": 0.5})
+    # a strategy given as well: its chain stays, and the note says so
+    _, config = compose_config(["strategy=nucleus", "sampler=greedy"], registry)
+    assert (config.strategy, config.sampler, config.settings()) == ("nucleus", "greedy", {"temperature": 0.8, "top_p": 0.9})
+    assert sampler_note(config, registry) == (
+        "sampler=greedy replaces strategy nucleus's sampler=multinomial; the strategy's chain stays: top_p=0.9 temperature=0.8"
+    )
+
+
+def test_the_last_strategy_override_counts() -> None:
+    assert strategy_overrides(["sampler=greedy"]) == ["sampler=greedy", "~strategy"]
+    assert strategy_overrides(["sampler=greedy", "~strategy", "strategy=top_k"]) == ["sampler=greedy", "strategy=top_k"]
+    assert strategy_overrides(["top_p=0.5"]) == ["top_p=0.5"]
+
+
+def test_build_chain_refuses_a_processor_order_naming_a_processor_not_in_the_chain(registry: Registry) -> None:
+    with pytest.raises(ConfigError, match=r"^processor_order: 'top_k' is not in the chain, as none of its settings is set"):
+        registry.build_chain({"temperature": 0.8, "top_p": 0.9}, processor_order=["top_k", "top_p"])
+    chain = registry.build_chain({"temperature": 0.8, "top_p": 0.9}, processor_order=["top_p"])
+    assert [p.name for p in chain] == ["top_p", "temperature"]

@@ -251,3 +251,56 @@ def test_the_plugin_packages_are_found_by_their_entry_points(plugin: str, kind: 
     registry = decodekit.get_registry(refresh=True)
     table = registry.processors if kind == "processor" else registry.samplers
     assert table[component].plugin == plugin
+
+
+# --- a plugin whose hooks misbehave is named and left out; the rest keeps working ---------------
+
+
+def boom() -> list[type]:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "hooks, message",
+    [
+        ({"decodekit_register_processors": boom}, r"decodekit_register_processors raised RuntimeError: boom"),
+        ({"decodekit_register_samplers": lambda: ["top_p"]},
+         r"decodekit_register_samplers returned 'top_p' \(a str\) in its list, not a class"),
+        ({"decodekit_register_processors": lambda: Halve},
+         r"decodekit_register_processors returned <class '.*Halve'> \(a .*\), not a list of classes"),
+        ({"decodekit_register_strategies": lambda: ["soft"]},
+         r"decodekit_register_strategies returned \['soft'\] \(a list\), not a mapping of strategy names to settings"),
+        ({"decodekit_register_strategies": lambda: {"soft": 0.5}},
+         r"decodekit_register_strategies returned strategy 'soft' \(a str\): 0.5 \(a float\); expected a name"),
+    ],
+)  # fmt: skip
+def test_a_plugin_whose_hook_raises_or_returns_no_classes_is_named_and_skipped(installed, hooks, message: str) -> None:
+    broken = plugin_module("broken", samplers=[FirstToken], strategies={"first": {"sampler": "first_token"}})
+    for name, function in hooks.items():
+        setattr(broken, name, hookimpl(function))
+    installed.append(FakeEntryPoint("decodekit-broken", broken))
+    installed.append(FakeEntryPoint("decodekit-halve", plugin_module("halve", processors=[Halve])))
+    with pytest.warns(PluginWarning, match=rf"^decodekit plugin 'decodekit-broken': {message}.*; the plugin is skipped$"):
+        registry = build_registry(get_plugin_manager())
+    assert "halve" in registry.processors and "top_p" in registry.processors and "greedy" in registry.samplers
+    # the whole plugin is left out, its hooks that behaved too
+    assert "first_token" not in registry.samplers and "first" not in registry.strategies
+
+
+def test_build_chain_from_python_goes_on_without_a_plugin_whose_hook_raises(installed, monkeypatch) -> None:
+    broken = plugin_module("broken")
+    broken.decodekit_register_processors = hookimpl(boom)
+    installed.append(FakeEntryPoint("decodekit-broken", broken))
+    monkeypatch.setattr("decodekit.registry._REGISTRY", None)  # the process-wide one, built afresh (restored after)
+    with pytest.warns(PluginWarning, match=r"^decodekit plugin 'decodekit-broken': decodekit_register_processors raised"):
+        chain = decodekit.build_chain({"temperature": 0.5, "top_k": 3})
+    assert [type(p).__name__ for p in chain] == ["Temperature", "TopK"]
+
+
+def test_a_class_with_an_order_that_is_not_an_integer_is_an_error_naming_the_plugin(installed) -> None:
+    class Unordered(Halve):
+        order = "first"
+
+    installed.append(FakeEntryPoint("decodekit-bad", plugin_module("bad", processors=[Unordered])))
+    with pytest.raises(PluginError, match=r"^plugin decodekit-bad: processor 'halve' has order='first'; expected an integer$"):
+        build_registry(get_plugin_manager())

@@ -22,8 +22,6 @@ import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
-from importlib import resources
 from typing import Annotated, Any, Literal, Optional
 
 from hydra import compose, initialize_config_module
@@ -36,7 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from decodekit.cli.strategies import BUILTIN_STRATEGIES, strategy_hint, strategy_preset
+from decodekit.cli.values import normalize_values
 from decodekit.errors import ConfigError, PluginError
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.validation import validate
 
@@ -44,7 +45,6 @@ CONFIG_MODULE = "decodekit.conf"
 CONFIG_NAME = "config"
 SETTINGS_NODE = "decodekit_settings"  # the ConfigStore node holding one null key per registry setting
 GROUPS = ("model", "strategy", "tokenizer")
-BUILTIN_STRATEGIES = ("beam", "greedy", "min_p", "nucleus", "sampling", "top_k", "typical")
 
 
 # ------------------------------------------------------------------------------ schema
@@ -63,7 +63,9 @@ class CommandConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="most tokens added per sample")
     num_samples: int = Field(1, ge=1, description="samples per prompt, in one batch")
     batch_size: int = Field(8, ge=1, description="prompts per batch with prompt_file")
-    seed: Optional[int] = Field(None, ge=0, description="sample i uses seed + i; null = random")
+    seed: Optional[int] = Field(
+        None, ge=0, lt=SEED_LIMIT, description="0 <= seed < 2**32; sample i uses seed + i (mod 2**32); null = random"
+    )
     stop: list[str] = Field(default_factory=list, description='stop strings, e.g. \'["\\n\\n"]\'')
     eos_token_id: Optional[int] = Field(None, ge=0, description="end-of-text id (default: the tokenizer's)")
     strategy: str = Field("custom", description="the strategy that preset the knobs")
@@ -73,6 +75,8 @@ class CommandConfig(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model precision")
     output_file: Optional[str] = Field(None, description="JSONL file, one object per sample")
+    overwrite: bool = Field(False, description="replace an output_file that exists")
+    append: bool = Field(False, description="add to an output_file that exists")
     quiet: bool = Field(False, description="print no samples on stdout")
     show_probs: bool = Field(False, description="top candidates per step, before and after the chain")
     show_probs_k: int = Field(5, ge=1, description="candidates show_probs prints")
@@ -207,7 +211,8 @@ def validate_config(container: Mapping[str, Any], registry: Registry) -> Command
             f"sampler={sampler!r}{via} is not known{suggest(sampler, registry.samplers)}; "
             f"known: {', '.join(sorted(registry.samplers))}"
         )
-    config = validate(config_model(registry), **values)
+    model_type = config_model(registry)
+    config = validate(model_type, **normalize_values(values, model_type))
     model = config.model
     schema = MODEL_SCHEMAS.get(model.get("name"))
     if schema is None:
@@ -222,53 +227,27 @@ def validate_config(container: Mapping[str, Any], registry: Registry) -> Command
     validate(schema, "tokenizer.", **tok)
     if tok["kind"] in ("json", "hf") and not tok.get("path"):
         raise ConfigError(f"tokenizer.path: is required with tokenizer={tok['kind']}")
+    if config.overwrite and config.append:
+        raise ConfigError("overwrite=true and append=true: give one (replace the output_file, or add to it)")
     given = [k for k in ("prompt", "prompt_tokens", "prompt_file") if getattr(config, k) is not None]
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)}: give only one of prompt, prompt_tokens, prompt_file")
-    for name in config.processor_order or []:
-        try:
-            registry.processor(name)
-        except ConfigError as e:
-            raise ConfigError(f"processor_order: {e}") from None
     settings = config.settings()
+    if config.processor_order:
+        active = {key.split(":", 1)[1] for key in registry.split(settings) if key.startswith("processor:")}
+        registry.check_order(config.processor_order, active)
     for key, group in registry.split(settings).items():
         kind, name = key.split(":", 1)
         component = registry.processors[name] if kind == "processor" else registry.samplers[name]
         if kind == "sampler" and name != config.sampler:
             raise ConfigError(
                 f"{', '.join(group)}: setting(s) of sampler {name!r}, but sampler={config.sampler!r}"
-                f"{_strategy_hint(registry, name)}"
+                f"{strategy_hint(registry, name)}"
             )
         validate(component.params, **group)
     if config.show_probs and getattr(registry.samplers[config.sampler].cls, "drives_loop", False):
         raise ConfigError(f"show_probs=true: works with step-by-step samplers, not with sampler={config.sampler!r}")
     return config
-
-
-def strategy_preset(registry: Registry, name: Any) -> dict[str, Any]:
-    """The settings strategy ``name`` presets (built-in YAML or a plugin's); empty if unknown."""
-    if name in registry.strategies:
-        return dict(registry.strategies[name])
-    if name in BUILTIN_STRATEGIES:
-        return dict(_builtin_preset(name))
-    return {}
-
-
-@lru_cache(maxsize=None)
-def _builtin_preset(name: str) -> dict[str, Any]:
-    text = resources.files(CONFIG_MODULE).joinpath("strategy", f"{name}.yaml").read_text(encoding="utf-8")
-    preset = OmegaConf.to_container(OmegaConf.create(text))
-    assert isinstance(preset, dict)
-    return {str(k): v for k, v in preset.items() if k != "strategy"}
-
-
-def _strategy_hint(registry: Registry, sampler: str) -> str:
-    if sampler == "beam":
-        return " (use strategy=beam)"
-    for name, preset in registry.strategies.items():
-        if preset.get("sampler") == sampler:
-            return f" (use strategy={name} or sampler={sampler})"
-    return f" (set sampler={sampler})"
 
 
 def suggest(name: Any, known: Sequence[str] | Mapping[str, Any]) -> str:
@@ -302,6 +281,22 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
     return parsed
 
 
+def strategy_overrides(overrides: Sequence[str]) -> list[str]:
+    """``overrides``, with the default strategy dropped when a sampler is chosen without a strategy.
+
+    ``sampler=X`` alone means sampler X and no preset (strategy ``custom``): not X under the
+    default strategy's temperature and top_p, recorded as that strategy. Of several strategy
+    overrides (``~strategy``, then ``/set strategy=greedy`` in a session) the last one counts.
+    """
+    parsed = parse_overrides(overrides)
+    strategies = [i for i, o in enumerate(parsed) if o.key_or_group == "strategy"]
+    if strategies:
+        return [line for i, line in enumerate(overrides) if i not in strategies[:-1]]
+    if any(o.key_or_group == "sampler" and not o.is_delete() for o in parsed):
+        return [*overrides, "~strategy"]
+    return list(overrides)
+
+
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """The override list of every job of a sweep (``-m temperature=0.3,0.7`` -> two lists)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -317,6 +312,7 @@ def compose_config(overrides: Sequence[str], registry: Registry) -> tuple[DictCo
 
     Unknown group options and keys are caught before Hydra sees them, so each gets a precise line.
     """
+    overrides = strategy_overrides(overrides)
     parsed = parse_overrides(overrides)
     loader = GlobalHydra.instance().config_loader()
     group_overrides, key_overrides = [], []

@@ -16,8 +16,11 @@ import warnings
 from typing import TextIO
 
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
-from decodekit.cli.run import Decoder, JsonlWriter, Output, label, settings_record, text_record, unescape
+from decodekit.cli.strategies import sampler_note
+from decodekit.cli.output import JsonlWriter, Output
+from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.text import generate_text
 
@@ -29,7 +32,7 @@ COMMANDS = {
     "/clear": "forget the session's text and start afresh",
     "/quit": "leave (Ctrl-D too)",
 }
-FIXED = ("interactive", "list", "prompt_file", "prompt_tokens", "output_file")  # keys a session cannot change
+FIXED = ("interactive", "list", "prompt_file", "prompt_tokens", "output_file", "overwrite", "append")  # keys a session cannot change
 
 
 class Session:
@@ -42,14 +45,15 @@ class Session:
         self.base = list(overrides)
         self.extra: dict[str, str] = {}  # /set overrides by key, in order
         self.config = config
+        self.writer = JsonlWriter.for_config(config)  # refused before the model loads if it would lose a file
         self.decoder = Decoder.load(config, registry)
         if self.decoder.tokenizer is None:
             raise ConfigError("interactive=true: needs a tokenizer; this model names none (set tokenizer=...)")
         self.out = Output(stdout)
         self.err = sys.stderr
+        self.note(config)
         self.text = ""
         self.turns = 0
-        self.writer = JsonlWriter(config.output_file) if config.output_file else None
 
     # --- the loop
 
@@ -127,6 +131,13 @@ class Session:
             return
         self.extra, self.config, self.decoder = extra, config, decoder
         self.out.line("ok: " + " ".join(items))
+        self.note(config)
+
+    def note(self, config: CommandConfig) -> None:
+        """Say so when ``sampler=`` replaced the strategy's sampler and its chain stays."""
+        note = sampler_note(config, self.registry)
+        if note:
+            self.out.line(f"note: {note}")
 
     def status(self) -> None:
         c, d = self.config, self.decoder
@@ -150,7 +161,7 @@ class Session:
         assert d.tokenizer is not None
         context = self.text + typed
         n = c.num_samples
-        seed = (c.seed + self.turns * n) if c.seed is not None else secrets.randbelow(2**31)
+        seed = (c.seed + self.turns * n) % SEED_LIMIT if c.seed is not None else secrets.randbelow(2**31)
         self.turns += 1
         made: list[str] = []
 

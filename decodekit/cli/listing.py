@@ -10,7 +10,8 @@ from typing import Any, Union
 import annotated_types
 from pydantic.fields import FieldInfo
 
-from decodekit.cli.config import BUILTIN_STRATEGIES, CommandConfig, strategy_preset
+from decodekit.cli.config import CommandConfig
+from decodekit.cli.strategies import BUILTIN_STRATEGIES, strategy_preset
 from decodekit.registry import Component, Registry
 
 _BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<="))

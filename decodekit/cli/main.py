@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,8 +27,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import decodekit
-from decodekit.cli.config import compose_config, expand_sweep, hydra_context, register_configs, validate_config
+from decodekit.cli.config import (
+    compose_config,
+    expand_sweep,
+    hydra_context,
+    register_configs,
+    strategy_overrides,
+    validate_config,
+)
 from decodekit.cli.listing import listing, settings_help
+from decodekit.cli.output import check_output_file
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.registry import get_registry
 
@@ -52,13 +60,48 @@ def reported() -> Iterator[None]:
     except DecodekitError as e:
         fail(str(e), EXIT_RUNTIME)
     except BrokenPipeError:  # the reader went away (decode ... | head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         raise SystemExit(EXIT_RUNTIME) from None
     except OSError as e:
         fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), EXIT_RUNTIME)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on the closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class _PipeGuard:
+    """stdout that ends the command quietly when its reader has gone (``decode --help | head -2``).
+
+    Hydra catches and prints the exceptions of what it runs (``--cfg``, ``--info``) as tracebacks;
+    a SystemExit passes through it.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> NoReturn:
+        _stdout_to_devnull()
+        raise SystemExit(EXIT_RUNTIME)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -76,15 +119,15 @@ def _sweep_dir() -> str:
     return _TMPDIR[0]
 
 
-def _flags_first(argv: list[str], overrides: list[str]) -> list[str]:
-    """``argv`` with the overrides moved after the flags (Hydra's parser wants them last)."""
+def _flags_only(argv: list[str], overrides: list[str]) -> list[str]:
+    """``argv`` without the overrides (Hydra's parser wants them after the flags)."""
     rest, pending = [], list(overrides)
     for token in argv:
         if pending and token == pending[0]:
             pending.pop(0)
         else:
             rest.append(token)
-    return [*rest, *overrides]
+    return rest
 
 
 def literal_prompt(token: str) -> str:
@@ -133,7 +176,7 @@ def decode(cfg: DictConfig) -> None:
             run_interactive(overrides, config, registry)
         else:
             heading = f"job {hc.job.num}: {' '.join(overrides)}" if multirun else None
-            run(config, registry, heading=heading, append=multirun and hc.job.num > 0)
+            run(config, registry, heading=heading)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,13 +191,20 @@ def main(argv: list[str] | None = None) -> None:
         register_configs(registry)
         register_resolvers()
         args = get_args_parser().parse_intermixed_args(argv)
-        argv = _flags_first(argv, args.overrides)
+        argv_overrides = strategy_overrides(args.overrides)
+        argv = [*_flags_only(argv, args.overrides), *argv_overrides]  # Hydra wants the overrides last
         if args.run or args.multirun or args.cfg or not (args.help or args.hydra_help or args.info or args.shell_completion):
             with hydra_context():
-                for job in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
-                    compose_config(job, registry)
+                for job in expand_sweep(argv_overrides) if args.multirun else [argv_overrides]:
+                    _, config = compose_config(job, registry)
+                    if args.multirun and config.interactive:
+                        raise ConfigError("interactive=true: a prompt loop cannot be swept; drop -m (or interactive=true)")
+                    if not (args.cfg or config.list_components):
+                        check_output_file(config)  # every job's, before the first job runs
     sys.argv = [sys.argv[0], *argv]
+    sys.stdout = _PipeGuard(sys.stdout)  # Hydra prints --help, --cfg, --info itself, outside reported()
     decode()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Output: samples go to stdout. The first sample of each batch streams as it is made; the others of
 the batch (``num_samples`` > 1, several prompts) are printed when the batch ends, each under a
 ``--- prompt i/P, sample j/N (seed s) ---`` line. With ``output_file``, one JSON object per sample
-is written and flushed as soon as its batch ends, so an interrupted run keeps every finished batch.
+is written as soon as its batch ends (see :mod:`decodekit.cli.output` for how the file is kept safe).
 """
 
 from __future__ import annotations
@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sys
-import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from decodekit.cli.config import CommandConfig
+from decodekit.cli.output import JsonlWriter, Output, Progress
+from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError
 from decodekit.loop import generate
 from decodekit.models import ModelExtras, load_model
 from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.text import TextResult, generate_text
 from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, continuation_text, load_tokenizer
@@ -156,93 +158,6 @@ def read_prompts(config: CommandConfig) -> list[str]:
 # ------------------------------------------------------------------------------ output
 
 
-class Output:
-    """stdout (or another stream), flushed after every write so streaming shows at once."""
-
-    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False) -> None:
-        self.stream = stream or sys.stdout
-        self.quiet = quiet
-
-    def write(self, text: str) -> None:
-        if not self.quiet and text:
-            self.stream.write(text)
-            self.stream.flush()
-
-    def line(self, text: str = "") -> None:
-        self.write(text + "\n")
-
-
-class JsonlWriter:
-    """One JSON object per line, flushed after each batch."""
-
-    def __init__(self, path: str, *, append: bool = False) -> None:
-        self.path = path
-        try:
-            self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        except OSError as e:
-            raise ConfigError(f"output_file={path!r}: cannot write it ({e.strerror})") from None
-
-    def write(self, records: Sequence[dict[str, Any]]) -> None:
-        for record in records:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class Progress:
-    """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
-
-    def __init__(self, enabled: bool, batches: int, steps: int, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = self.stream.isatty()
-        self.batches, self.steps = batches, steps
-        self.batch = 0
-        self.start = self.last_draw = time.perf_counter()
-
-    @classmethod
-    def for_run(cls, config: CommandConfig, batches: int) -> Progress:
-        if config.progress is not None:
-            enabled = config.progress
-        else:  # on its own terminal line only: stderr is a terminal and stdout is not (or is quiet)
-            long_run = batches > 1 or config.max_new_tokens >= 256
-            enabled = sys.stderr.isatty() and (config.quiet or not sys.stdout.isatty()) and long_run
-        return cls(enabled, batches, config.max_new_tokens)
-
-    def step(self, step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        now = time.perf_counter()
-        if self.enabled and self.tty and now - self.last_draw > 0.1:
-            self.last_draw = now
-            self._draw(self.batch + (step + 1) / self.steps, f"step {step + 1}/{self.steps}")
-
-    def batch_done(self, rows: int) -> None:
-        self.batch += 1
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        if self.tty:
-            self._draw(self.batch, "")
-        else:
-            samples = f"{rows} sample" + ("s" if rows != 1 else "")
-            self.stream.write(f"decode: batch {self.batch}/{self.batches} done ({samples}, {elapsed:.1f} s)\n")
-            self.stream.flush()
-
-    def _draw(self, done: float, detail: str) -> None:
-        width = 30
-        filled = int(width * done / self.batches)
-        bar = "#" * filled + "." * (width - filled)
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r[{bar}] batch {min(self.batch + 1, self.batches)}/{self.batches} {detail} {elapsed:.1f} s\x1b[K")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
 class Tap(LogitsProcessor):
     """Records the logits it is given and passes them on (``show_probs`` puts one at each end)."""
 
@@ -335,14 +250,17 @@ def settings_record(config: CommandConfig, decoder: Decoder) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ a run
 
 
-def run(config: CommandConfig, registry: Registry, *, heading: str | None = None, append: bool = False) -> None:
+def run(config: CommandConfig, registry: Registry, *, heading: str | None = None) -> None:
     """Decode every prompt of ``config``: print the samples, write ``output_file``."""
+    writer = JsonlWriter.for_config(config)  # an output file that would be lost is refused before the model loads
     decoder = Decoder.load(config, registry)
+    note = sampler_note(config, registry)
+    if note:
+        warnings.warn(note, stacklevel=2)
     out = Output(quiet=config.quiet)
     if heading:
         print(f"=== {heading} ===", flush=True)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    writer = JsonlWriter(config.output_file, append=append) if config.output_file else None
     try:
         if config.prompt_tokens is not None:
             run_tokens(decoder, out, writer, seed)
@@ -395,7 +313,7 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
             if writer is not None:
                 writer.write([text_record(r, first, record) for r in results])
             progress.batch_done(len(results))
-            row_seed += len(batch) * n
+            row_seed = (row_seed + len(batch) * n) % SEED_LIMIT
     finally:
         progress.close()
 
@@ -430,7 +348,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
     stream = not (decoder.drives_loop or config.show_probs)
     probs = ProbsPrinter(out, tokenizer, decoder.eos_token_id, config.show_probs_k) if config.show_probs else None
     progress = Progress.for_run(config, 1)
-    seeds = [seed + i for i in range(n)]
+    seeds = [(seed + i) % SEED_LIMIT for i in range(n)]
     if probs:
         out.line(f"chain: {decoder.chain!r}")
     if n > 1 and stream:
