@@ -119,8 +119,9 @@ def _key(path: str) -> str:
 class Progress:
     """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
 
-    def __init__(self, enabled: bool, batches: int, steps: int, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, batches: int, steps: int, stream: TextIO | None = None, unit: str = "batch") -> None:
         self.stream = stream or sys.stderr
+        self.unit = unit
         self.enabled = enabled
         self.tty = self.stream.isatty()
         self.batches, self.steps = batches, steps
@@ -128,13 +129,13 @@ class Progress:
         self.start = self.last_draw = time.perf_counter()
 
     @classmethod
-    def for_run(cls, config: CommandConfig, batches: int) -> Progress:
+    def for_run(cls, config: CommandConfig, batches: int, unit: str = "batch") -> Progress:
         if config.progress is not None:
             enabled = config.progress
         else:  # on its own terminal line only: stderr is a terminal and stdout is not (or is quiet)
             long_run = batches > 1 or config.max_new_tokens >= 256
             enabled = sys.stderr.isatty() and (config.quiet or not sys.stdout.isatty()) and long_run
-        return cls(enabled, batches, config.max_new_tokens)
+        return cls(enabled, batches, config.max_new_tokens, unit=unit)
 
     def step(self, step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -151,7 +152,8 @@ class Progress:
             self._draw(self.batch, "")
         else:
             samples = f"{rows} sample" + ("s" if rows != 1 else "")
-            self.stream.write(f"decode: batch {self.batch}/{self.batches} done ({samples}, {elapsed:.1f} s)\n")
+            detail = f"{samples}, {elapsed:.1f} s" if self.unit == "batch" else f"{elapsed:.1f} s"
+            self.stream.write(f"decode: {self.unit} {self.batch}/{self.batches} done ({detail})\n")
             self.stream.flush()
 
     def _draw(self, done: float, detail: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from decodekit.cli.config import CommandConfig
+from decodekit.cli.engine_run import engine_for, run_on_engine
 from decodekit.cli.output import JsonlWriter, Output, Progress
 from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError
@@ -283,6 +284,13 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
     progress = Progress.for_run(config, len(batches))
     record = settings_record(config, decoder)
     stop = [unescape(s) for s in config.stop]
+    engine = engine_for(decoder, prompts)
+    if engine is not None:
+        progress = Progress.for_run(config, len(prompts) * n, unit="sample")
+        try:
+            return run_on_engine(engine, decoder, prompts, out, writer, seed, progress, record, stop)
+        finally:
+            progress.close()
     row_seed = seed
     if probs:
         out.line(f"chain: {decoder.chain!r}")

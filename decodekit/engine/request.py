@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decodekit.errors import ConfigError
+from decodekit.random import SEED_LIMIT
 
 FINISH_REASONS = ("length", "eos", "stop", "error")
 
@@ -97,8 +98,8 @@ def validate_request(request: Request, *, has_tokenizer: bool) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"max_new_tokens={n!r} is not allowed: must be an integer >= 1")
     seed = request.seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed={seed!r} is not allowed: must be an integer in [0, 2**63) or None")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ConfigError(f"seed={seed!r} is not allowed: must be an integer in [0, 2**32) or None")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     if not all(isinstance(s, str) for s in stop):
         raise ConfigError("stop: expected a list of strings")
