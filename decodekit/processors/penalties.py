@@ -55,14 +55,18 @@ class RepetitionPenalty(LogitsProcessor):
             strength, inverse = r64.clamp(max=_F32_MAX).float(), (1.0 / r64).clamp(max=_F32_MAX).float()
         else:  # extreme r must not turn 0 * r into NaN
             strength, inverse = min(r, _F32_MAX), min(1.0 / r, _F32_MAX)
-        present = _counts(input_ids, logits, real_tokens(input_ids)) > 0  # [B, V]
-        x = logits.float()
+        # transformers' way: gather the logits of the tokens in the history, penalise, scatter back;
+        # O(B x T), not O(B x V). Padding (negative ids) points at the row's last token, which is
+        # present, and carries its penalised value, so duplicates always agree.
+        real = real_tokens(input_ids)  # [B, T]
+        last = input_ids[:, -1:]  # right-aligned rows: a row's last id is real unless all is padding
+        ids = torch.where(real, input_ids, last).clamp(min=0)  # [B, T]
+        x = logits.gather(-1, ids).float()  # [B, T]
         penalised = torch.where(x < 0, x * strength, x * inverse)
         info = torch.finfo(logits.dtype)
         penalised = torch.where(torch.isinf(x), x, penalised.clamp(min=info.min, max=info.max)).to(logits.dtype)
-        if isinstance(r, torch.Tensor):
-            present = present & (column(r, logits, torch.float64) != 1.0)
-        return torch.where(present, penalised, logits)
+        on = (last >= 0) if not isinstance(r, torch.Tensor) else (last >= 0) & (column(r, logits, torch.float64) != 1.0)
+        return logits.scatter(-1, ids, torch.where(on, penalised, logits.gather(-1, ids)))
 
 
 def _counts(input_ids: torch.Tensor, logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,10 @@ class Temperature(LogitsProcessor):
 
     def any_row_on(self) -> bool:
         t = self.temperature
-        return bool((t != 1.0).any()) if isinstance(t, torch.Tensor) else t != 1.0
+        if not isinstance(t, torch.Tensor):
+            return t != 1.0
+        self._greedy_rows = bool((t == 0.0).any())  # host flags, read when the values are set
+        return bool((t != 1.0).any())
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature
@@ -65,9 +68,11 @@ class Temperature(LogitsProcessor):
         self.check_batch(logits)
         t64 = column(t, logits, torch.float64)  # [B, 1]
         safe = torch.where(t64 == 0.0, 1.0, t64)
+        # x / 1 is x exactly, so rows that are off come back bit for bit without a select
         scaled = _scale(logits, safe.float(), (1.0 / safe).clamp(max=_F32_MAX).float())
-        out = torch.where(t64 == 0.0, _greedy(logits), scaled)
-        return torch.where(t64 == 1.0, logits, out)
+        if not getattr(self, "_greedy_rows", True):
+            return scaled
+        return torch.where(t64 == 0.0, _greedy(logits), scaled)
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
