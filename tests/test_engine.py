@@ -266,10 +266,12 @@ def test_a_setting_without_per_row_values_is_refused_for_that_request(default) -
         Request(prompt="Once", settings={"bad_words": ["the"]}, id="bw"),
         Request(prompt="Once", settings={"top_p": 7}, id="range"),
         Request(prompt="Once", settings={"no_such_setting": 1}, id="unknown"),
+        Request(prompt="Once", settings={"min_new_tokens": 3}, eos_token_id=32, id="min-new-own-eos"),
         Request(prompt="Once", settings={"top_p": 0.9}, max_new_tokens=4, id="fine"),
     ])  # fmt: skip
     by_id = {o.id: o for o in outputs}
     assert "bad_words" in by_id["bw"].error and "per-row" in by_id["bw"].error
     assert "top_p" in by_id["range"].error
     assert "no_such_setting" in by_id["unknown"].error
+    assert "min_new_tokens" in by_id["min-new-own-eos"].error
     assert by_id["fine"].finish_reason == "length" and len(by_id["fine"].tokens) == 4

@@ -107,6 +107,8 @@ class ChainSource:
                 raise ConfigError("settings: this engine decodes every request with the one chain it was given")
             return
         alone = self._alone(self.settings_of(request))[0]
+        if request.eos_token_id is not None and any(p.name == "min_new_tokens" for p in alone.processors):
+            raise ConfigError("settings: min_new_tokens bans the engine's EOS ids; it cannot go with a request's own eos_token_id")
         for p in alone.processors:
             if not type(p).supports_rows() or not getattr(p, "negative_padding", False):
                 raise ConfigError(
