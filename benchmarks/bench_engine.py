@@ -34,7 +34,6 @@ import math
 import random
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch

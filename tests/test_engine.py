@@ -10,7 +10,6 @@ import random
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from decodekit import ConfigError
 from decodekit.engine import Engine, QueueFull, Request

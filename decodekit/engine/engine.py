@@ -14,7 +14,6 @@ stream is its own seed from draw 0, whatever else shares the batch and whenever 
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from decodekit.engine.chains import ChainSource
-from decodekit.engine.request import Request, RequestOutput, validate_request
+from decodekit.engine.request import Request, RequestOutput, eos_list, refused, validate_request
 from decodekit.engine.runner import SlotRunner, WaveRunner
 from decodekit.engine.text import RequestText
 from decodekit.errors import ConfigError, DecodekitError
@@ -115,7 +114,7 @@ class Engine:
         self.runner = runner_cls(model, max_slots, self.slot_length)
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = tokenizer.eos_token_id
-        self.eos_default = _eos_list(eos_token_id, "eos_token_id")
+        self.eos_default = eos_list(eos_token_id, "eos_token_id")
         self.chains = ChainSource(processors, sampler, settings or {}, max_slots, tokenizer, model)
 
         device, S = model.device, max_slots
@@ -151,7 +150,7 @@ class Engine:
             item.seed = request.seed if request.seed is not None else int(row_seeds(None, 1, torch.device("cpu"))[0])
             self.chains.check(request)
         except ConfigError as exc:
-            self.ready.append(_refused(request, index, str(exc)))
+            self.ready.append(refused(request, index, str(exc)))
             return index
         self.queue.append(item)
         return index
@@ -284,7 +283,7 @@ class Engine:
         self.n = max(self.n, max(slots) + 1)
 
     def _set_eos(self, slot: int, request: Request) -> None:
-        ids = self.eos_default if request.eos_token_id is None else _eos_list(request.eos_token_id, "eos_token_id")
+        ids = self.eos_default if request.eos_token_id is None else eos_list(request.eos_token_id, "eos_token_id")
         if len(ids) > self.eos.shape[1]:
             wider = torch.full((self.slots, len(ids)), -1, dtype=torch.long, device=self.eos.device)
             wider[:, : self.eos.shape[1]] = self.eos
@@ -395,19 +394,3 @@ class Engine:
         self.rng = self.rng.select(perm)
         self.live[dst], self.live[src] = self.live[src], None
 
-
-def _eos_list(eos: int | Sequence[int] | None, setting: str) -> list[int]:
-    if eos is None:
-        return []
-    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos)  # type: ignore[arg-type]
-    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-        raise ConfigError(f"{setting}={eos!r} is not allowed: must be token id(s) >= 0")
-    return ids
-
-
-def _refused(request: Any, index: int, reason: str) -> RequestOutput:
-    rid = getattr(request, "id", None)
-    return RequestOutput(
-        id=rid if rid is not None else index, index=index, prompt=getattr(request, "prompt", None),
-        prompt_ids=[], tokens=[], text=None, finish_reason="error", error=reason,
-    )  # fmt: skip

@@ -107,3 +107,22 @@ def validate_request(request: Request, *, has_tokenizer: bool) -> None:
         raise ConfigError("stop: stop strings need a tokenizer; give the engine one")
     if not isinstance(request.settings, Mapping):
         raise ConfigError(f"settings: expected a mapping of setting names to values, got {type(request.settings).__name__}")
+
+
+def eos_list(eos: int | Sequence[int] | None, setting: str) -> list[int]:
+    """End-of-sequence ids as a list, each checked (one line naming ``setting`` otherwise)."""
+    if eos is None:
+        return []
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos)  # type: ignore[arg-type]
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ConfigError(f"{setting}={eos!r} is not allowed: must be token id(s) >= 0")
+    return ids
+
+
+def refused(request: Any, index: int, reason: str) -> RequestOutput:
+    """The result of a request refused at submission: ``finish_reason="error"`` and why."""
+    rid = getattr(request, "id", None)
+    return RequestOutput(
+        id=rid if rid is not None else index, index=index, prompt=getattr(request, "prompt", None),
+        prompt_ids=[], tokens=[], text=None, finish_reason="error", error=reason,
+    )  # fmt: skip
