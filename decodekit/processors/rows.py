@@ -52,6 +52,20 @@ def column(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None =
     return values.to(device=like.device, dtype=dtype)[:, None]
 
 
+def pad_to(values: torch.Tensor, shape: Sequence[int], fill: Any) -> torch.Tensor:
+    """``values`` padded with ``fill`` at the end of every dimension after the first, to ``shape[1:]``."""
+    if tuple(values.shape[1:]) == tuple(shape[1:]):
+        return values
+    out = torch.full((values.shape[0], *shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[tuple(slice(0, n) for n in values.shape)] = values
+    return out
+
+
+def common_shape(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """The elementwise largest of two shapes (the first dimension is ``a``'s)."""
+    return [a.shape[0], *(max(x, y) for x, y in zip(a.shape[1:], b.shape[1:]))]
+
+
 def real_tokens(input_ids: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: positions holding a token (negative ids are padding, never tokens)."""
     return input_ids >= 0
