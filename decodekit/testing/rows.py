@@ -154,8 +154,10 @@ def _trimmed(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, int(real[0]) :] if real.numel() else ids
 
 
-def check_row_sampler(cls: type, *, max_examples: int = 30, steps: int = 6) -> None:
+def check_row_sampler(cls: type, *, max_examples: int = 30, steps: int = 12) -> None:
     """Run the per-row checks on sampler class ``cls`` over several steps (tokens, not logits)."""
+    from decodekit.testing.suite import _long_run_logits
+
     name = cls.__qualname__
 
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,7 +166,8 @@ def check_row_sampler(cls: type, *, max_examples: int = 30, steps: int = 6) -> N
         x = data.draw(logits(batch=st.integers(1, 5), vocab=st.integers(_MIN_VOCAB, 40), dtypes=(torch.float32,)))
         b, v = x.shape
         context = _context(v)
-        per_step = [x if s == 0 else x.roll(s, dims=-1) for s in range(steps)]
+        # drawn logits, then moderately spread ones, where a sampler's state (Mirostat's mu) matters most
+        per_step = [x, x.roll(1, dims=-1)] + [_long_run_logits(s, b, v) for s in range(steps)]
         rows = data.draw(st.lists(row_settings(cls), min_size=b, max_size=b), label="rows")
         prompt, _ = data.draw(padded_history(b, v), label="prompt")
         seeds = torch.arange(b) + seed

@@ -138,3 +138,30 @@ def test_bad_settings_are_rejected_by_mirostats_own_model(settings, message) -> 
 def test_mirostat_settings_with_another_sampler_are_an_error() -> None:
     with pytest.raises(ConfigError, match=r"tau: setting\(s\) of sampler 'mirostat', but sampler='multinomial'"):
         decodekit.build_sampler("multinomial", {"tau": 5.0})
+
+
+def test_per_row_tau_and_eta_give_each_row_its_tokens_alone() -> None:
+    logits = torch.linspace(0.0, -6.0, 32).expand(3, 32)
+    prompts = torch.zeros(3, 1, dtype=torch.long)
+    batched = Mirostat(tau=[1.0, 3.0, 6.0], eta=[0.5, 0.1, 0.0])
+    batched.begin(prompts)
+    rng = RowRandom(torch.tensor([1, 2, 3]))
+    together = torch.stack([batched(prompts, logits, rng) for _ in range(8)], dim=-1)
+    for row, (tau, eta) in enumerate([(1.0, 0.5), (3.0, 0.1), (6.0, 0.0)]):
+        alone = Mirostat(tau=tau, eta=eta)
+        alone.begin(prompts[:1])
+        rng_alone = RowRandom(torch.tensor([row + 1]))
+        tokens = torch.stack([alone(prompts[:1], logits[:1], rng_alone) for _ in range(8)], dim=-1)
+        assert torch.equal(together[row], tokens[0])
+    assert batched.mu[2] == 12.0  # eta 0: mu stays at 2 * tau
+
+
+def test_assign_takes_a_newcomers_tau_eta_and_mu() -> None:
+    live = Mirostat(tau=[2.0, 4.0])
+    live.begin(torch.zeros(2, 1, dtype=torch.long))
+    newcomer = Mirostat(tau=[7.0], eta=[0.3])
+    newcomer.begin(torch.zeros(1, 1, dtype=torch.long))
+    live.assign(torch.tensor([0]), newcomer)
+    assert live.tau.tolist() == [7.0, 4.0] and live.eta.tolist() == [0.3, 0.1] and live.mu.tolist() == [14.0, 8.0]
+    with pytest.raises(ConfigError, match=r"^row 1: tau=0.0 is not allowed"):
+        Mirostat(tau=[1.0, 0.0])
