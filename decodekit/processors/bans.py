@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
-from decodekit.processors.rows import generated_count, prompt_lengths, row_values
+from decodekit.processors.rows import (
+    generated_count,
+    is_sequences_per_row,
+    padded_sequences,
+    prompt_lengths,
+    row_values,
+)
 from decodekit.validation import token_sequences, validate
 
 
@@ -62,11 +68,11 @@ class BadWords(LogitsProcessor):
             return token_sequences(value)
 
     def __init__(self, sequences: list[list[int]] | list[list[list[int]]]) -> None:
-        if _per_row(sequences):
+        if is_sequences_per_row(sequences):
             rows = row_values(sequences, _checked_ids)
             self.sequences = rows
             self.rows = len(rows)
-            self._words, self._lengths = _padded_words(rows)
+            self._words, self._lengths = padded_sequences(rows)
             self._host_checks(rows)
             self.active = any(rows)
             return
@@ -168,15 +174,6 @@ class BadWords(LogitsProcessor):
         return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits, "bad_words")
 
 
-def _per_row(sequences: Any) -> bool:
-    """Whether ``sequences`` gives one list of sequences per row (each item a list of lists)."""
-    return (
-        isinstance(sequences, (list, tuple))
-        and bool(sequences)
-        and all(isinstance(row, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in row) for row in sequences)
-    )
-
-
 def _checked_ids(sequences: Any) -> list[list[int]]:
     """Token-id sequences as lists: none empty, every id an integer >= 0 (else one line)."""
     if not isinstance(sequences, (list, tuple)) or any(not isinstance(s, (list, tuple)) for s in sequences):
@@ -186,19 +183,6 @@ def _checked_ids(sequences: Any) -> list[list[int]]:
     if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 for s in sequences for t in s):
         raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
     return [list(s) for s in sequences]
-
-
-def _padded_words(rows: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, K, L] ids, -1 past each end, [B, K] lengths, 0 where a row has fewer sequences)``."""
-    k = max(1, max(len(row) for row in rows))
-    width = max(1, max((len(s) for row in rows for s in row), default=1))
-    words = torch.full((len(rows), k, width), -1, dtype=torch.long)
-    lengths = torch.zeros((len(rows), k), dtype=torch.long)
-    for b, row in enumerate(rows):  # host packing, at construction
-        for j, s in enumerate(row):
-            words[b, j, : len(s)] = torch.tensor(s, dtype=torch.long)
-            lengths[b, j] = len(s)
-    return words, lengths
 
 
 def _token_ids(words: list[Any], context: BuildContext) -> list[list[int]]:
