@@ -72,11 +72,13 @@ class BadWords(LogitsProcessor):
             rows = row_values(sequences, _checked_ids)
             self.sequences = rows
             self.rows = len(rows)
+            self._by_row = True
             self._words, self._lengths = padded_sequences(rows)
             self._host_checks(rows)
             self.active = any(rows)
             return
         self.sequences = _checked_ids(sequences)
+        self._by_row = False  # one set for every row (an engine may still set `rows`)
         single = sorted({s[0] for s in self.sequences if len(s) == 1})
         self._single = torch.tensor(single, dtype=torch.long)
         by_len: dict[int, list[list[int]]] = {}
@@ -112,13 +114,13 @@ class BadWords(LogitsProcessor):
 
     def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
         super().assign(rows, other)  # re-pads to the longer lists
-        if isinstance(other, BadWords) and other.rows is not None:
+        if isinstance(other, BadWords) and self._by_row and other._by_row:
             self._biggest = max(self._biggest, other._biggest)
             self._most_singles = max(self._most_singles, other._most_singles)
             self._sizes = sorted(set(self._sizes) | set(other._sizes))
 
     def any_row_on(self) -> bool:
-        return bool((self._lengths > 0).any()) if self.rows is not None else bool(self.sequences)
+        return bool((self._lengths > 0).any()) if self._by_row else bool(self.sequences)
 
     def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict]:
         key = (vocab_size, device)
@@ -134,7 +136,7 @@ class BadWords(LogitsProcessor):
         return self._cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None:
+        if self._by_row:
             return self._per_row_call(input_ids, logits)
         if not self.sequences:
             return logits
@@ -253,6 +255,7 @@ class LogitBias(LogitsProcessor):
             rows = row_values(logit_bias, lambda d: dict(validate(self.Params, logit_bias=d).logit_bias))
             self.logit_bias = rows
             self.rows = len(rows)
+            self._by_row = True
             width = max(1, max(len(d) for d in rows))
             self._ids = torch.full((len(rows), width), -1, dtype=torch.long)
             self._biases = torch.zeros((len(rows), width), dtype=torch.float32)  # float32, as the scalar build
@@ -263,13 +266,14 @@ class LogitBias(LogitsProcessor):
             self.active = any(rows)
             return
         self.logit_bias = dict(validate(self.Params, logit_bias=logit_bias).logit_bias)
+        self._by_row = False  # one dict for every row (an engine may still set `rows`)
 
     def any_row_on(self) -> bool:
-        return bool((self._ids >= 0).any()) if self.rows is not None else bool(self.logit_bias)
+        return bool((self._ids >= 0).any()) if self._by_row else bool(self.logit_bias)
 
     def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
         super().assign(rows, other)  # re-pads to the longer dicts
-        if isinstance(other, LogitBias) and other.rows is not None:
+        if isinstance(other, LogitBias) and self._by_row and other._by_row:
             self._biggest = max(self._biggest, other._biggest)
 
     def _bias(self, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -284,7 +288,7 @@ class LogitBias(LogitsProcessor):
         return self._dense[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None:
+        if self._by_row:
             return self._per_row_call(logits)
         if not self.logit_bias:
             return logits

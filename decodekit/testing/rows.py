@@ -10,7 +10,9 @@ that a row's result is exactly the one it would get alone. For a processor or sa
 - ``reorder(index)`` gives the rows ``[index]`` of the result;
 - ``assign(rows, other)``, with ``other`` built and begun for ``k`` newcomer rows, gives what
   building the whole batch per row gives;
-- ``-1`` left padding in the history changes nothing (for a class with ``negative_padding``).
+- ``-1`` left padding in the history changes nothing (for a class with ``negative_padding``);
+- a scalar build whose ``rows`` is set (as an engine runs one given chain for all its slots)
+  takes newcomers' state by ``assign`` and keeps its scalar values.
 
 Both sides are built from settings, as the engine builds them: ``cls.from_row_params`` with one
 list per ``row_params`` name, and ``cls.from_params``. A row's values are drawn from the class's
@@ -137,6 +139,19 @@ def check_row_processor(cls: type, *, max_examples: int = 40) -> None:
         expected = _run(whole, prompt, history, x)
         assert torch.equal(live(history, x), expected), f"{name}: assign into rows {slots} differs from building the batch"
         assert getattr(live, "active", True) == getattr(whole, "active", True), f"{name}: assign left `active` stale"
+
+        # One scalar build for every slot, as an engine runs a given chain: `rows` set, then
+        # newcomers' state (prompt lengths) assigned from scalar builds begun on their prompts.
+        shared = _alone(cls, rows[0], context)
+        shared.rows = b
+        if hasattr(shared, "begin"):
+            shared.begin(old_prompt)
+        fresh = _alone(cls, rows[0], context)
+        if hasattr(fresh, "begin"):
+            fresh.begin(_trimmed(prompt[slots]))
+        shared.assign(torch.tensor(slots), fresh)
+        expected = _run(_alone(cls, rows[0], context), prompt, history, x)
+        assert torch.equal(shared(history, x), expected), f"{name}: a scalar build with `rows` set mishandles assign"
 
     run()
 

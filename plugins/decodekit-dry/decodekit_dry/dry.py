@@ -122,7 +122,10 @@ class DRY(LogitsProcessor):
         exponents = [max_exponent(b) for b in bases]
         self._max_exponent = exponents[0]  # the scalar build's clamp
         self._max_exponents = torch.tensor(exponents, dtype=torch.long) if self.rows is not None else None
-        self._breakers, self._breaker_lengths = padded_sequences(breakers)  # [R, K, L], [R, K]; R = 1 for a scalar build
+        padded = padded_sequences(breakers)  # [B, K, L] ids, [B, K] lengths; B = 1 for a scalar build
+        by_row = self._max_exponents is not None
+        self._breakers, self._breaker_lengths = padded if by_row else (None, None)  # per-row fields
+        self._shared_breakers = None if by_row else padded  # a scalar build's, for every row
         self._host = _HostFacts.of(breakers, self)
         self.active = self.any_row_on()
 
@@ -157,7 +160,7 @@ class DRY(LogitsProcessor):
 
     def _settings(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``[B]`` multiplier and base (float32-rounded, in float64), allowed length, window, clamp."""
-        if self.rows is not None:
+        if self._max_exponents is not None:  # built per row (an engine may set `rows` on a scalar build)
             return tuple(
                 t.to(device)
                 for t in (self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.dry_penalty_last_n, self._max_exponents)
@@ -193,8 +196,10 @@ class DRY(LogitsProcessor):
         window = ids[:, t - width :]
         inside = (position >= width - n[:, None]) & (window >= 0)  # [B, W]
         window = torch.where(inside, window, -2 - position)
-        breakers = self._breakers.to(ids.device).expand(batch, -1, -1)
-        breaker_lengths = self._breaker_lengths.to(ids.device).expand(batch, -1)
+        shared = self._shared_breakers is not None
+        breakers, breaker_lengths = self._shared_breakers if shared else (self._breakers, self._breaker_lengths)
+        breakers = breakers.to(ids.device).expand(batch, -1, -1)
+        breaker_lengths = breaker_lengths.to(ids.device).expand(batch, -1)
 
         # Repeat lengths: for each earlier position j, how far the suffix ending at j matches
         # the suffix of the whole window, cut at each row's clamp and most recent sequence breaker.
