@@ -211,9 +211,8 @@ class DRY(LogitsProcessor):
 
         # The token after position j would extend that repeat: its penalty, the largest one per token.
         follows = window[:, 1:]  # [B, W-1]
-        single = torch.zeros((batch, vocab), dtype=torch.uint8, device=ids.device)
-        single.scatter_reduce_(-1, breakers[:, :, 0].clamp(min=0), (breaker_lengths == 1).to(torch.uint8), reduce="amax")
-        exempt = single.gather(-1, follows.clamp(min=0)).bool()  # one-token breakers are never penalised
+        one_token = breakers[:, None, :, 0].masked_fill(breaker_lengths[:, None, :] != 1, -1)  # [B, 1, K]
+        exempt = (follows[:, :, None] == one_token).any(dim=-1)  # one-token breakers are never penalised
         counted = (lengths >= allowed[:, None]) & inside[:, :-1] & inside[:, 1:] & ~exempt & on[:, None]
         exponent = (lengths - allowed[:, None]).clamp(min=0)
         exponent = torch.where(clamp[:, None] > 0, torch.minimum(exponent, clamp[:, None]), exponent)
@@ -223,7 +222,10 @@ class DRY(LogitsProcessor):
         penalty = torch.where(counted, (multiplier32[:, None] * power).float(), 0.0)  # may be inf
         per_token = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
         per_token.scatter_reduce_(-1, follows.clamp(min=0), penalty, reduce="amax")  # [B, V]
-        return torch.where(on[:, None], to_dtype(logits.float() - per_token, logits), logits)
+        out = to_dtype(logits.float() - per_token, logits)
+        if logits.dtype == torch.float32:  # off rows have no penalty, and x - 0 is x: no shift in float32
+            return out
+        return torch.where(on[:, None], out, logits)  # half types: to_dtype shifts a row; off rows are not
 
 
 class _HostFacts:
