@@ -34,6 +34,7 @@ class BadWords(LogitsProcessor):
     Per row: one list of sequences per row (``[[[5]], [], [[1, 2]]]``; ``[]`` is off). The rows'
     sequences are held padded, ``[B, K, L]`` ids (``-1`` past each sequence's end) and ``[B, K]``
     lengths (0: no sequence), and matched for all rows at once, one pass per distinct length.
+    ``sequences`` keeps what the constructor was given; ``reorder`` and ``assign`` move the tensors.
 
     From settings, strings are tokenized (``bad_words=[" damn"]``; with BPE tokenizers ``"damn"``
     and ``" damn"`` are different sequences); a string whose tokens do not decode back to it
@@ -220,7 +221,8 @@ class LogitBias(LogitsProcessor):
     OpenAI's ``logit_bias`` (range -100 to 100; -100 all but bans a token, 100 all but forces
     it). To ban a token outright use :class:`BadWords`. transformers' ``SequenceBiasLogitsProcessor``
     with one-token sequences does the same. ``{}`` is off. Per row: one dict per row, held as
-    padded ``[B, K]`` token ids (``-1`` past a row's entries) and biases.
+    padded ``[B, K]`` token ids (``-1`` past a row's entries) and biases (``logit_bias`` keeps
+    what the constructor was given; ``reorder`` and ``assign`` move the tensors).
     """
 
     name = "logit_bias"
