@@ -316,3 +316,31 @@ def test_dry_discourages_repeating_in_generation() -> None:
     # With a huge multiplier, token 4 (which would continue "1 2 3" -> "1 2 3 4") is never chosen first.
     assert out.tokens[0, 0] != 4
     assert out.scores[0][0, 4] < -50
+
+
+def test_requests_with_their_own_dry_settings_decode_in_the_engine_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.processors.base import BuildContext
+    from decodekit.samplers import Multinomial
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [
+        Request(prompt=prompt, settings=settings, max_new_tokens=12, seed=i)
+        for i, (prompt, settings) in enumerate([
+            ("Once upon", {"dry_multiplier": 0.8, "dry_allowed_length": 1}),
+            ("Hi", {"dry_multiplier": 2.0, "dry_sequence_breakers": ["\n"], "dry_penalty_last_n": 8}),
+            ("The cat", {}),
+            ("Why do birds", {"dry_multiplier": 1.0, "dry_base": 3.0}),
+        ])
+    ]
+    outputs = Engine(model, tokenizer, max_slots=2).generate(requests)
+    context = BuildContext(eos_token_id=tokenizer.eos_token_id, encode=tokenizer.encode, vocab_size=model.vocab_size)
+    for request, out in zip(requests, outputs):
+        chain = decodekit.build_chain(dict(request.settings), context=context) if request.settings else None
+        solo = generate_text(model, tokenizer, [request.prompt], processors=chain, sampler=Multinomial(), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens, request.settings

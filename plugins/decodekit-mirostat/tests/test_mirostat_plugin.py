@@ -165,3 +165,20 @@ def test_assign_takes_a_newcomers_tau_eta_and_mu() -> None:
     assert live.tau.tolist() == [7.0, 4.0] and live.eta.tolist() == [0.3, 0.1] and live.mu.tolist() == [14.0, 8.0]
     with pytest.raises(ConfigError, match=r"^row 1: tau=0.0 is not allowed"):
         Mirostat(tau=[1.0, 0.0])
+
+
+def test_the_engine_runs_mirostat_for_every_request_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [Request(prompt=p, max_new_tokens=n, seed=i) for i, (p, n) in enumerate([("Once upon", 12), ("Hi", 5), ("The cat", 9)])]
+    # newcomers take a slot mid-run: their mu starts at 2 * tau while the other slot's goes on
+    outputs = Engine(model, tokenizer, max_slots=2, sampler=Mirostat(tau=3.0, eta=0.2)).generate(requests)
+    for request, out in zip(requests, outputs):
+        solo = generate_text(model, tokenizer, [request.prompt], sampler=Mirostat(tau=3.0, eta=0.2), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens

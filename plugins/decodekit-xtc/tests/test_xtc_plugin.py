@@ -167,3 +167,31 @@ def test_per_row_xtc_is_built_from_each_rows_settings() -> None:
     assert xtc.xtc_probability.tolist() == [0.5, 0.0] and xtc.xtc_seed.tolist() == [4, 0]
     with pytest.raises(ConfigError, match=r"^row 1: xtc_threshold=2.0 is not allowed"):
         XTC([0.5, 0.5], [0.1, 2.0])
+
+
+def test_requests_with_their_own_xtc_settings_decode_in_the_engine_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.processors.base import BuildContext
+    from decodekit.samplers import Multinomial
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [
+        Request(prompt=prompt, settings=settings, max_new_tokens=12, seed=i)
+        for i, (prompt, settings) in enumerate([
+            ("Once upon", {"xtc_probability": 0.7, "xtc_threshold": 0.05}),
+            ("Hi", {"xtc_probability": 0.3, "xtc_seed": 5}),
+            ("The cat", {}),
+            ("Why do birds", {"xtc_probability": 1.0, "xtc_threshold": 0.02}),
+        ])
+    ]
+    outputs = Engine(model, tokenizer, max_slots=2).generate(requests)
+    context = BuildContext(eos_token_id=tokenizer.eos_token_id, encode=tokenizer.encode, vocab_size=model.vocab_size)
+    for request, out in zip(requests, outputs):
+        chain = decodekit.build_chain(dict(request.settings), context=context) if request.settings else None
+        solo = generate_text(model, tokenizer, [request.prompt], processors=chain, sampler=Multinomial(), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens, request.settings
