@@ -226,6 +226,8 @@ SETTING_VALUES = {
     "frequency_penalty": st.sampled_from([0.0, 0.4]),
     "no_repeat_ngram_size": st.sampled_from([0, 2, 3]),
     "min_new_tokens": st.sampled_from([0, 3]),
+    "bad_words": st.sampled_from([[], ["e"], [" the", "a"]]),
+    "logit_bias": st.sampled_from([{}, {101: 3.0}, {32: -100.0, 116: 5.0}]),
 }
 request_settings = st.dictionaries(st.sampled_from(sorted(SETTING_VALUES)), st.integers(0, 10**6), max_size=4).flatmap(
     lambda keys: st.fixed_dictionaries({k: SETTING_VALUES[k] for k in keys})
@@ -262,14 +264,14 @@ def test_temperature_zero_is_greedy_for_that_request_alone(default) -> None:
 def test_a_setting_without_per_row_values_is_refused_for_that_request(default) -> None:
     model, tokenizer = default
     outputs = Engine(model, tokenizer, max_slots=2).generate([
-        Request(prompt="Once", settings={"bad_words": ["the"]}, id="bw"),
+        Request(prompt="Once", settings={"guide_attribute": "positive"}, id="bw"),
         Request(prompt="Once", settings={"top_p": 7}, id="range"),
         Request(prompt="Once", settings={"no_such_setting": 1}, id="unknown"),
         Request(prompt="Once", settings={"min_new_tokens": 3}, eos_token_id=32, id="min-new-own-eos"),
         Request(prompt="Once", settings={"top_p": 0.9}, max_new_tokens=4, id="fine"),
     ])  # fmt: skip
     by_id = {o.id: o for o in outputs}
-    assert "bad_words" in by_id["bw"].error and "per-row" in by_id["bw"].error
+    assert "guide" in by_id["bw"].error and "per-row" in by_id["bw"].error
     assert "top_p" in by_id["range"].error
     assert "no_such_setting" in by_id["unknown"].error
     assert "min_new_tokens" in by_id["min-new-own-eos"].error

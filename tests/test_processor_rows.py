@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from decodekit import ConfigError, build_chain
 from decodekit.processors import (
+    BadWords,
+    LogitBias,
     EpsilonCutoff,
     EtaCutoff,
     FrequencyPenalty,
@@ -88,10 +90,18 @@ def test_each_row_equals_the_row_alone_with_its_own_value(data: st.DataObject, n
             assert torch.equal(batched[row], x[row]), f"{name}: off row {row} changed"
 
 
+# settings whose values name token ids (below 3: the chain test's vocabulary has at least 3; EOS is 0 and 2)
+ROW_BANS = {
+    "bad_words": st.sampled_from([[], [[1]], [[0, 2], [1, 1]]]),
+    "logit_bias": st.sampled_from([{}, {1: 2.0}, {0: -5.0, 2: 1.0}]),
+}
+
+
 @st.composite
 def row_settings(draw: st.DrawFn) -> dict:
-    names = draw(st.lists(st.sampled_from(sorted(ROW_BUILTINS)), max_size=5, unique=True))
-    return {n: draw(ROW_BUILTINS[n][2]) for n in names}
+    values = {**{n: v[2] for n, v in ROW_BUILTINS.items()}, **ROW_BANS}
+    names = draw(st.lists(st.sampled_from(sorted(values)), max_size=5, unique=True))
+    return {n: draw(values[n]) for n in names}
 
 
 @settings(max_examples=40, deadline=None)
@@ -148,8 +158,14 @@ def test_per_row_errors_name_the_row_and_the_batch_size() -> None:
         build_row_chain([{}, {}, {"top_p": 0.5}, {"top_p": 1.5}])
     with pytest.raises(ConfigError, match=r"built with per-row values for 2 rows, called with a batch of 3"):
         Temperature([0.5, 1.0])(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 4))
-    with pytest.raises(ConfigError, match=r"bad_words takes no per-row values"):
-        build_row_chain([{"bad_words": [[1]]}, {}])
+    with pytest.raises(ConfigError, match=r"eos_length_penalty takes no per-row values"):
+        build_row_chain([{"eos_length_target": 3}, {}], context=BuildContext(eos_token_id=0))
+    with pytest.raises(ConfigError, match=r"^row 1: bad_words: token ids must be integers >= 0"):
+        BadWords([[[1]], [[2, -3]]])
+    with pytest.raises(ConfigError, match=r"^row 1: logit_bias=\{3: 500.0\} is not allowed"):
+        LogitBias([{}, {3: 500.0}])
+    with pytest.raises(ConfigError, match=r"^row 1: bad_words: \[7\] is the end-of-sequence token 7"):
+        build_row_chain([{"bad_words": [[3]]}, {"bad_words": [[7]]}], context=BuildContext(eos_token_id=7))
 
 
 def test_negative_padding_is_never_a_token() -> None:
@@ -161,3 +177,44 @@ def test_negative_padding_is_never_a_token() -> None:
     m.begin(torch.tensor([[-1, 5]]))
     assert m(torch.tensor([[-1, 5]]), x)[0, 3] == float("-inf")
     assert m(torch.tensor([[-1, 5, 1]]), x)[0, 3] == 0.0
+
+
+@pytest.mark.parametrize("cls", [PresencePenalty, FrequencyPenalty])
+def test_a_penalty_too_small_for_float32_is_on_in_its_row_as_alone(cls) -> None:
+    # 1e-300 rounds to 0 in float32, yet the row is on: alone, half-precision rows are shifted to max 0
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float16)
+    ids = torch.tensor([[0], [0]])
+    batched = cls([1e-300, 0.0])(ids, x)
+    assert torch.equal(batched[:1], cls(1e-300)(ids[:1], x[:1]))
+    assert torch.equal(batched[1], x[1])
+
+
+def test_bad_words_per_row_ban_each_rows_own_words_and_never_match_padding() -> None:
+    x = torch.zeros(3, 6)
+    history = torch.tensor([[-1, -1, 1], [2, 3, 1], [-1, 4, 1]])
+    banned = BadWords([[[5], [1, 2]], [], [[3, 4]]])(history, x) == float("-inf")
+    assert banned[0].nonzero().flatten().tolist() == [2, 5]  # its one-token word, and 2 after 1
+    assert not banned[1].any()  # off
+    assert not banned[2].any()  # 4 is banned only after 3
+    assert BadWords([[[3, 0]]])(torch.tensor([[-1, -1, -1]]), x[:1]).eq(0).all()  # -1 is no token
+
+
+def test_bad_words_assign_repads_for_a_newcomer_with_more_and_longer_words() -> None:
+    live = BadWords([[[1]], []])
+    newcomer = BadWords([[[2, 3, 4], [5], [0, 4]]])
+    live.assign(torch.tensor([1]), newcomer)
+    history = torch.tensor([[2, 3], [2, 3]])
+    out = live(history, torch.zeros(2, 6)) == float("-inf")
+    assert out[0].nonzero().flatten().tolist() == [1]
+    assert out[1].nonzero().flatten().tolist() == [4, 5]  # length 3 was no row's before: matched now
+    assert live.active and not BadWords([[], []]).active
+
+
+def test_logit_bias_per_row_adds_each_rows_own_biases() -> None:
+    x = torch.zeros(3, 5, dtype=torch.float16) - 0.0
+    out = LogitBias([{1: 2.0}, {}, {0: -1.0, 4: 3.0}])(torch.zeros(3, 1, dtype=torch.long), x)
+    assert torch.equal(out[1], x[1])  # an off row is untouched (no shift in half precision)
+    assert torch.equal(out[0], LogitBias({1: 2.0})(torch.zeros(1, 1, dtype=torch.long), x[:1])[0])
+    live = LogitBias([{1: 2.0}, {}])
+    live.assign(torch.tensor([1]), LogitBias([{0: 1.0, 2: 2.0, 3: 3.0}]))  # more entries than any row had
+    assert live(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 5))[1].tolist() == [1.0, 0.0, 2.0, 3.0, 0.0]

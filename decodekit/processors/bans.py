@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor, keep_nonempty, to_dtype
-from decodekit.processors.rows import generated_count, prompt_lengths
+from decodekit.processors.rows import (
+    generated_count,
+    is_sequences_per_row,
+    padded_sequences,
+    prompt_lengths,
+    row_values,
+)
 from decodekit.validation import token_sequences, validate
 
 
@@ -22,7 +28,13 @@ class BadWords(LogitsProcessor):
     length and matched as tensors: the cost per step grows with the number of distinct lengths,
     not with the number of sequences or rows. A ban that would leave a row no token is not
     applied to that row (on CPU a :class:`BanSkippedWarning` says so), and a set of one-token
-    sequences that covers the whole vocabulary is refused. An empty list is off.
+    sequences that covers the whole vocabulary is refused. An empty list is off. A prefix never
+    matches negative (padding) ids.
+
+    Per row: one list of sequences per row (``[[[5]], [], [[1, 2]]]``; ``[]`` is off). The rows'
+    sequences are held padded, ``[B, K, L]`` ids (``-1`` past each sequence's end) and ``[B, K]``
+    lengths (0: no sequence), and matched for all rows at once, one pass per distinct length.
+    ``sequences`` keeps what the constructor was given; ``reorder`` and ``assign`` move the tensors.
 
     From settings, strings are tokenized (``bad_words=[" damn"]``; with BPE tokenizers ``"damn"``
     and ``" damn"`` are different sequences); a string whose tokens do not decode back to it
@@ -38,7 +50,12 @@ class BadWords(LogitsProcessor):
         lambda v: {"sequences": [[0, v - 1], [v // 2]] if v > 1 else [[0, 0]]},
         lambda v: {"sequences": [[0, 0, 0], [1 % v, 0], [v - 1, v - 1]]},
     ]
+    row_test_values = {"bad_words": [[], [[0, 0]], [[1, 0], [2]], [[0, 1, 0], [3, 3]], [[2], [4, 1], [1, 1, 1, 1]]]}
     order = 50
+    negative_padding = True
+    row_fields = ("_words", "_lengths")
+    row_params = {"bad_words": []}
+    row_padding = {"_words": -1, "_lengths": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -51,12 +68,18 @@ class BadWords(LogitsProcessor):
         def _non_empty(cls, value: list[Any]) -> list[Any]:
             return token_sequences(value)
 
-    def __init__(self, sequences: list[list[int]]) -> None:
-        if any(not s for s in sequences):
-            raise ConfigError(f"bad_words: {list(sequences)!r} holds an empty token sequence")
-        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 for s in sequences for t in s):
-            raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
-        self.sequences = [list(s) for s in sequences]
+    def __init__(self, sequences: list[list[int]] | list[list[list[int]]]) -> None:
+        if is_sequences_per_row(sequences):
+            rows = row_values(sequences, _checked_ids)
+            self.sequences = rows
+            self.rows = len(rows)
+            self._by_row = True
+            self._words, self._lengths = padded_sequences(rows)
+            self._host_checks(rows)
+            self.active = any(rows)
+            return
+        self.sequences = _checked_ids(sequences)
+        self._by_row = False  # one set for every row (an engine may still set `rows`)
         single = sorted({s[0] for s in self.sequences if len(s) == 1})
         self._single = torch.tensor(single, dtype=torch.long)
         by_len: dict[int, list[list[int]]] = {}
@@ -70,22 +93,35 @@ class BadWords(LogitsProcessor):
         }
         self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, dict]] = {}
 
+    def _host_checks(self, rows: list[list[list[int]]]) -> None:
+        """Host facts about per-row sequences, checked against the vocabulary at a call (no sync)."""
+        self._biggest = max((t for row in rows for s in row for t in s), default=-1)
+        self._most_singles = max(len({s[0] for s in row if len(s) == 1}) for row in rows)
+        self._sizes = sorted({len(s) for row in rows for s in row})
+
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> BadWords:
-        seqs = [context.tokens("bad_words", w) if isinstance(w, str) else list(w) for w in params.bad_words]
-        eos = [] if context.eos_token_id is None else context.eos_ids("bad_words")
-        for word, s in zip(params.bad_words, seqs):
-            if len(s) == 1 and s[0] in eos:
-                raise ConfigError(
-                    f"bad_words: {word!r} is the end-of-sequence token {s[0]}; banning it would let no sequence "
-                    "end (to hold it back for a while, use min_new_tokens)"
-                )
-        if context.vocab_size is not None:
-            for s in seqs:
-                if max(s) >= context.vocab_size:
-                    raise ConfigError(f"bad_words: token id {max(s)} is outside the vocabulary (size {context.vocab_size})")
-            _refuse_whole_vocabulary(seqs, context.vocab_size)
-        return cls(seqs)
+        return cls(_token_ids(params.bad_words, context))
+
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> BadWords:
+        rows = []
+        for i, words in enumerate(values["bad_words"]):
+            try:
+                rows.append(_token_ids(words, context))
+            except ConfigError as exc:
+                raise ConfigError(f"row {i}: {exc}") from None
+        return cls(rows)
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        super().assign(rows, other)  # re-pads to the longer lists
+        if isinstance(other, BadWords) and self._by_row and other._by_row:
+            self._biggest = max(self._biggest, other._biggest)
+            self._most_singles = max(self._most_singles, other._most_singles)
+            self._sizes = sorted(set(self._sizes) | set(other._sizes))
+
+    def any_row_on(self) -> bool:
+        return bool((self._lengths > 0).any()) if self._by_row else bool(self.sequences)
 
     def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict]:
         key = (vocab_size, device)
@@ -101,6 +137,8 @@ class BadWords(LogitsProcessor):
         return self._cache[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self._by_row:
+            return self._per_row_call(input_ids, logits)
         if not self.sequences:
             return logits
         batch, vocab = logits.shape
@@ -116,6 +154,58 @@ class BadWords(LogitsProcessor):
             banned.scatter_reduce_(-1, last.expand(batch, -1), match.to(torch.uint8), reduce="amax")
         return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits, "bad_words")
 
+    def _per_row_call(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's own sequences, all rows at once: one pass per distinct sequence length."""
+        if not self.active:
+            return logits
+        self.check_batch(logits)
+        vocab = logits.shape[-1]
+        if self._biggest >= vocab:
+            raise ConfigError(f"bad_words: token id {self._biggest} is outside the vocabulary (size {vocab})")
+        if self._most_singles >= vocab:
+            _refuse_whole_vocabulary([[t] for t in range(vocab)], vocab)
+        words, lengths = self._words.to(logits.device), self._lengths.to(logits.device)  # [B, K, L], [B, K]
+        ids = input_ids.to(logits.device)
+        t = ids.shape[-1]
+        banned = torch.zeros(logits.shape, dtype=torch.uint8, device=logits.device)  # [B, V]
+        for n in self._sizes:  # distinct lengths over all rows, from host values
+            if t < n - 1:
+                continue
+            tail = ids[:, t - (n - 1) :]  # [B, n-1]
+            match = (words[:, :, : n - 1] == tail[:, None, :]).all(dim=-1) & (lengths == n)  # [B, K]
+            banned.scatter_reduce_(-1, words[:, :, n - 1].clamp(min=0), match.to(torch.uint8), reduce="amax")
+        return keep_nonempty(logits.masked_fill(banned.bool(), NEG_INF), logits, "bad_words")
+
+
+def _checked_ids(sequences: Any) -> list[list[int]]:
+    """Token-id sequences as lists: none empty, every id an integer >= 0 (else one line)."""
+    if not isinstance(sequences, (list, tuple)) or any(not isinstance(s, (list, tuple)) for s in sequences):
+        raise ConfigError(f"bad_words: {sequences!r} is not allowed: give a list of token-id sequences")
+    if any(not s for s in sequences):
+        raise ConfigError(f"bad_words: {list(sequences)!r} holds an empty token sequence")
+    if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 for s in sequences for t in s):
+        raise ConfigError(f"bad_words: token ids must be integers >= 0, got {sequences!r}")
+    return [list(s) for s in sequences]
+
+
+def _token_ids(words: list[Any], context: BuildContext) -> list[list[int]]:
+    """A ``bad_words`` setting as token ids: strings tokenized, the EOS token and ids outside the
+    vocabulary refused, and a set of bans covering the whole vocabulary refused."""
+    seqs = [context.tokens("bad_words", w) if isinstance(w, str) else list(w) for w in words]
+    eos = [] if context.eos_token_id is None else context.eos_ids("bad_words")
+    for word, s in zip(words, seqs):
+        if len(s) == 1 and s[0] in eos:
+            raise ConfigError(
+                f"bad_words: {word!r} is the end-of-sequence token {s[0]}; banning it would let no sequence "
+                "end (to hold it back for a while, use min_new_tokens)"
+            )
+    if context.vocab_size is not None:
+        for s in seqs:
+            if max(s) >= context.vocab_size:
+                raise ConfigError(f"bad_words: token id {max(s)} is outside the vocabulary (size {context.vocab_size})")
+        _refuse_whole_vocabulary(seqs, context.vocab_size)
+    return seqs
+
 
 def _refuse_whole_vocabulary(sequences: list[list[int]], vocab_size: int) -> None:
     """A set of one-token bans that covers every token would leave nothing to generate."""
@@ -130,7 +220,9 @@ class LogitBias(LogitsProcessor):
 
     OpenAI's ``logit_bias`` (range -100 to 100; -100 all but bans a token, 100 all but forces
     it). To ban a token outright use :class:`BadWords`. transformers' ``SequenceBiasLogitsProcessor``
-    with one-token sequences does the same.
+    with one-token sequences does the same. ``{}`` is off. Per row: one dict per row, held as
+    padded ``[B, K]`` token ids (``-1`` past a row's entries) and biases (``logit_bias`` keeps
+    what the constructor was given; ``reorder`` and ``assign`` move the tensors).
     """
 
     name = "logit_bias"
@@ -138,7 +230,12 @@ class LogitBias(LogitsProcessor):
         lambda v: {"logit_bias": {0: 5.0, v - 1: -100.0}},
         {"logit_bias": {0: 100.0}},
     ]
+    row_test_values = {"logit_bias": [{}, {0: 5.0}, {1: -100.0, 4: 2.5}, {0: 0.0}, {2: 100.0, 3: -0.5, 0: 1e-3}]}
     order = 60
+    negative_padding = True  # never reads input_ids: other rows' padding cannot matter
+    row_fields = ("_ids", "_biases")
+    row_params = {"logit_bias": {}}
+    row_padding = {"_ids": -1, "_biases": 0.0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -154,9 +251,32 @@ class LogitBias(LogitsProcessor):
                     raise ValueError(f"bias {bias} for token {token} must be in [-100, 100]")
             return value
 
-    def __init__(self, logit_bias: dict[int, float]) -> None:
-        self.logit_bias = dict(validate(self.Params, logit_bias=logit_bias).logit_bias)
+    def __init__(self, logit_bias: dict[int, float] | list[dict[int, float]]) -> None:
         self._dense: dict[tuple[int, torch.device], torch.Tensor] = {}
+        if isinstance(logit_bias, (list, tuple)):
+            rows = row_values(logit_bias, lambda d: dict(validate(self.Params, logit_bias=d).logit_bias))
+            self.logit_bias = rows
+            self.rows = len(rows)
+            self._by_row = True
+            width = max(1, max(len(d) for d in rows))
+            self._ids = torch.full((len(rows), width), -1, dtype=torch.long)
+            self._biases = torch.zeros((len(rows), width), dtype=torch.float32)  # float32, as the scalar build
+            for b, d in enumerate(rows):  # host packing, at construction
+                self._ids[b, : len(d)] = torch.tensor(list(d), dtype=torch.long)
+                self._biases[b, : len(d)] = torch.tensor(list(d.values()), dtype=torch.float32)
+            self._biggest = max((t for d in rows for t in d), default=-1)
+            self.active = any(rows)
+            return
+        self.logit_bias = dict(validate(self.Params, logit_bias=logit_bias).logit_bias)
+        self._by_row = False  # one dict for every row (an engine may still set `rows`)
+
+    def any_row_on(self) -> bool:
+        return bool((self._ids >= 0).any()) if self._by_row else bool(self.logit_bias)
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        super().assign(rows, other)  # re-pads to the longer dicts
+        if isinstance(other, LogitBias) and self._by_row and other._by_row:
+            self._biggest = max(self._biggest, other._biggest)
 
     def _bias(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         key = (vocab_size, device)
@@ -170,10 +290,25 @@ class LogitBias(LogitsProcessor):
         return self._dense[key]
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self._by_row:
+            return self._per_row_call(logits)
         if not self.logit_bias:
             return logits
         bias = self._bias(logits.shape[-1], logits.device)
         return to_dtype(logits.float() + bias, logits)
+
+    def _per_row_call(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's own biases, as a dense ``[B, V]`` bias; rows with none keep their logits."""
+        if not self.active:
+            return logits
+        self.check_batch(logits)
+        if self._biggest >= logits.shape[-1]:
+            raise ConfigError(f"logit_bias: token id {self._biggest} is outside the vocabulary (size {logits.shape[-1]})")
+        ids, biases = self._ids.to(logits.device), self._biases.to(logits.device)  # [B, K]
+        dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        dense.scatter_add_(-1, ids.clamp(min=0), torch.where(ids >= 0, biases, 0.0))  # padding adds 0
+        out = to_dtype(logits.float() + dense, logits)
+        return torch.where((ids >= 0).any(dim=-1, keepdim=True), out, logits)
 
 
 class MinNewTokens(LogitsProcessor):

@@ -29,6 +29,9 @@ scalars runs on any batch.
 - ``assign(rows, other)``: ``other`` is a processor of the same class built (and ``begin``-ed) for
   ``k`` rows; its per-row values and state are copied into rows ``rows`` (``LongTensor[k]``) of this
   one, which must be built per row. A request engine admits new requests into batch slots so.
+- ``row_padding``: for ``row_fields`` whose rows are padded to a common size (one row's list of
+  bad words, another's longer list), the fill value; ``assign`` pads both sides to the larger
+  shape before copying rows in.
 - ``active``: False when every row is off (known from host values, no sync); a chain skips inactive
   processors. ``assign`` recomputes it (one host sync, at admission, not per step); ``reorder``
   keeps it.
@@ -49,7 +52,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
-from decodekit.processors.rows import column, float_rows, int_rows, is_row_list, row_values
+from decodekit.processors.rows import column, common_shape, float_rows, int_rows, is_row_list, pad_to, row_values
 from decodekit.validation import validate
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,6 +84,8 @@ class LogitsProcessor:
     test_params: ClassVar[list[Any]] = []  # constructor kwargs (or vocab_size -> kwargs) for the property suite
     row_fields: ClassVar[tuple[str, ...]] = ()  # tensor attributes with a leading batch dimension
     row_params: ClassVar[dict[str, Any]] = {}  # constructor arguments taking per-row values -> their off value
+    row_test_values: ClassVar[dict[str, list[Any]]] = {}  # per-row setting -> values the kit gives rows (off first)
+    row_padding: ClassVar[dict[str, Any]] = {}  # padded row_fields -> their fill value (assign re-pads)
     negative_padding: ClassVar[bool] = False  # reads input_ids and ignores negative (padding) ids
     active: bool = True  # False when every row is off: a chain skips the processor
     rows: int | None = None  # the batch size when built with per-row values
@@ -117,8 +122,12 @@ class LogitsProcessor:
                 continue  # state not started yet (no begin)
             if theirs is None:
                 raise ConfigError(f"{self.name}: assign: the new rows have no {field.lstrip('_')} (call begin first)")
+            theirs = torch.as_tensor(theirs).to(device=mine.device, dtype=mine.dtype)
+            if field in self.row_padding:  # padded rows: both sides to the larger shape
+                shape = common_shape(mine, theirs)
+                mine, theirs = pad_to(mine, shape, self.row_padding[field]), pad_to(theirs, shape, self.row_padding[field])
             updated = mine.clone()
-            updated[rows.to(mine.device)] = torch.as_tensor(theirs).to(device=mine.device, dtype=mine.dtype)
+            updated[rows.to(mine.device)] = theirs
             setattr(self, field, updated)
         self.active = self.any_row_on()
 

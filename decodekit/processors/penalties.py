@@ -103,8 +103,8 @@ class _GeneratedCounts(LogitsProcessor):
         self.check_batch(logits)
         alpha = self.value(self.setting, logits)
         out = to_dtype(logits.float() - alpha * self._amount(self.counts(input_ids, logits)), logits)
-        if isinstance(alpha, torch.Tensor):
-            out = torch.where(alpha == 0.0, logits, out)
+        if isinstance(alpha, torch.Tensor):  # off rows: the exact value, not its float32 rounding (may be 0)
+            out = torch.where(column(getattr(self, self.setting), logits, torch.float64) == 0.0, logits, out)
         return out
 
     def _amount(self, counts: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,30 @@ def row_values(value: Any, check: Callable[[Any], Any]) -> list[Any]:
     return out
 
 
+def is_sequences_per_row(value: Any) -> bool:
+    """Whether a setting that lists token sequences (``bad_words``) gives one list per row:
+    every item is itself a list of sequences (``[[[5], [1, 2]], []]``)."""
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(row, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in row) for row in value)
+    )
+
+
+def padded_sequences(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token sequences as ``[B, K, L]`` ids (``-1`` past each end) and ``[B, K]``
+    lengths (0 where a row has fewer than ``K`` sequences): matched for all rows at once."""
+    k = max(1, max(len(row) for row in rows))
+    width = max(1, max((len(s) for row in rows for s in row), default=1))
+    words = torch.full((len(rows), k, width), -1, dtype=torch.long)
+    lengths = torch.zeros((len(rows), k), dtype=torch.long)
+    for b, row in enumerate(rows):  # host packing, at construction
+        for j, s in enumerate(row):
+            words[b, j, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            lengths[b, j] = len(s)
+    return words, lengths
+
+
 def float_rows(values: Sequence[float]) -> torch.Tensor:
     """``[B]`` float64: the exact values (cast to float32 where used, as a Python scalar would be)."""
     return torch.tensor([float(v) for v in values], dtype=torch.float64)
@@ -50,6 +74,20 @@ def column(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None =
     if dtype is None:
         dtype = torch.float32 if values.is_floating_point() else values.dtype
     return values.to(device=like.device, dtype=dtype)[:, None]
+
+
+def pad_to(values: torch.Tensor, shape: Sequence[int], fill: Any) -> torch.Tensor:
+    """``values`` padded with ``fill`` at the end of every dimension after the first, to ``shape[1:]``."""
+    if tuple(values.shape[1:]) == tuple(shape[1:]):
+        return values
+    out = torch.full((values.shape[0], *shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[tuple(slice(0, n) for n in values.shape)] = values
+    return out
+
+
+def common_shape(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """The elementwise largest of two shapes (the first dimension is ``a``'s)."""
+    return [a.shape[0], *(max(x, y) for x, y in zip(a.shape[1:], b.shape[1:]))]
 
 
 def real_tokens(input_ids: torch.Tensor) -> torch.Tensor:

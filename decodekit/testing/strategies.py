@@ -82,3 +82,19 @@ def cases(draw: st.DrawFn, **logits_kwargs: object) -> Case:
     x = draw(logits(**logits_kwargs))
     ids = draw(input_ids_for(x.shape[0], x.shape[1]))
     return Case(ids, x)
+
+
+@st.composite
+def padded_history(draw: st.DrawFn, batch: int, vocab: int, *, padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompts [B, T0], history [B, T])``: prompts of different lengths right-aligned and
+    left-padded with ``-1`` (as a request engine holds them), then the same number of generated
+    tokens in every row. ``padded=False``: every prompt has length ``T0``, no padding."""
+    lengths = draw(st.lists(st.integers(1, 6), min_size=batch, max_size=batch))
+    if not padded:
+        lengths = [max(lengths)] * batch
+    t0 = max(lengths)
+    new = draw(st.integers(0, 5))
+    alphabet = st.integers(0, min(vocab - 1, draw(st.sampled_from([2, 5, 63]))))
+    rows = [draw(st.lists(alphabet, min_size=n + new, max_size=n + new)) for n in lengths]
+    history = torch.tensor([[-1] * (t0 - n) + r for n, r in zip(lengths, rows)], dtype=torch.long)
+    return history[:, :t0], history

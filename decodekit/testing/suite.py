@@ -6,6 +6,10 @@ and what it did wrong. Besides each call's contract, they check what makes decod
 a row's result does not depend on the other rows, and ``begin`` resets per-sequence state (a
 sampler is run over several steps, so state such as Mirostat's ``mu`` is exercised).
 
+A class that declares per-row values (``row_params``, see
+:mod:`decodekit.processors.base`) is also held to the per-row promise of a request engine: each
+row of a batch gets exactly its result alone (:mod:`decodekit.testing.rows`).
+
 Parameters come from the class's ``test_params`` (a list of constructor keyword dicts, or of
 callables ``vocab_size -> dict``) when it has them, else they are drawn from its pydantic
 ``Params`` model's numeric bounds.
@@ -26,6 +30,7 @@ from hypothesis import strategies as st
 from decodekit.processors.base import BanSkippedWarning
 from decodekit.random import RowRandom
 from decodekit.testing.strategies import Case, cases
+from decodekit.testing.rows import check_row_processor, check_row_sampler
 
 ParamsFor = Callable[[int], dict[str, Any]]
 
@@ -145,6 +150,13 @@ def check_processor(cls: type, *, max_examples: int = 60, idempotent: bool | Non
             )
 
     run()
+    if declares_rows(cls):
+        check_row_processor(cls, max_examples=max(10, max_examples * 2 // 3))
+
+
+def declares_rows(cls: type) -> bool:
+    """Whether ``cls`` declares per-row values (``row_params``), so the per-row checks apply."""
+    return bool(getattr(cls, "row_params", None))
 
 
 def _assert_same_logits(actual: torch.Tensor, expected: torch.Tensor, message: str) -> None:
@@ -197,6 +209,8 @@ def check_sampler(cls: type, *, max_examples: int = 40, steps: int = 4, long_run
             _check_sequences(cls, name, params, prompt, per_step, seed)
 
     run()
+    if declares_rows(cls):
+        check_row_sampler(cls, max_examples=max(8, max_examples * 2 // 3))
 
 
 def _check_sequences(

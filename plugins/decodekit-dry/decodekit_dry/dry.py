@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decodekit.errors import ConfigError
 from decodekit.processors.base import BuildContext, LogitsProcessor, to_dtype
+from decodekit.processors.rows import is_sequences_per_row, padded_sequences, row_values
 from decodekit.validation import token_sequences, validate
 
 DEFAULT_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]
@@ -47,10 +47,29 @@ class DRY(LogitsProcessor):
     (removed), as in llama.cpp. One difference: llama.cpp also treats every vocabulary
     token whose text *contains* a breaker string as a breaker; here a breaker is exactly the
     tokenization of its string (or the token ids given).
+
+    Per row: every setting takes one value per row (``dry_multiplier=[0.0, 0.8]``;
+    ``dry_sequence_breakers`` one list of breakers per row), and each row is penalised exactly as
+    it would be alone: its own window, exponent clamp and breakers (held padded, ``[B, K, L]``),
+    all rows at once. Negative (padding) ids are never part of a repeat or a breaker.
     """
 
     name = "dry"
     order = 45  # after the other penalties, as in llama.cpp's chain
+    negative_padding = True
+    row_fields = (
+        "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+        "_breakers", "_breaker_lengths", "_max_exponents",
+    )  # fmt: skip
+    row_params = {
+        "dry_multiplier": 0.0,
+        "dry_base": 1.75,
+        "dry_allowed_length": 2,
+        "dry_sequence_breakers": list(DEFAULT_SEQUENCE_BREAKERS),
+        "dry_penalty_last_n": -1,
+    }
+    row_padding = {"_breakers": -1, "_breaker_lengths": 0}
+    row_test_values = {"dry_sequence_breakers": [list(DEFAULT_SEQUENCE_BREAKERS), [], [[0]], [[1, 2], [3]], [[2], [2, 5, 1]]]}
     test_params = [
         {"dry_multiplier": 0.8},
         {"dry_multiplier": 1.0, "dry_base": 1.1, "dry_allowed_length": 1, "dry_sequence_breakers": [[0], [1, 2]]},
@@ -77,96 +96,198 @@ class DRY(LogitsProcessor):
 
     def __init__(
         self,
-        dry_multiplier: float,
-        dry_base: float = 1.75,
-        dry_allowed_length: int = 2,
-        dry_sequence_breakers: Sequence[Sequence[int]] = (),
-        dry_penalty_last_n: int = -1,
+        dry_multiplier: Any,
+        dry_base: Any = 1.75,
+        dry_allowed_length: Any = 2,
+        dry_sequence_breakers: Any = (),
+        dry_penalty_last_n: Any = -1,
     ) -> None:
-        if any(isinstance(b, str) for b in dry_sequence_breakers):
-            raise ConfigError(
-                "dry_sequence_breakers: the constructor takes token-id sequences; "
-                "build from settings (decodekit.build_chain) to have strings tokenized"
-            )
-        p = validate(
-            self.Params,
-            dry_multiplier=dry_multiplier,
-            dry_base=dry_base,
-            dry_allowed_length=dry_allowed_length,
-            dry_sequence_breakers=[list(b) for b in dry_sequence_breakers],
-            dry_penalty_last_n=dry_penalty_last_n,
-        )
-        self.dry_multiplier = float(p.dry_multiplier)
-        self.dry_base = float(p.dry_base)
-        self.dry_allowed_length = p.dry_allowed_length
-        self.dry_sequence_breakers: list[list[int]] = [list(b) for b in p.dry_sequence_breakers]  # type: ignore[arg-type]
-        self.dry_penalty_last_n = p.dry_penalty_last_n
-        self._max_exponent = max_exponent(self.dry_base)
-        by_len: dict[int, list[list[int]]] = {}
-        for b in self.dry_sequence_breakers:
-            by_len.setdefault(len(b), []).append(b)
-        self._breakers = {n: torch.tensor(seqs, dtype=torch.long) for n, seqs in sorted(by_len.items())}
-        self._single = sorted({b[0] for b in self.dry_sequence_breakers if len(b) == 1})
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self.init_setting("dry_multiplier", dry_multiplier)
+        self.init_setting("dry_base", dry_base)
+        self.init_setting("dry_allowed_length", dry_allowed_length, int)
+        self.init_setting("dry_penalty_last_n", dry_penalty_last_n, int)
+        per_row = is_sequences_per_row(dry_sequence_breakers)
+        breakers = row_values(dry_sequence_breakers, _checked_breakers) if per_row else [_checked_breakers(dry_sequence_breakers)]
+        if per_row and self.rows is not None and len(breakers) != self.rows:
+            raise ConfigError(f"dry: dry_sequence_breakers has {len(breakers)} per-row values, another setting {self.rows}")
+        self.dry_sequence_breakers = breakers if per_row else breakers[0]
+        if per_row or self.rows is not None:  # every setting one value per row
+            self.rows = len(breakers) if per_row else self.rows
+            breakers = breakers if per_row else breakers * self.rows
+            for name in ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n"):
+                value = getattr(self, name)
+                if not isinstance(value, torch.Tensor):
+                    self.init_setting(name, [value] * self.rows, float if isinstance(value, float) else int)
+        bases = self.dry_base.tolist() if isinstance(self.dry_base, torch.Tensor) else [self.dry_base]
+        exponents = [max_exponent(b) for b in bases]
+        self._max_exponent = exponents[0]  # the scalar build's clamp
+        self._max_exponents = torch.tensor(exponents, dtype=torch.long) if self.rows is not None else None
+        padded = padded_sequences(breakers)  # [B, K, L] ids, [B, K] lengths; B = 1 for a scalar build
+        by_row = self._max_exponents is not None
+        self._breakers, self._breaker_lengths = padded if by_row else (None, None)  # per-row fields
+        self._shared_breakers = None if by_row else padded  # a scalar build's, for every row
+        self._host = _HostFacts.of(breakers, self)
+        self.active = self.any_row_on()
 
     @classmethod
     def from_params(cls, params: BaseModel, context: BuildContext) -> DRY:
-        breakers = [
-            context.tokens("dry_sequence_breakers", b) if isinstance(b, str) else list(b)
-            for b in params.dry_sequence_breakers  # type: ignore[attr-defined]
-        ]
-        if context.vocab_size is not None:
-            for b in breakers:
-                if max(b) >= context.vocab_size:
-                    raise ConfigError(
-                        f"dry_sequence_breakers: token id {max(b)} is outside the vocabulary (size {context.vocab_size})"
-                    )
         values = params.model_dump()
-        values["dry_sequence_breakers"] = breakers
+        values["dry_sequence_breakers"] = _breaker_ids(values["dry_sequence_breakers"], context)
         return cls(**values)
 
-    def _on(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The one-token breakers as a ``[V]`` mask, and the breakers by length, on ``device``."""
-        key = (vocab_size, device)
-        if key not in self._cache:
-            if self._single and self._single[-1] >= vocab_size:
-                raise ConfigError(
-                    f"dry_sequence_breakers: token id {self._single[-1]} is outside the vocabulary (size {vocab_size})"
-                )
-            single = torch.zeros(vocab_size, dtype=torch.bool)
-            single[self._single] = True
-            self._cache[key] = (single.to(device), {n: s.to(device) for n, s in self._breakers.items()})
-        return self._cache[key]
+    @classmethod
+    def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> DRY:
+        rows = dict(values)
+        breakers = []
+        for i, given in enumerate(values["dry_sequence_breakers"]):
+            try:
+                breakers.append(_breaker_ids(given, context))
+            except ConfigError as exc:
+                raise ConfigError(f"row {i}: {exc}") from None
+        rows["dry_sequence_breakers"] = breakers
+        return cls(**rows, **shared)
+
+    def any_row_on(self) -> bool:
+        m, n = self.dry_multiplier, self.dry_penalty_last_n
+        if isinstance(m, torch.Tensor):
+            return bool(((m != 0.0) & (n != 0)).any())
+        return m != 0.0 and n != 0
+
+    def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
+        super().assign(rows, other)  # re-pads the breakers to the longer lists
+        if isinstance(other, DRY):
+            self._host = self._host.merged(other._host)
+
+    def _settings(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``[B]`` multiplier and base (float32-rounded, in float64), allowed length, window, clamp."""
+        if self._max_exponents is not None:  # built per row (an engine may set `rows` on a scalar build)
+            return tuple(
+                t.to(device)
+                for t in (self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.dry_penalty_last_n, self._max_exponents)
+            )
+        values = (self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.dry_penalty_last_n, self._max_exponent)
+        return tuple(
+            torch.full((batch,), v, dtype=torch.float64 if isinstance(v, float) else torch.long, device=device) for v in values
+        )
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.dry_multiplier == 0.0 or self.dry_penalty_last_n == 0:
+        if not self.active:
             return logits
+        self.check_batch(logits)
+        host = self._host
         t = input_ids.shape[-1]
-        n = t if self.dry_penalty_last_n == -1 else min(t, self.dry_penalty_last_n)
-        if n <= self.dry_allowed_length or n < 2:
+        width = t if host.whole_context else min(t, host.longest_window)  # covers every row's window
+        if width < 2 or width <= host.least_allowed:
             return logits
         batch, vocab = logits.shape
-        single, breakers = self._on(vocab, logits.device)
-        window = input_ids[:, t - n :].to(logits.device)  # [B, N], the tokens searched
+        if host.biggest_single >= vocab:
+            raise ConfigError(
+                f"dry_sequence_breakers: token id {host.biggest_single} is outside the vocabulary (size {vocab})"
+            )
+        multiplier, base, allowed, last_n, clamp = self._settings(batch, logits.device)
+        ids = input_ids.to(logits.device)
+        count = (ids >= 0).sum(dim=-1)  # [B] tokens per row
+        n = torch.where(last_n < 0, count, torch.minimum(count, last_n))  # [B] each row's window, as alone
+        on = (multiplier != 0.0) & (last_n != 0) & (n > allowed) & (n >= 2)  # [B]: alone, the rest return early
+
+        # The searched tokens, right-aligned in `width` columns; outside a row's window each
+        # position holds its own negative value, so it matches nothing (not even another one).
+        position = torch.arange(width, device=ids.device)
+        window = ids[:, t - width :]
+        inside = (position >= width - n[:, None]) & (window >= 0)  # [B, W]
+        window = torch.where(inside, window, -2 - position)
+        shared = self._shared_breakers is not None
+        breakers, breaker_lengths = self._shared_breakers if shared else (self._breakers, self._breaker_lengths)
+        breakers = breakers.to(ids.device).expand(batch, -1, -1)
+        breaker_lengths = breaker_lengths.to(ids.device).expand(batch, -1)
 
         # Repeat lengths: for each earlier position j, how far the suffix ending at j matches
-        # the suffix of the whole window, cut at the most recent sequence breaker.
-        cap = n - 1 if self._max_exponent == 0 else min(n - 1, self.dry_allowed_length + self._max_exponent)
-        lengths = suffix_match_lengths(window, cap)  # [B, N-1]
-        lengths = torch.minimum(lengths, repeat_limit(window, breakers)[:, None])
+        # the suffix of the whole window, cut at each row's clamp and most recent sequence breaker.
+        cap = width - 1 if host.unclamped else min(width - 1, host.longest_reach)
+        row_cap = torch.where(clamp == 0, n - 1, torch.minimum(n - 1, allowed + clamp))  # [B]
+        lengths = torch.minimum(suffix_match_lengths(window, cap), row_cap[:, None])  # [B, W-1]
+        limit = repeat_limit(window, breakers, breaker_lengths, host.breaker_sizes)
+        lengths = torch.minimum(lengths, limit[:, None])
 
         # The token after position j would extend that repeat: its penalty, the largest one per token.
-        follows = window[:, 1:]  # [B, N-1]
-        counted = (lengths >= self.dry_allowed_length) & ~single[follows]  # one-token breakers are exempt
-        exponent = (lengths - self.dry_allowed_length).clamp(min=0)
-        if self._max_exponent > 0:
-            exponent = exponent.clamp(max=self._max_exponent)
+        follows = window[:, 1:]  # [B, W-1]
+        one_token = breakers[:, None, :, 0].masked_fill(breaker_lengths[:, None, :] != 1, -1)  # [B, 1, K]
+        exempt = (follows[:, :, None] == one_token).any(dim=-1)  # one-token breakers are never penalised
+        counted = (lengths >= allowed[:, None]) & inside[:, :-1] & inside[:, 1:] & ~exempt & on[:, None]
+        exponent = (lengths - allowed[:, None]).clamp(min=0)
+        exponent = torch.where(clamp[:, None] > 0, torch.minimum(exponent, clamp[:, None]), exponent)
         # llama.cpp: float penalty = multiplier * std::pow(base, exponent), the power in double
-        power = torch.pow(_float32(self.dry_base), exponent.to(torch.float64))
-        penalty = torch.where(counted, (_float32(self.dry_multiplier) * power).float(), 0.0)  # may be inf
+        base32, multiplier32 = base.float().double(), multiplier.float().double()  # settings are float there
+        power = torch.pow(base32[:, None], exponent.to(torch.float64))
+        penalty = torch.where(counted, (multiplier32[:, None] * power).float(), 0.0)  # may be inf
         per_token = torch.zeros((batch, vocab), dtype=torch.float32, device=logits.device)
-        per_token.scatter_reduce_(-1, follows, penalty, reduce="amax")  # [B, V]
-        return to_dtype(logits.float() - per_token, logits)
+        per_token.scatter_reduce_(-1, follows.clamp(min=0), penalty, reduce="amax")  # [B, V]
+        out = to_dtype(logits.float() - per_token, logits)
+        if logits.dtype == torch.float32:  # off rows have no penalty, and x - 0 is x: no shift in float32
+            return out
+        return torch.where(on[:, None], out, logits)  # half types: to_dtype shifts a row; off rows are not
+
+
+class _HostFacts:
+    """What the call needs as Python values (tensor widths, loops), so it never syncs: bounds over
+    every row, widened when rows are assigned (a bound wider than a row needs changes no result)."""
+
+    def __init__(self, **facts: Any) -> None:
+        self.__dict__.update(facts)
+
+    @classmethod
+    def of(cls, breakers: list[list[list[int]]], dry: DRY) -> _HostFacts:
+        def host(name: str) -> list[Any]:
+            v = getattr(dry, name)
+            return v.tolist() if isinstance(v, torch.Tensor) else [v]
+
+        exponents = dry._max_exponents.tolist() if dry._max_exponents is not None else [dry._max_exponent]
+        allowed, last_n = host("dry_allowed_length"), host("dry_penalty_last_n")
+        return cls(
+            whole_context=any(n < 0 for n in last_n),
+            longest_window=max(last_n),
+            least_allowed=min(allowed),
+            unclamped=any(e == 0 for e in exponents),
+            longest_reach=max(a + e for a, e in zip(allowed, exponents)),
+            breaker_sizes=sorted({len(b) for row in breakers for b in row}),
+            biggest_single=max((b[0] for row in breakers for b in row if len(b) == 1), default=-1),
+        )
+
+    def merged(self, other: _HostFacts) -> _HostFacts:
+        return _HostFacts(
+            whole_context=self.whole_context or other.whole_context,
+            longest_window=max(self.longest_window, other.longest_window),
+            least_allowed=min(self.least_allowed, other.least_allowed),
+            unclamped=self.unclamped or other.unclamped,
+            longest_reach=max(self.longest_reach, other.longest_reach),
+            breaker_sizes=sorted(set(self.breaker_sizes) | set(other.breaker_sizes)),
+            biggest_single=max(self.biggest_single, other.biggest_single),
+        )
+
+
+def _checked_breakers(breakers: Any) -> list[list[int]]:
+    """Token-id breakers as lists (strings are tokenized only when built from settings)."""
+    if not isinstance(breakers, (list, tuple)):
+        raise ConfigError(f"dry_sequence_breakers: {breakers!r} is not allowed: give a list of token-id sequences")
+    if any(isinstance(b, str) for b in breakers):
+        raise ConfigError(
+            "dry_sequence_breakers: the constructor takes token-id sequences; "
+            "build from settings (decodekit.build_chain) to have strings tokenized"
+        )
+    p = validate(DRY.Params, dry_sequence_breakers=[list(b) for b in breakers])
+    return [list(b) for b in p.dry_sequence_breakers]  # type: ignore[arg-type]
+
+
+def _breaker_ids(breakers: list[Any], context: BuildContext) -> list[list[int]]:
+    """Breakers as token ids: strings tokenized; ids outside a known vocabulary refused."""
+    ids = [context.tokens("dry_sequence_breakers", b) if isinstance(b, str) else list(b) for b in breakers]
+    if context.vocab_size is not None:
+        for b in ids:
+            if max(b) >= context.vocab_size:
+                raise ConfigError(
+                    f"dry_sequence_breakers: token id {max(b)} is outside the vocabulary (size {context.vocab_size})"
+                )
+    return ids
 
 
 def _float32(x: float) -> float:
@@ -216,20 +337,22 @@ def suffix_match_lengths(window: torch.Tensor, cap: int) -> torch.Tensor:
     return lengths
 
 
-def repeat_limit(window: torch.Tensor, breakers: dict[int, torch.Tensor]) -> torch.Tensor:
+def repeat_limit(window: torch.Tensor, breakers: torch.Tensor, lengths: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """``[B]``: how many tokens follow the most recent complete sequence breaker (``N`` if none).
 
-    Where breakers of different lengths start at that same position, the longest one counts,
-    as in llama.cpp.
+    ``breakers`` ``[B, K, L]`` and ``lengths`` ``[B, K]`` are each row's own (padded);
+    ``sizes`` the distinct breaker lengths over all rows. Where breakers of different lengths
+    start at that same position, the longest one counts, as in llama.cpp.
     """
     batch, n = window.shape
     best_start = torch.full((batch,), -1, dtype=torch.long, device=window.device)
     best_len = torch.zeros((batch,), dtype=torch.long, device=window.device)
-    for length, seqs in breakers.items():  # breakers grouped by length, shortest first
+    for length in sizes:  # shortest first
         if length > n:
             continue
         spans = window.unfold(-1, length, 1)  # [B, P, length], P = N - length + 1
-        hit = (spans[:, :, None, :] == seqs[None, None, :, :]).all(dim=-1).any(dim=-1)  # [B, P]
+        same = (spans[:, :, None, :] == breakers[:, None, :, :length]).all(dim=-1)  # [B, P, K]
+        hit = (same & (lengths == length)[:, None, :]).any(dim=-1)  # [B, P]
         positions = torch.arange(spans.shape[1], device=window.device)
         start = torch.where(hit, positions, -1).amax(dim=-1)  # [B], -1: none
         better = (start > best_start) | ((start == best_start) & (start >= 0))

@@ -146,6 +146,42 @@ def test_dry_matches_a_literal_port_of_llama_cpp(case) -> None:
         torch.testing.assert_close(ours[row], torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
+@st.composite
+def per_row_dry_cases(draw: st.DrawFn) -> list[dict]:
+    """Rows of different lengths, each with its own settings (as ``dry_cases`` draws them)."""
+    vocab = draw(st.integers(2, 6))
+    rows = []
+    for _ in range(draw(st.integers(1, 4))):
+        case = draw(dry_cases())
+        rows.append({**case, "tokens": [t % vocab for t in case["rows"][0]], "breakers": [[t % vocab for t in b] for b in case["breakers"]]})
+    return rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=per_row_dry_cases())
+def test_per_row_settings_match_the_literal_port_row_by_row_through_left_padding(rows) -> None:
+    vocab = max(max(r["tokens"]) for r in rows) + 1
+    width = max(len(r["tokens"]) for r in rows)
+    ids = torch.tensor([[-1] * (width - len(r["tokens"])) + r["tokens"] for r in rows])  # left-padded with -1
+    logits = torch.linspace(-1.0, 1.0, vocab).repeat(len(rows), 1)
+    names = ("multiplier", "base", "allowed", "breakers", "last_n")
+    ours = DRY(*([r[k] for r in rows] for k in names))(ids, logits)
+    for row, r in enumerate(rows):
+        expected = reference_dry(r["tokens"], logits[row].tolist(), *(r[k] for k in ("multiplier", "base", "allowed", "last_n", "breakers")))
+        torch.testing.assert_close(ours[row], torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_assign_gives_a_newcomer_its_own_breakers_even_longer_ones() -> None:
+    live = DRY([0.8, 0.8], dry_sequence_breakers=[[[0]], []], dry_allowed_length=1)
+    newcomer = DRY([1.0], dry_sequence_breakers=[[[3], [2, 4]]], dry_allowed_length=[1])  # a length no row had
+    live.assign(torch.tensor([1]), newcomer)
+    ids = torch.tensor([[4, 1, 2, 4, 1], [4, 1, 2, 4, 1]])
+    out = live(ids, torch.zeros(2, 5))
+    assert out[0, 2] == -0.8 * 1.75  # "4 1" repeats before 2: one token past the allowed length
+    assert out[1, 2] == -1.0  # the breaker "2 4" cuts the repeat to "1": no growth
+    assert torch.equal(out[1:], DRY(1.0, dry_allowed_length=1, dry_sequence_breakers=[[3], [2, 4]])(ids[1:], torch.zeros(1, 5)))
+
+
 def test_repeats_longer_than_one_comparison_block_are_measured_in_full() -> None:
     # A period-3 pattern 72 tokens long: the suffix repeats 69 tokens back, beyond the 64 compared per pass.
     history = [0, 1, 2] * 24
@@ -280,3 +316,31 @@ def test_dry_discourages_repeating_in_generation() -> None:
     # With a huge multiplier, token 4 (which would continue "1 2 3" -> "1 2 3 4") is never chosen first.
     assert out.tokens[0, 0] != 4
     assert out.scores[0][0, 4] < -50
+
+
+def test_requests_with_their_own_dry_settings_decode_in_the_engine_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.processors.base import BuildContext
+    from decodekit.samplers import Multinomial
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [
+        Request(prompt=prompt, settings=settings, max_new_tokens=12, seed=i)
+        for i, (prompt, settings) in enumerate([
+            ("Once upon", {"dry_multiplier": 0.8, "dry_allowed_length": 1}),
+            ("Hi", {"dry_multiplier": 2.0, "dry_sequence_breakers": ["\n"], "dry_penalty_last_n": 8}),
+            ("The cat", {}),
+            ("Why do birds", {"dry_multiplier": 1.0, "dry_base": 3.0}),
+        ])
+    ]
+    outputs = Engine(model, tokenizer, max_slots=2).generate(requests)
+    context = BuildContext(eos_token_id=tokenizer.eos_token_id, encode=tokenizer.encode, vocab_size=model.vocab_size)
+    for request, out in zip(requests, outputs):
+        chain = decodekit.build_chain(dict(request.settings), context=context) if request.settings else None
+        solo = generate_text(model, tokenizer, [request.prompt], processors=chain, sampler=Multinomial(), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens, request.settings

@@ -138,3 +138,47 @@ def test_bad_settings_are_rejected_by_mirostats_own_model(settings, message) -> 
 def test_mirostat_settings_with_another_sampler_are_an_error() -> None:
     with pytest.raises(ConfigError, match=r"tau: setting\(s\) of sampler 'mirostat', but sampler='multinomial'"):
         decodekit.build_sampler("multinomial", {"tau": 5.0})
+
+
+def test_per_row_tau_and_eta_give_each_row_its_tokens_alone() -> None:
+    logits = torch.linspace(0.0, -6.0, 32).expand(3, 32)
+    prompts = torch.zeros(3, 1, dtype=torch.long)
+    batched = Mirostat(tau=[1.0, 3.0, 6.0], eta=[0.5, 0.1, 0.0])
+    batched.begin(prompts)
+    rng = RowRandom(torch.tensor([1, 2, 3]))
+    together = torch.stack([batched(prompts, logits, rng) for _ in range(8)], dim=-1)
+    for row, (tau, eta) in enumerate([(1.0, 0.5), (3.0, 0.1), (6.0, 0.0)]):
+        alone = Mirostat(tau=tau, eta=eta)
+        alone.begin(prompts[:1])
+        rng_alone = RowRandom(torch.tensor([row + 1]))
+        tokens = torch.stack([alone(prompts[:1], logits[:1], rng_alone) for _ in range(8)], dim=-1)
+        assert torch.equal(together[row], tokens[0])
+    assert batched.mu[2] == 12.0  # eta 0: mu stays at 2 * tau
+
+
+def test_assign_takes_a_newcomers_tau_eta_and_mu() -> None:
+    live = Mirostat(tau=[2.0, 4.0])
+    live.begin(torch.zeros(2, 1, dtype=torch.long))
+    newcomer = Mirostat(tau=[7.0], eta=[0.3])
+    newcomer.begin(torch.zeros(1, 1, dtype=torch.long))
+    live.assign(torch.tensor([0]), newcomer)
+    assert live.tau.tolist() == [7.0, 4.0] and live.eta.tolist() == [0.3, 0.1] and live.mu.tolist() == [14.0, 8.0]
+    with pytest.raises(ConfigError, match=r"^row 1: tau=0.0 is not allowed"):
+        Mirostat(tau=[1.0, 0.0])
+
+
+def test_the_engine_runs_mirostat_for_every_request_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [Request(prompt=p, max_new_tokens=n, seed=i) for i, (p, n) in enumerate([("Once upon", 12), ("Hi", 5), ("The cat", 9)])]
+    # newcomers take a slot mid-run: their mu starts at 2 * tau while the other slot's goes on
+    outputs = Engine(model, tokenizer, max_slots=2, sampler=Mirostat(tau=3.0, eta=0.2)).generate(requests)
+    for request, out in zip(requests, outputs):
+        solo = generate_text(model, tokenizer, [request.prompt], sampler=Mirostat(tau=3.0, eta=0.2), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens

@@ -3,12 +3,14 @@ of them, to steer away from the obvious continuation (llama.cpp's semantics)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor
+from decodekit.processors.rows import prompt_lengths
 from decodekit.random import hash32
-from decodekit.validation import validate
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -27,14 +29,20 @@ class XTC(LogitsProcessor):
     are all kept (llama.cpp keeps one of them, chosen by its sort).
 
     The draw: processors get no random generator, so ``u`` is a hash of ``xtc_seed`` and of the
-    row's tokens from the last prompt token on (the prompt length comes from ``begin``; without a
-    ``begin`` call, all of ``input_ids``). It is reproducible, the same for a row whatever else is
-    in the batch (left padding is never hashed), and changes every step. Rows whose generated
-    tokens agree draw alike; change ``xtc_seed`` to change the draws.
+    row's tokens from the last prompt token on (each row's prompt length comes from ``begin``;
+    without a ``begin`` call, all of the row's tokens). It is reproducible, the same for a row
+    whatever else is in the batch (negative padding ids are never hashed), and changes every
+    step. Rows whose generated tokens agree draw alike; change ``xtc_seed`` to change the draws.
+
+    Per row: each setting takes one value per row (``xtc_probability=[0.0, 0.5]``; 0 is off),
+    and a row's draws come from its own seed and tokens, so it acts exactly as it would alone.
     """
 
     name = "xtc"
     order = 950  # after the other truncation filters
+    negative_padding = True
+    row_fields = ("xtc_probability", "xtc_threshold", "xtc_seed", "_prompt_lengths")
+    row_params = {"xtc_probability": 0.0, "xtc_threshold": 0.1, "xtc_seed": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -42,36 +50,54 @@ class XTC(LogitsProcessor):
         xtc_threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="probability that makes a top choice")
         xtc_seed: int = Field(default=0, ge=0, le=_MASK32, description="seed of the per-step draws")
 
-    def __init__(self, xtc_probability: float, xtc_threshold: float = 0.1, xtc_seed: int = 0) -> None:
-        p = validate(self.Params, xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, xtc_seed=xtc_seed)
-        self.xtc_probability = float(p.xtc_probability)
-        self.xtc_threshold = float(p.xtc_threshold)
-        self.xtc_seed = p.xtc_seed
-        self._prompt_length: int | None = None
+    def __init__(self, xtc_probability: Any, xtc_threshold: Any = 0.1, xtc_seed: Any = 0) -> None:
+        self.init_setting("xtc_probability", xtc_probability)
+        self.init_setting("xtc_threshold", xtc_threshold)
+        self.init_setting("xtc_seed", xtc_seed, int)
+        if self.rows is not None:  # a scalar setting next to per-row ones: one value per row
+            for name in ("xtc_probability", "xtc_threshold", "xtc_seed"):
+                value = getattr(self, name)
+                if not isinstance(value, torch.Tensor):
+                    self.init_setting(name, [value] * self.rows, int if name == "xtc_seed" else float)
+        self._prompt_lengths: torch.Tensor | None = None
+        self.active = self.any_row_on()
+
+    def any_row_on(self) -> bool:
+        p = self.xtc_probability
+        return bool((p != 0.0).any()) if isinstance(p, torch.Tensor) else p != 0.0
 
     def begin(self, input_ids: torch.Tensor) -> None:
-        self._prompt_length = input_ids.shape[-1]
+        self._prompt_lengths = prompt_lengths(input_ids)
 
     def draws(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 in (0, 1): this step's draw per row (see the class docstring)."""
-        start = max((self._prompt_length or 0) - 1, 0)
-        tokens = input_ids[:, min(start, max(input_ids.shape[-1] - 1, 0)) :].to(torch.int64)  # [B, n]
-        n = tokens.shape[-1]
-        where = torch.arange(n, dtype=torch.int64, device=tokens.device) * _GOLDEN
-        mixed = hash32((hash32(tokens & _MASK32) + where) & _MASK32)  # [B, n]
-        row = mixed.sum(dim=-1) & _MASK32  # [B], order-sensitive through the positions
-        key = torch.tensor([self.xtc_seed, n], dtype=torch.int64, device=tokens.device)
-        salt = hash32(hash32(key[:1]) ^ key[1:])  # [1]
+        ids = input_ids.to(torch.int64)
+        real = ids >= 0  # [B, T]
+        count = real.sum(dim=-1)  # [B] tokens per row
+        if self._prompt_lengths is None:
+            n = count
+        else:  # from the last prompt token on; at least the last token
+            start = (self._prompt_lengths.to(ids.device) - 1).clamp(min=0)
+            n = torch.maximum(count - start, count.clamp(max=1))
+        rank = real.cumsum(dim=-1) - 1  # [B, T] index among the row's tokens
+        where = rank - (count - n)[:, None]  # position in the hashed window; < 0 before it
+        hashed = real & (where >= 0)
+        mixed = hash32((hash32(ids.clamp(min=0) & _MASK32) + where.clamp(min=0) * _GOLDEN) & _MASK32)  # [B, T]
+        row = torch.where(hashed, mixed, 0).sum(dim=-1) & _MASK32  # [B], order-sensitive through the positions
+        seed = self.xtc_seed
+        seed = seed.to(ids.device) if isinstance(seed, torch.Tensor) else torch.full_like(n, seed)
+        salt = hash32(hash32(seed) ^ n)  # [B]
         bits = hash32(row ^ salt)
         return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.xtc_probability == 0.0:
+        if not self.active:
             return logits
+        self.check_batch(logits)
         x = logits.float()
         probs = x.softmax(dim=-1)
-        top = (probs >= self.xtc_threshold) & (x > NEG_INF)  # [B, V], the top choices
+        top = (probs >= self.value("xtc_threshold", logits)) & (x > NEG_INF)  # [B, V], the top choices
         least = torch.where(top, x, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
-        act = (top.sum(dim=-1) >= 2) & (self.draws(input_ids).to(logits.device) <= self.xtc_probability)  # [B]
-        remove = top & (x > least) & act[:, None]
-        return logits.masked_fill(remove, NEG_INF)
+        draws = self.draws(input_ids).to(logits.device)[:, None]  # [B, 1]
+        act = (top.sum(dim=-1, keepdim=True) >= 2) & (draws <= self.value("xtc_probability", logits))  # [B, 1]
+        return logits.masked_fill(top & (x > least) & act, NEG_INF)

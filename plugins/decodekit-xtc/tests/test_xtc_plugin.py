@@ -139,3 +139,59 @@ def test_xtc_in_generation_removes_the_top_choices_at_every_step() -> None:
     # Every token of this small random model has p >= 0.01, so only the least likely is left.
     assert (out.scores[0] > NEG_INF).sum().item() == 1
     assert out.tokens[0, 0] == plain.scores[0].argmin()
+
+
+def test_per_row_settings_give_each_row_its_draws_and_result_alone() -> None:
+    prompts = torch.tensor([[-1, -1, 5, 6], [9, 8, 7, 6], [-1, 4, 4, 4]])  # left-padded with -1
+    history = torch.cat([prompts, torch.tensor([[1, 2], [3, 4], [5, 6]])], dim=-1)
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(3, 4)
+    settings = [(1.0, 0.1, 3), (0.0, 0.1, 0), (0.5, 0.2, 7)]
+    batched = XTC(*zip(*settings))
+    batched.begin(prompts)
+    out = batched(history, logits)
+    assert torch.equal(out[1], logits[1])  # probability 0: off
+    for row, (p, t, seed) in enumerate(settings):
+        alone = XTC(p, t, seed)
+        alone.begin(prompts[row][prompts[row] >= 0][None])
+        real = history[row][history[row] >= 0][None]
+        assert batched.draws(history)[row] == alone.draws(real)
+        assert torch.equal(out[row : row + 1], alone(real, logits[row : row + 1]))
+    assert out[0, 0] == NEG_INF  # probability 1 acts
+
+
+def test_per_row_xtc_is_built_from_each_rows_settings() -> None:
+    from decodekit.registry import build_row_chain
+
+    chain = build_row_chain([{"xtc_probability": 0.5, "xtc_seed": 4}, {}])
+    xtc = chain.processors[0]
+    assert xtc.xtc_probability.tolist() == [0.5, 0.0] and xtc.xtc_seed.tolist() == [4, 0]
+    with pytest.raises(ConfigError, match=r"^row 1: xtc_threshold=2.0 is not allowed"):
+        XTC([0.5, 0.5], [0.1, 2.0])
+
+
+def test_requests_with_their_own_xtc_settings_decode_in_the_engine_as_alone() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.models import load_model
+    from decodekit.processors.base import BuildContext
+    from decodekit.samplers import Multinomial
+    from decodekit.text import generate_text
+    from decodekit.tokenization import load_tokenizer
+
+    model, extras = load_model("default", device="cpu")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [
+        Request(prompt=prompt, settings=settings, max_new_tokens=12, seed=i)
+        for i, (prompt, settings) in enumerate([
+            ("Once upon", {"xtc_probability": 0.7, "xtc_threshold": 0.05}),
+            ("Hi", {"xtc_probability": 0.3, "xtc_seed": 5}),
+            ("The cat", {}),
+            ("Why do birds", {"xtc_probability": 1.0, "xtc_threshold": 0.02}),
+        ])
+    ]
+    outputs = Engine(model, tokenizer, max_slots=2).generate(requests)
+    context = BuildContext(eos_token_id=tokenizer.eos_token_id, encode=tokenizer.encode, vocab_size=model.vocab_size)
+    for request, out in zip(requests, outputs):
+        chain = decodekit.build_chain(dict(request.settings), context=context) if request.settings else None
+        solo = generate_text(model, tokenizer, [request.prompt], processors=chain, sampler=Multinomial(), output=[],
+                             max_new_tokens=request.max_new_tokens, seed=request.seed)[0]  # fmt: skip
+        assert out.error is None and out.tokens == solo.tokens, request.settings
