@@ -107,7 +107,9 @@ def encode_part(records: list[dict[str, Any]], fmt: str) -> bytes:
     import pyarrow as pa
 
     pq = _pyarrow_parquet()
-    table = pa.Table.from_pylist([{**r, "settings": json.dumps(r["settings"], sort_keys=True)} for r in records])
+    columns = {key: [r[key] for r in records] for key in records[0]}  # every record has the same keys
+    columns["settings"] = [json.dumps(s, sort_keys=True) for s in columns["settings"]]
+    table = pa.Table.from_pydict(columns)
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()

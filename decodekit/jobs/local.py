@@ -82,6 +82,7 @@ def row_request(row: Any, number: int, decoding: Decoding) -> Request:
     settings = row.get("settings") or {}
     if not isinstance(settings, Mapping):
         raise ConfigError(f"settings: expected an object of setting names to values, got {type(settings).__name__}")
+    settings = {k: v for k, v in settings.items() if v is not None}  # null: not set (Parquet fills absent keys)
     seed = row.get("seed")
     max_new = row.get("max_new_tokens")
     stop = row.get("stop")
