@@ -70,16 +70,16 @@ def test_every_row_once_and_bad_rows_in_the_errors_file(tmp_path: Path, loaded, 
     src = write_rows(tmp_path / "in.jsonl", rows)
     run_job(job(tmp_path, src, "out", part_size=4, slots=3), decoding=DECODING, loaded=loaded)
     results = by_id(read_results(tmp_path / "out"))
-    assert set(results) == {f"r{i}" for i in range(9)} | {7}
     assert results[7]["settings"] == {"temperature": 0, "top_p": 0.95} and len(results[7]["tokens"]) <= 3
     assert results[7]["seed"] == 5 and results["r0"]["seed"] == row_seed(11, "r0")
     assert results["r0"]["model"] == loaded[2]
     errors = {(e["row"], e["id"]): e["reason"] for e in read_errors(tmp_path / "out")}
-    assert set(errors) == {(9, None), (10, None), (11, "r3"), (12, "both"), (13, "bad-top-p")}
-    assert errors[(9, None)].startswith("line 10: not JSON")
-    assert "duplicate of row 4" in errors[(11, "r3")]
+    assert set(results) == {f"r{i}" for i in range(9) if i != 3} | {7}
+    assert set(errors) == {(9, None), (10, None), (3, "r3"), (12, "both"), (13, "bad-top-p")}  # r3: once
+    assert errors[(9, None)] == "not JSON (Expecting value)"
+    assert errors[(3, "r3")] == "id='r3': appears on 2 rows; ids must be unique"
     assert "top_p=3" in errors[(13, "bad-top-p")] and "\n" not in errors[(13, "bad-top-p")]
-    assert "decode job: 15/15 rows (100.0%), 5 bad" in capsys.readouterr().err
+    assert "decode job: 15/15 rows (100.0%), 5 bad" in capsys.readouterr().err  # r3's two rows: one bad row
 
 
 def test_results_do_not_depend_on_order_part_size_or_slots(tmp_path: Path, loaded) -> None:

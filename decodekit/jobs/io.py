@@ -7,7 +7,8 @@ The output folder holds:
 - ``part-00000.jsonl`` (or ``.parquet``), ...: the results, a part at a time. A part is written
   to ``part-XXXXX.jsonl.tmp``, fsynced, renamed to its name and the folder fsynced; only then
   is it *committed*, by one line appended to
-- ``manifest.jsonl``: per committed part its file, the input row numbers and ids it finished,
+- ``manifest.jsonl``: per committed part its file, the keys of the input rows it finished
+  (:func:`decodekit.jobs.spec.row_key`: the id, or a hash of a row without one), their ids,
   and its bad rows (id, reason). The manifest is the truth: on restart a ``.tmp`` file, a part
   that no manifest line names (killed between the rename and the manifest line) and a torn
   last manifest line are removed, and the rows they held are decoded again;
@@ -45,11 +46,26 @@ def _pyarrow_parquet() -> Any:
     return pq
 
 
+class Unparsed(str):
+    """A JSONL line that is not JSON (the job reports it as a bad row and goes on)."""
+
+    reason: str
+
+
+def parse_line(line: str) -> Any:
+    """One JSONL line as its value, or :class:`Unparsed` with the reason."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        bad = Unparsed(line.rstrip("\n"))
+        bad.reason = f"not JSON ({e.msg})"
+        return bad
+
+
 def read_rows(path: str) -> Iterator[tuple[int, Any]]:
     """``(row number, row)`` for each row of a JSONL or Parquet file, read lazily.
 
-    A JSONL line that is not JSON comes back as a :class:`ConfigError` in place of the row (the
-    job reports it and goes on); blank lines are skipped but keep their numbers.
+    Blank JSONL lines are skipped but keep their numbers (a row's number is its line, from 0).
     """
     if Path(path).suffix.lower() in (".parquet", ".pq"):
         number = 0
@@ -60,20 +76,32 @@ def read_rows(path: str) -> Iterator[tuple[int, Any]]:
         return
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, ConfigError(f"line {number + 1}: not JSON ({e.msg})")
+            if line.strip():
+                yield number, parse_line(line)
 
 
-def count_rows(path: str) -> int:
-    """How many rows :func:`read_rows` yields (for progress), without parsing them."""
+def scan_input(path: str) -> tuple[int, dict[str, int]]:
+    """How many rows the input has, and the keys of ids that appear on more than one row."""
+    from decodekit.jobs.spec import row_key
+
+    counts: dict[str, int] = {}
+    total = 0
     if Path(path).suffix.lower() in (".parquet", ".pq"):
-        return int(_pyarrow_parquet().ParquetFile(path).metadata.num_rows)
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+        file = _pyarrow_parquet().ParquetFile(path)
+        names = file.schema_arrow.names
+        rows: Iterator[Any] = (
+            row for batch in file.iter_batches(batch_size=65536, columns=["id"] if "id" in names else [])
+            for row in batch.to_pylist()
+        )  # fmt: skip
+        if "id" not in names:
+            return int(file.metadata.num_rows), {}
+    else:
+        rows = (row for _, row in read_rows(path))
+    for row in rows:
+        total += 1
+        key = row_key(row)
+        counts[key] = counts.get(key, 0) + 1
+    return total, {k: n for k, n in counts.items() if n > 1 and not k.startswith("row:")}
 
 
 # ------------------------------------------------------------------------------ output
@@ -122,11 +150,19 @@ def decode_part(path: Path) -> list[dict[str, Any]]:
     return [{**r, "settings": json.loads(r["settings"])} for r in rows]
 
 
+def write_part(folder: str | Path, name: str, records: list[dict[str, Any]], fmt: str) -> str | None:
+    """Write ``records`` as the part ``name`` atomically (not yet committed); None when there are none."""
+    if not records:
+        return None
+    write_atomically(Path(folder) / name, encode_part(records, fmt))
+    return name
+
+
 @dataclass
 class Committed:
     """What the manifest says is finished."""
 
-    rows: set[int] = field(default_factory=set)  # input row numbers, good and bad
+    keys: set[str] = field(default_factory=set)  # row keys finished, good and bad
     results: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
@@ -181,7 +217,7 @@ class JobFolder:
                 if entry is None:  # a torn last line: that part was not committed
                     break
                 good += len(line)
-                committed.rows.update(entry["rows"])
+                committed.keys.update(entry["keys"])
                 committed.results += len(entry["ids"])
                 committed.errors.extend(entry["errors"])
                 if entry["part"] is not None:
@@ -194,18 +230,20 @@ class JobFolder:
         for item in self.path.iterdir():
             if item.name.startswith("part-") and item.name not in names:
                 item.unlink()  # a .tmp, or renamed but never committed: its rows run again
-        numbers = [int(p.split("-")[1].split(".")[0]) for p in committed.parts]
+        numbers = [int(p[5:10]) for p in committed.parts if p[5:10].isdigit()]  # Ray's parts are named by hash
         self.next_part = max(numbers, default=-1) + 1
         self.committed = committed
         return committed
 
-    def commit(self, records: list[dict[str, Any]], rows: list[int], errors: list[dict[str, Any]]) -> str:
+    def commit(self, records: list[dict[str, Any]], keys: list[str], errors: list[dict[str, Any]]) -> None:
         """Write one part atomically, then record it in the manifest: from here it is finished."""
         name = f"part-{self.next_part:05d}.{self.fmt}"
         self.next_part += 1
-        if records:
-            write_atomically(self.path / name, encode_part(records, self.fmt))
-        entry = {"part": name if records else None, "rows": rows, "ids": [r["id"] for r in records], "errors": errors}
+        self.record(write_part(self.path, name, records, self.fmt), keys, [r["id"] for r in records], errors)
+
+    def record(self, part: str | None, keys: list[str], ids: list[Any], errors: list[dict[str, Any]]) -> None:
+        """Commit a part already written (``part``: its file name, None for bad rows alone)."""
+        entry = {"part": part, "keys": keys, "ids": ids, "errors": errors}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
@@ -213,14 +251,13 @@ class JobFolder:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.committed.rows.update(rows)
-        self.committed.results += len(records)
-        if records:
-            self.committed.parts.append(name)
+        self.committed.keys.update(keys)
+        self.committed.results += len(ids)
+        if part is not None:
+            self.committed.parts.append(part)
         if errors:
             self.committed.errors.extend(errors)
             self.write_errors()
-        return name
 
     def write_errors(self) -> None:
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.committed.errors)

@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from decodekit.engine import Engine, Request, RequestOutput
 from decodekit.errors import ConfigError
-from decodekit.jobs.io import JobFolder, count_rows, read_rows
-from decodekit.jobs.spec import JobConfig, id_key, job_signature, row_seed
+from decodekit.jobs.io import JobFolder, Unparsed, read_rows, scan_input
+from decodekit.jobs.spec import JobConfig, job_signature, row_key, row_seed
 
 
 @dataclass
@@ -34,6 +35,10 @@ class ModelSpec:
     backend: str = "auto"
     pack_weights: bool | None = None
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
+
+    def label(self) -> str:
+        """The model as a job's signature names it: ``default`` or the checkpoint's absolute path."""
+        return self.source if self.source == "default" else str(Path(self.source).resolve())
 
     def load(self) -> tuple[Any, Any, str]:
         """``(model, tokenizer or None, the model's name for the output rows)``."""
@@ -66,8 +71,8 @@ ROW_KEYS = {"id", "prompt", "prompt_tokens", "settings", "seed", "max_new_tokens
 
 def row_request(row: Any, number: int, decoding: Decoding) -> Request:
     """One input row as a request (``id`` = its row number); :class:`ConfigError` for a bad row."""
-    if isinstance(row, ConfigError):
-        raise row
+    if isinstance(row, Unparsed):
+        raise ConfigError(row.reason)
     if not isinstance(row, Mapping):
         raise ConfigError(f"expected an object with id and prompt, got {type(row).__name__}")
     unknown = sorted(k for k in row if k not in ROW_KEYS and row[k] is not None)
@@ -113,7 +118,7 @@ def result_record(out: RequestOutput, row_id: Any, request: Request, model_name:
     }
 
 
-def error_record(row_id: Any, number: int, reason: str) -> dict[str, Any]:
+def error_record(row_id: Any, number: int | None, reason: str) -> dict[str, Any]:
     return {"id": row_id, "row": number, "reason": reason}
 
 
@@ -170,23 +175,25 @@ def open_job(job: JobConfig, decoding: Decoding, model_name: str) -> JobFolder:
     return JobFolder.open(job.output, signature, job.output_format)
 
 
-def pending_rows(path: str, finished: set[int], decoding: Decoding) -> Iterator[tuple[int, Any, Request | str]]:
-    """``(row number, id, request or the reason it is bad)`` of every row not finished yet."""
-    seen: dict[str, int] = {}
-    for number, row in read_rows(path):
+def prepare_rows(
+    rows: Iterator[tuple[int | None, Any]], finished: set[str], duplicates: dict[str, int], decoding: Decoding
+) -> Iterator[tuple[str, Any, int | None, Request | str]]:
+    """``(key, id, row number, request or why it is bad)`` of each row not finished yet.
+
+    An id on several rows is refused on each of them (once per id: the same key), whichever
+    runner or worker meets them first.
+    """
+    for number, row in rows:
+        key = row_key(row)
+        if key in finished:
+            continue
         row_id = _row_id(row)
         try:
-            request = row_request(row, number, decoding)
-            key = id_key(row_id)
-            first = seen.setdefault(key, number)
-            if first != number:
-                raise ConfigError(f"id={row_id!r}: a duplicate of row {first + 1}; ids must be unique")
+            if key in duplicates:
+                raise ConfigError(f"id={row_id!r}: appears on {duplicates[key]} rows; ids must be unique")
+            yield key, row_id, number, row_request(row, number or 0, decoding)
         except ConfigError as e:
-            if number not in finished:
-                yield number, row_id, str(e)
-            continue
-        if number not in finished:
-            yield number, row_id, request
+            yield key, row_id, number, str(e)
 
 
 def run_job(
@@ -209,45 +216,77 @@ def run_job(
 
         return run_ray(job, spec, decoding, stream=stream)
     net, tokenizer, name = loaded if loaded is not None else spec.load()
-    folder = open_job(job, decoding, name)
+    folder = open_job(job, decoding, spec.label() if loaded is None else name)
     engine = Engine(net, tokenizer, max_slots=job.slots, settings=decoding.settings, eos_token_id=decoding.eos_token_id)
     engine.chains.check(Request(prompt_ids=[0], eos_token_id=decoding.eos_token_id))  # the job's own settings, once
     assert job.input is not None
+    total, duplicates = scan_input(job.input)
     committed = folder.committed
-    progress = JobProgress(count_rows(job.input), len(committed.rows), len(committed.errors), job.progress_every, stream)
-    live: dict[int, tuple[Any, Request]] = {}
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    errors: list[dict[str, Any]] = []
-
-    def commit() -> None:
-        if rows:
-            folder.commit(records, rows, errors)
-            progress.report(force=job.progress_every == 0)
-            records.clear(), rows.clear(), errors.clear()
+    done = len(committed.keys) + sum(duplicates[k] - 1 for k in duplicates if k in committed.keys)
+    progress = JobProgress(total, done, len(committed.errors), job.progress_every, stream)
+    batch = PartBuilder(name)
 
     def requests() -> Iterator[Request]:
-        for number, row_id, item in pending_rows(job.input, folder.committed.rows, decoding):
+        rows = prepare_rows(read_rows(job.input), committed.keys, duplicates, decoding)
+        for key, row_id, number, item in rows:
             if isinstance(item, str):
-                errors.append(error_record(row_id, number, item))
-                rows.append(number)
-                progress.add(1, bad=1)
+                new = batch.error(key, row_id, number, item)
+                progress.add(1, bad=new)
                 continue
-            live[number] = (row_id, item)
+            item.id = batch.start(key, row_id, number, item)
             yield item
 
     for out in engine.run(requests(), ordered=False):
-        row_id, request = live.pop(out.id)
-        rows.append(out.id)
-        if out.finish_reason == "error":
-            errors.append(error_record(row_id, out.id, re.sub(r"^row 0: ", "", out.error or "refused")))
-            progress.add(1, bad=1)
-        else:
-            records.append(result_record(out, row_id, request, name))
-            progress.add(1, tokens=len(out.tokens))
-        if len(rows) >= job.part_size:
-            commit()
+        progress.add(1, tokens=len(out.tokens), bad=not batch.finish(out))
+        if len(batch.keys) >= job.part_size:
+            folder.commit(*batch.take())
+            progress.report(force=job.progress_every == 0)
         progress.report()
-    commit()
+    if batch.keys:
+        folder.commit(*batch.take())
     progress.report(force=True)
     return folder
+
+
+class PartBuilder:
+    """The finished rows of the part being made: results, keys, bad rows (once per key)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.live: dict[int, tuple[str, Any, int | None, Request]] = {}
+        self.records: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+        self.errors: list[dict[str, Any]] = []
+        self.pending: set[str] = set()  # keys finished here, not committed yet
+        self.next_id = 0
+
+    def start(self, key: str, row_id: Any, number: int | None, request: Request) -> int:
+        """Note a request going to the engine; its engine id."""
+        self.next_id += 1
+        self.live[self.next_id] = (key, row_id, number, request)
+        return self.next_id
+
+    def error(self, key: str, row_id: Any, number: int | None, reason: str) -> int:
+        """A bad row; 1, or 0 for a key already finished (the other rows of a duplicate id)."""
+        if key in self.pending:
+            return 0
+        self.pending.add(key)
+        self.keys.append(key)
+        self.errors.append(error_record(row_id, number, re.sub(r"^row 0: ", "", reason)))
+        return 1
+
+    def finish(self, out: RequestOutput) -> bool:
+        """A request ended: its result (True) or its refusal (False)."""
+        key, row_id, number, request = self.live.pop(out.id)
+        if out.finish_reason == "error":
+            self.error(key, row_id, number, out.error or "refused")
+            return False
+        self.pending.add(key)
+        self.keys.append(key)
+        self.records.append(result_record(out, row_id, request, self.model_name))
+        return True
+
+    def take(self) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+        taken = (self.records, self.keys, self.errors)
+        self.records, self.keys, self.errors = [], [], []
+        return taken

@@ -110,6 +110,15 @@ def id_key(row_id: Any) -> str:
     return json.dumps(row_id, ensure_ascii=False)
 
 
+def row_key(row: Any) -> str:
+    """What the manifest names a row by: its id, or (no usable id) a hash of the row itself."""
+    row_id = row.get("id") if isinstance(row, dict) else None
+    if isinstance(row_id, (str, int)) and not isinstance(row_id, bool):
+        return id_key(row_id)
+    text = row if isinstance(row, str) else json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+    return "row:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def row_seed(job_seed: int, row_id: Any) -> int:
     """``hash(job seed, id) mod 2**32``: the same on every run, machine and worker."""
     digest = hashlib.sha256(f"{job_seed}:{id_key(row_id)}".encode()).digest()
