@@ -184,3 +184,33 @@ def test_the_command_refuses_what_a_job_cannot_take(registry, tmp_path: Path, ar
         run_job_command(config)  # refused before the model loads
     assert str(refused.value) == message
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ on Ray
+
+
+def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")  # the `ray` extra; CI installs it (README's second command)
+
+    rows: list[object] = good_rows(10) + ["not json", {"id": "r2", "prompt": "again"}, {"id": "bad", "prompt": "x", "settings": {"top_p": 3}}]
+    src = write_rows(tmp_path / "in.jsonl", rows)
+    run_job(job(tmp_path, src, "local", part_size=4), "default", DECODING)
+    cluster = JobConfig(input=str(src), output=str(tmp_path / "ray"), runner="ray", progress_every=0,
+                        ray={"actors": 2, "batch_size": 4, "num_cpus": 0.5})  # fmt: skip
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # more CPUs than cores
+    try:
+        run_job(cluster, "default", DECODING)
+        local = by_id(read_results(tmp_path / "local"))
+        assert by_id(read_results(tmp_path / "ray")) == local and len(local) == 9
+        errors = {(e["id"], e["reason"]) for e in read_errors(tmp_path / "local")}
+        assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors and len(errors) == 3
+        manifest = tmp_path / "ray" / MANIFEST
+        lines = manifest.read_bytes().splitlines(keepends=True)
+        manifest.write_bytes(lines[0] + lines[1][:7])  # killed mid-way: one part committed, one torn
+        run_job(cluster, "default", DECODING)
+    finally:
+        ray.shutdown()
+    assert by_id(read_results(tmp_path / "ray")) == local
+    assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors
+    parts = [json.loads(line)["part"] for line in manifest.read_text().splitlines()]
+    assert sorted(p.name for p in (tmp_path / "ray").glob("part-*")) == sorted(p for p in parts if p)  # no orphans

@@ -257,6 +257,7 @@ class PartBuilder:
         self.records: list[dict[str, Any]] = []
         self.keys: list[str] = []
         self.errors: list[dict[str, Any]] = []
+        self.error_keys: list[str] = []  # the key of each of self.errors
         self.pending: set[str] = set()  # keys finished here, not committed yet
         self.next_id = 0
 
@@ -272,6 +273,7 @@ class PartBuilder:
             return 0
         self.pending.add(key)
         self.keys.append(key)
+        self.error_keys.append(key)
         self.errors.append(error_record(row_id, number, re.sub(r"^row 0: ", "", reason)))
         return 1
 
@@ -288,5 +290,5 @@ class PartBuilder:
 
     def take(self) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
         taken = (self.records, self.keys, self.errors)
-        self.records, self.keys, self.errors = [], [], []
+        self.records, self.keys, self.errors, self.error_keys = [], [], [], []
         return taken
