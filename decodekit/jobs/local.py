@@ -153,13 +153,18 @@ class JobProgress:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.done - self.start_done) / elapsed
         left = max(self.total - self.done, 0)
-        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else ("00:00:00" if not left else "?")
+        eta = _clock(left / rate) if rate > 0 else ("0:00:00" if not left else "?")
         share = 100.0 * self.done / self.total if self.total else 100.0
         self.stream.write(
             f"decode job: {self.done}/{self.total} rows ({share:.1f}%), {self.bad} bad, "
             f"{self.tokens / elapsed:.0f} tok/s, {rate:.1f} rows/s, ETA {eta}\n"
         )
         self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 # ------------------------------------------------------------------------------ the job

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,6 +102,7 @@ def run_ray(job: JobConfig, spec: ModelSpec, decoding: Decoding, *, stream: Text
     if started:
         ray.init(address=settings.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines among the progress lines
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         path = str(Path(job.input).resolve())
