@@ -22,8 +22,6 @@ from decodekit.errors import ConfigError
 from decodekit.random import SEED_LIMIT
 from decodekit.validation import validate
 
-FORMATS = ("jsonl", "parquet")
-
 
 class RayConfig(BaseModel):
     """``job.ray.*``: where and how wide the Ray runner runs."""
