@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from decodekit.cli.strategies import BUILTIN_STRATEGIES, strategy_hint, strategy_preset
 from decodekit.cli.values import normalize_values
 from decodekit.errors import ConfigError, PluginError
+from decodekit.jobs.spec import parse_job
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
 from decodekit.validation import validate
@@ -85,6 +86,7 @@ class CommandConfig(BaseModel):
     list_components: bool = Field(False, alias="list", description="list processors, samplers, strategies")
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "default"}, description="the model group")
     tokenizer: dict[str, Any] = Field(default_factory=lambda: {"kind": "auto"}, description="the tokenizer group")
+    job: dict[str, Any] = Field(default_factory=dict, description="a job: a file of prompts to a folder of results")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -227,6 +229,7 @@ def validate_config(container: Mapping[str, Any], registry: Registry) -> Command
     validate(schema, "tokenizer.", **tok)
     if tok["kind"] in ("json", "hf") and not tok.get("path"):
         raise ConfigError(f"tokenizer.path: is required with tokenizer={tok['kind']}")
+    parse_job(config.job)
     if config.overwrite and config.append:
         raise ConfigError("overwrite=true and append=true: give one (replace the output_file, or add to it)")
     given = [k for k in ("prompt", "prompt_tokens", "prompt_file") if getattr(config, k) is not None]

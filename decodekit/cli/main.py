@@ -160,6 +160,7 @@ def register_resolvers() -> None:
 def decode(cfg: DictConfig) -> None:
     """One job: validate the composed config, then list, loop interactively, or decode."""
     from decodekit.cli.interactive import run_interactive
+    from decodekit.cli.job_run import is_job, run_job_command
     from decodekit.cli.run import run
 
     with reported():
@@ -172,6 +173,8 @@ def decode(cfg: DictConfig) -> None:
         multirun = hc.mode == RunMode.MULTIRUN
         if config.list_components:
             print(listing(registry))
+        elif is_job(config):
+            run_job_command(config)
         elif config.interactive:
             run_interactive(overrides, config, registry)
         else:
