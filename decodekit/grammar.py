@@ -65,8 +65,7 @@ class GrammarBackend:
 
     def __init__(self) -> None:
         try:
-            import llguidance
-            import llguidance.torch
+            import llguidance  # not llguidance.torch: it compiles a kernel we do not use at import
         except ImportError:
             raise ConfigError(INSTALL) from None
         self.ll = llguidance
@@ -115,7 +114,8 @@ class GrammarBackend:
     def fill_masks(self, matchers: list[tuple[Any, int]], masks: torch.Tensor) -> None:
         """Each ``(matcher, row)``'s allowed tokens into ``masks[row]`` (int32 bits; in parallel)."""
         if matchers:
-            self.ll.torch.fill_next_token_bitmask_par(self._executor, matchers, masks)
+            assert masks.dtype == torch.int32 and masks.is_cpu and masks.is_contiguous()
+            self._executor.unsafe_compute_mask_ptr(matchers, masks.data_ptr(), masks.shape[1] * 4, masks.shape[0])
 
     def consume(self, pairs: list[tuple[Any, int]]) -> None:
         """Each matcher takes its token (in parallel); a refused token leaves it in its error state."""

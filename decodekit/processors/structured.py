@@ -42,6 +42,10 @@ class Structured(LogitsProcessor):
     negative_padding = True
     row_fields = ("_prompt_lengths",)
     row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None}
+    test_params = [  # grammars that accept the empty output: every vocabulary size can end at once
+        lambda v: {"regex": "[ab]*c?", "tokenizer": _letters(v)},
+        lambda v: {"grammar": 'start: ("a" | "bc" | "{")*', "tokenizer": _letters(v)},
+    ]
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -90,6 +94,7 @@ class Structured(LogitsProcessor):
         self._consumed: list[int] = []
         self._prompt_lengths: torch.Tensor | None = None
         self._masks: torch.Tensor | None = None
+        self._eos_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.active = self.any_row_on()
 
     @classmethod
@@ -165,10 +170,20 @@ class Structured(LogitsProcessor):
         assert self._matchers is not None
         self._backend.fill_masks([(m, b) for b, m in enumerate(self._matchers) if m is not None], self._masks)
         allowed = _unpack(self._masks.to(logits.device, non_blocking=True), vocab)  # [B, V]
+        dead = ~allowed.any(dim=-1, keepdim=True)  # a grammar with no way on: only EOS (no sync)
+        allowed = allowed | (dead & self._eos_mask(vocab, logits.device))
         out = logits.masked_fill(~allowed, NEG_INF)
         empty = out.amax(dim=-1, keepdim=True) == NEG_INF  # allowed tokens all removed before
         fallback = torch.zeros((), dtype=logits.dtype, device=logits.device).masked_fill(~allowed, NEG_INF)
         return torch.where(empty, fallback, out)
+
+    def _eos_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        key = (vocab, device)
+        if key not in self._eos_masks:
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[[e for e in self.eos_token_id if e < vocab]] = True
+            self._eos_masks[key] = mask.to(device)
+        return self._eos_masks[key]
 
     def _advance(self, input_ids: torch.Tensor) -> None:
         """Each matcher takes its row's tokens generated since the last call (one host copy)."""
@@ -184,7 +199,7 @@ class Structured(LogitsProcessor):
             if matcher.is_stopped() or matcher.is_error():
                 continue  # after EOS only padding follows; a dead matcher allows only EOS
             tail = ids[b, ids.shape[1] - new :].tolist()
-            if new == 1:
+            if new == 1 and tail[0] >= 0:
                 pairs.append((matcher, tail[0]))
             else:
                 matcher.consume_tokens([t for t in tail if t >= 0])
@@ -262,6 +277,14 @@ def _from_context(context: BuildContext) -> dict[str, Any]:
     if tokenizer is None:
         raise ConfigError("structured output (json_schema, regex, grammar, choice) needs a tokenizer, and none is loaded")
     return {"tokenizer": tokenizer, "eos_token_id": context.eos_token_id, "vocab_size": context.vocab_size}
+
+
+def _letters(vocab_size: int) -> Any:
+    """A character tokenizer of ``vocab_size`` ids, the last one EOS (for the property suite)."""
+    from decodekit.tokenization import CharTokenizer
+
+    chars = "abc{}" + "".join(chr(0x100 + i) for i in range(max(vocab_size - 5, 0)))
+    return CharTokenizer(list(chars[: vocab_size]), eos_token_id=vocab_size - 1)
 
 
 def _unpack(masks: torch.Tensor, vocab: int) -> torch.Tensor:
