@@ -76,7 +76,10 @@ class GrammarBackend:
         ll = self.ll
         inner = getattr(tokenizer, "_tok", None)
         if type(tokenizer).__name__ == "JSONTokenizer":
-            return ll.LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos)
+            try:
+                return ll.LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos)
+            except ValueError:  # a tokenizer.json llguidance cannot read (no decoder ...): token by token
+                pass
         if type(tokenizer).__name__ == "HFTokenizer" and getattr(inner, "is_fast", False):
             from llguidance.hf import from_tokenizer
 
