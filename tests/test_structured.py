@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -241,3 +243,26 @@ def test_the_mask_keeps_the_distribution_valid_and_only_removes_tokens(x, tokens
     refilled = (kept & ~torch.isfinite(x)).any(dim=-1)  # rows whose allowed tokens were all removed before
     assert not same[refilled].any()  # ... only those get their allowed tokens back, at logit 0
     assert (out[kept & ~torch.isfinite(x)] == 0).all()
+
+
+COMMAND = [sys.executable, "-m", "decodekit.cli.main"]
+ENV = {**os.environ, "DECODEKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_command_line_settings_and_the_repl(tmp_path) -> None:
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMAS[1]))
+    run = subprocess.run([*COMMAND, "prompt=Numbers: ", f"json_schema=@{tmp_path / 's.json'}", "num_samples=4", "seed=1",
+                          "max_new_tokens=60", "output_file=o.jsonl", "quiet=true"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["finish_reason"] for r in rows} <= {"eos", "incomplete"}
+    assert all(_valid(r["continuation"], SCHEMAS[1]) == (r["finish_reason"] == "eos") for r in rows)
+    run = subprocess.run([*COMMAND, "prompt=A", "regex=a", "choice=[a]"], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1] == (
+        "decode: error: set only one of json_schema, regex, grammar, choice (got regex, choice)"
+    )
+    script = "/set choice=[yes,no] max_new_tokens=8\nOK? \n"
+    run = subprocess.run([*COMMAND, "interactive=true", "seed=0"], input=script, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ok: choice=[yes,no] max_new_tokens=8" in run.stdout and re.search(r"^> (yes|no)$", run.stdout, flags=re.MULTILINE), run.stdout
