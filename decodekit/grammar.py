@@ -16,6 +16,7 @@ A spec is ``(kind, value)`` with ``kind`` one of ``json_schema``, ``regex``, ``g
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ def read_spec(kind: str, value: Any) -> Any:
     return value
 
 
+_VOCABULARIES: OrderedDict[tuple[int, int, tuple[int, ...]], tuple[Any, Any]] = OrderedDict()
+
+
 class GrammarBackend:
     """llguidance: grammars compiled against one vocabulary, masks filled for a batch of matchers."""
 
@@ -72,7 +76,21 @@ class GrammarBackend:
         self._executor = llguidance.LLExecutor()
 
     def vocabulary(self, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
-        """The backend's tokenizer for ``tokenizer``'s ids, ``vocab_size`` of them, EOS ``eos``."""
+        """The backend's tokenizer for ``tokenizer``'s ids, ``vocab_size`` of them, EOS ``eos``.
+
+        Built once per tokenizer (the last few are kept): the engine builds a processor per
+        request, and a 50,000-token vocabulary takes a while."""
+        key = (id(tokenizer), vocab_size, tuple(eos))
+        if key in _VOCABULARIES and _VOCABULARIES[key][0] is tokenizer:
+            _VOCABULARIES.move_to_end(key)
+            return _VOCABULARIES[key][1]
+        built = self._vocabulary(tokenizer, vocab_size, eos)
+        _VOCABULARIES[key] = (tokenizer, built)  # the tokenizer is kept, so its id stays its own
+        while len(_VOCABULARIES) > 4:
+            _VOCABULARIES.popitem(last=False)
+        return built
+
+    def _vocabulary(self, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
         ll = self.ll
         inner = getattr(tokenizer, "_tok", None)
         if type(tokenizer).__name__ == "JSONTokenizer":
