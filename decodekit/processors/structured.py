@@ -29,9 +29,9 @@ class Structured(LogitsProcessor):
     exactly when the grammar may end, and is then the only token once it must end. Each row has
     its own matcher: it takes the row's last token at each call (negative ids are padding), and
     its mask is filled on the host (in parallel over rows) and applied to the whole batch with
-    one tensor op, one host copy of ``input_ids`` per step. A row whose allowed tokens were all
-    removed before this processor gets them back at logit 0 (its distribution stays valid and
-    within the grammar). Takes one spec per row (``None``: that row is free); ``reorder`` and
+    one tensor op; the host reads each row's token count and last token per step. A row whose
+    allowed tokens were all removed before this processor gets them back at logit 0 (its
+    distribution stays valid and within the grammar). Takes one spec per row (``None``: that row is free); ``reorder`` and
     ``assign`` copy matcher state. A grammar no token can start is a :class:`ConfigError`.
     :meth:`complete` says whether a row's tokens form a whole sentence of its grammar
     (``finish_reason="incomplete"`` when not).
@@ -186,10 +186,15 @@ class Structured(LogitsProcessor):
         return self._eos_masks[key]
 
     def _advance(self, input_ids: torch.Tensor) -> None:
-        """Each matcher takes its row's tokens generated since the last call (one host copy)."""
-        ids = input_ids.cpu()
+        """Each matcher takes its row's tokens generated since the last call (usually one).
+
+        The host gets each row's token count and the last few columns only, not the history."""
         assert self._matchers is not None and self._prompt_lengths is not None
-        generated = ((ids >= 0).sum(dim=-1) - self._prompt_lengths).tolist()
+        generated = ((input_ids >= 0).sum(dim=-1).cpu() - self._prompt_lengths).tolist()
+        width = max((g - c for g, c in zip(generated, self._consumed)), default=0)
+        if width <= 0:
+            return
+        tail = input_ids[:, max(input_ids.shape[1] - width, 0) :].cpu().tolist()
         pairs = []
         for b, matcher in enumerate(self._matchers):  # matchers are per row by nature (like text)
             new = generated[b] - self._consumed[b]
@@ -198,11 +203,11 @@ class Structured(LogitsProcessor):
             self._consumed[b] = generated[b]
             if matcher.is_stopped() or matcher.is_error():
                 continue  # after EOS only padding follows; a dead matcher allows only EOS
-            tail = ids[b, ids.shape[1] - new :].tolist()
-            if new == 1 and tail[0] >= 0:
-                pairs.append((matcher, tail[0]))
-            else:
-                matcher.consume_tokens([t for t in tail if t >= 0])
+            tokens = [t for t in tail[b][len(tail[b]) - new :] if t >= 0]
+            if len(tokens) == 1:
+                pairs.append((matcher, tokens[0]))
+            elif tokens:
+                matcher.consume_tokens(tokens)
         self._backend.consume(pairs)
 
     def reorder(self, index: torch.Tensor) -> None:
