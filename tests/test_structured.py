@@ -266,3 +266,12 @@ def test_command_line_settings_and_the_repl(tmp_path) -> None:
     run = subprocess.run([*COMMAND, "interactive=true", "seed=0"], input=script, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "ok: choice=[yes,no] max_new_tokens=8" in run.stdout and re.search(r"^> (yes|no)$", run.stdout, flags=re.MULTILINE), run.stdout
+
+
+def test_the_engine_refuses_a_request_with_a_bad_grammar_alone(default) -> None:
+    model, tok = default
+    engine = Engine(model, tok, max_slots=2)
+    bad, good = engine.generate([Request(prompt="A", settings={"regex": "a[bc"}, max_new_tokens=5),
+                                 Request(prompt="A", settings={"choice": ["x", "y"]}, max_new_tokens=5, seed=1)])  # fmt: skip
+    assert bad.finish_reason == "error" and "regex: " in bad.error and "regex parse error" in bad.error
+    assert good.finish_reason == "eos" and good.text in ("x", "y")
