@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from decodekit.engine.chains import grammar_complete, grammar_reason
 from decodekit.engine.request import Request
 from decodekit.errors import ConfigError
 from decodekit.loop import GenerateOutput, generate
@@ -31,7 +32,10 @@ class TextResult:
         prompt: the prompt text.
         text: the continuation (a stop string that ended it is trimmed off).
         tokens: the new token ids (EOS included when the row ended at EOS).
-        finish_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
+        finish_reason: ``"eos"``, ``"stop"`` (a stop string), ``"length"``, or ``"incomplete"``:
+            structured output (``json_schema``, ``regex``, ``grammar``, ``choice``) that ended
+            before its grammar was complete (max_new_tokens, or a stop string cut its text; see
+            ``stop_string``), so the text is not a valid output.
         stop_string: the stop string that ended the row, if one did.
         seed: the row's seed.
         prompt_index: which prompt this continues; ``sample_index``: which of its samples.
@@ -291,6 +295,7 @@ def generate_text(
         if cut:
             at, hit = min(cut)
             text, reason = text[:at], "stop"
+        reason = grammar_reason(reason, grammar_complete(processors, row, new))
         if tracker is not None:
             tracker.finish(i)
         results.append(

@@ -68,6 +68,7 @@ class Decoder:
             encode=text_encoder(tokenizer) if tokenizer else None,
             decode=tokenizer.decode if tokenizer else None,
             vocab_size=model.vocab_size,
+            tokenizer=tokenizer,
         )
         settings = config.settings()
         chain = registry.build_chain(

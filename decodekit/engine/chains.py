@@ -172,11 +172,31 @@ class ChainSource:
             if reorder is not None:
                 reorder(index)
 
+    def complete(self, slot: int, tokens: list[int]) -> bool | None:
+        """Whether a finished slot's tokens complete its grammar (``None``: no grammar there)."""
+        return grammar_complete(self.chain, slot, tokens)
+
     def sample(self, history: torch.Tensor, logits: torch.Tensor, rng: Any) -> torch.Tensor:
         try:
             return self.sampler(history, logits, rng)
         except Exception as exc:
             raise PluginError(f"sampler {processor_name(self.sampler)} raised: {type(exc).__name__}: {exc}") from exc
+
+
+def grammar_complete(processors: Any, row: int, tokens: list[int]) -> bool | None:
+    """``False`` when a processor that constrains ``row`` to a grammar (one with ``complete``)
+    says ``tokens`` do not complete it, ``True`` when all such say they do, ``None`` when none."""
+    verdicts = [p.complete(row, tokens) for p in as_chain(processors) if hasattr(p, "complete")]
+    verdicts = [v for v in verdicts if v is not None]
+    return all(verdicts) if verdicts else None
+
+
+def grammar_reason(reason: str, complete: bool | None) -> str:
+    """``"incomplete"`` for a row under a grammar that ended before the grammar did (or whose
+    text a stop string cut), else ``reason``."""
+    if complete is False or (complete is not None and reason == "stop"):
+        return "incomplete"
+    return reason
 
 
 def _begin(part: Any, prompt_ids: torch.Tensor) -> None:
@@ -208,4 +228,5 @@ def _context(tokenizer: Any, model: Any) -> Any:
         eos_token_id=None if tokenizer is None else tokenizer.eos_token_id,
         encode=None if tokenizer is None else tokenizer.encode,
         vocab_size=model.vocab_size,
+        tokenizer=tokenizer,
     )

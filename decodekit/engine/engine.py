@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from decodekit.engine.chains import ChainSource
+from decodekit.engine.chains import ChainSource, grammar_reason
 from decodekit.engine.request import Request, RequestOutput, eos_list, refused, validate_request
 from decodekit.engine.runner import SlotRunner, WaveRunner
 from decodekit.engine.text import RequestText
@@ -354,6 +354,7 @@ class Engine:
                 piece = live.text.flush()
                 if piece:
                     self.on_text(live.index, piece)
+        reason = grammar_reason(reason, self.chains.complete(slot, tokens))
         self.live[slot] = None
         self.occupied[slot] = False
         self.hist[slot] = -1

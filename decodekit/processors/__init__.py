@@ -4,6 +4,7 @@ from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
 from decodekit.processors.base import BanSkippedWarning, BuildContext, LogitsProcessor, ProcessorChain
 from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
 from decodekit.processors.penalties import FrequencyPenalty, NoRepeatNGram, PresencePenalty, RepetitionPenalty
+from decodekit.processors.structured import Structured
 from decodekit.processors.temperature import Temperature
 from decodekit.processors.cutoffs import EpsilonCutoff, EtaCutoff, MinP, TopNSigma, TypicalP
 from decodekit.processors.truncation import TopK, TopP
@@ -13,6 +14,7 @@ BUILTIN_PROCESSORS = [
     PresencePenalty,
     FrequencyPenalty,
     NoRepeatNGram,
+    Structured,
     BadWords,
     LogitBias,
     MinNewTokens,
@@ -46,6 +48,7 @@ __all__ = [
     "PresencePenalty",
     "ProcessorChain",
     "RepetitionPenalty",
+    "Structured",
     "Temperature",
     "TopK",
     "TopNSigma",

@@ -188,8 +188,9 @@ class BuildContext:
     """What a processor may need from the surroundings when built from settings.
 
     ``encode`` turns text into token ids (for ``bad_words`` given as strings), ``decode`` turns
-    them back (to check that the tokens mean the text), and ``eos_token_id`` names the
-    end-of-sequence token(s).
+    them back (to check that the tokens mean the text), ``eos_token_id`` names the
+    end-of-sequence token(s), and ``tokenizer`` is the tokenizer itself (structured output
+    builds its grammar backend's vocabulary from it).
     """
 
     def __init__(
@@ -199,7 +200,9 @@ class BuildContext:
         encode: Callable[[str], list[int]] | None = None,
         vocab_size: int | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
+        tokenizer: Any = None,
     ) -> None:
+        self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.encode = encode
         self.vocab_size = vocab_size
