@@ -8,7 +8,8 @@ sampler is run over several steps, so state such as Mirostat's ``mu`` is exercis
 
 A class that declares per-row values (``row_params``, see
 :mod:`decodekit.processors.base`) is also held to the per-row promise of a request engine: each
-row of a batch gets exactly its result alone (:mod:`decodekit.testing.rows`).
+row of a batch gets exactly its result alone (:mod:`decodekit.testing.rows`); one that names
+other tests in ``row_checks_elsewhere`` is left to them.
 
 Parameters come from the class's ``test_params`` (a list of constructor keyword dicts, or of
 callables ``vocab_size -> dict``) when it has them, else they are drawn from its pydantic
@@ -155,8 +156,13 @@ def check_processor(cls: type, *, max_examples: int = 60, idempotent: bool | Non
 
 
 def declares_rows(cls: type) -> bool:
-    """Whether ``cls`` declares per-row values (``row_params``), so the per-row checks apply."""
-    return bool(getattr(cls, "row_params", None))
+    """Whether ``cls`` declares per-row values (``row_params``), so the per-row checks apply.
+
+    A class whose per-row values cannot be drawn here (they need more than a vocabulary size,
+    such as structured output's tokenizer) names the tests that check them instead in
+    ``row_checks_elsewhere``, and is left out.
+    """
+    return bool(getattr(cls, "row_params", None)) and not getattr(cls, "row_checks_elsewhere", "")
 
 
 def _assert_same_logits(actual: torch.Tensor, expected: torch.Tensor, message: str) -> None:
