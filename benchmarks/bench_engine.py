@@ -34,6 +34,7 @@ import math
 import random
 import subprocess
 import sys
+import time
 from typing import Any
 
 import torch
@@ -190,10 +191,19 @@ def main() -> None:
     run_engine(native, warm, args.slots), run_static(native, warm, args.slots), run_transformers(hf, warm, args.slots)
 
     results: list[Any] = []
+
+    def noisy(name: str, fn: Any) -> Any:  # each contender's time as soon as it is known
+        def run() -> None:
+            start = time.perf_counter()
+            fn()
+            print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+
+        return run
+
     timed = {
-        "engine": lambda: results.append(run_engine(native, requests, args.slots)),
-        "decodekit static batches": lambda: run_static(native, requests, args.slots),
-        "transformers static batches": lambda: run_transformers(hf, requests, args.slots),
+        "engine": noisy("engine", lambda: results.append(run_engine(native, requests, args.slots))),
+        "decodekit static batches": noisy("decodekit static batches", lambda: run_static(native, requests, args.slots)),
+        "transformers static batches": noisy("transformers static batches", lambda: run_transformers(hf, requests, args.slots)),
     }
     times = common.round_robin(timed, repeats=args.repeats, warmup=0)
     useful = sum(len(o.tokens) for o in results[-1])
