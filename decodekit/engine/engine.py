@@ -133,6 +133,8 @@ class Engine:
         self.generated = torch.zeros(S, dtype=torch.long, device=device)
         self.max_new = torch.ones(S, dtype=torch.long, device=device)
         self.eos = torch.full((S, max(len(self.eos_default), 1)), -1, dtype=torch.long, device=device)
+        self.low: int | None = None  # first history column in use, None when no slot is occupied
+        self.texts = False  # whether some occupied slot streams text or has stop strings
 
     # ------------------------------------------------------------------ submitting
 
@@ -281,6 +283,7 @@ class Engine:
         self.chains.admit(rows, [item.request for item in take], prompts)
         self.rng.assign(rows, torch.tensor([item.seed for item in take], dtype=torch.long, device=device))
         self.n = max(self.n, max(slots) + 1)
+        self._recount()
 
     def _set_eos(self, slot: int, request: Request) -> None:
         ids = self.eos_default if request.eos_token_id is None else eos_list(request.eos_token_id, "eos_token_id")
@@ -293,8 +296,14 @@ class Engine:
             self.eos[slot, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.eos.device)
 
     def _low(self) -> int:
-        """The first history column any occupied slot uses."""
-        return min((live.start for live in self.live if live is not None), default=self.col)
+        """The first history column any occupied slot uses (kept by :meth:`_recount`)."""
+        return self.col if self.low is None else self.low
+
+    def _recount(self) -> None:
+        """Host facts about the occupied slots, refreshed when one comes, goes or moves."""
+        lives = [live for live in self.live if live is not None]
+        self.low = min((live.start for live in lives), default=None)
+        self.texts = any(live.text is not None for live in lives)
 
     def _make_room(self, prompt_length: int) -> None:
         """A history buffer with a prompt's width left of the write column and one free column."""
@@ -310,6 +319,7 @@ class Engine:
             if live is not None:
                 live.start += shift
         self.hist, self.col = buffer, col
+        self._recount()
 
     def _append(self, token: torch.Tensor) -> None:
         if self.col == self.hist.shape[1]:
@@ -318,7 +328,7 @@ class Engine:
         self.col += 1
 
     def _texts(self) -> bool:
-        return any(live is not None and live.text is not None for live in self.live[: self.n])
+        return self.texts
 
     def _text(self, token: torch.Tensor, hit_eos: torch.Tensor) -> list[int]:
         """Stream text pieces and check stop strings (host work, only for rows that need it)."""
@@ -359,6 +369,7 @@ class Engine:
         self.occupied[slot] = False
         self.hist[slot] = -1
         self.runner.release(slot)
+        self._recount()
         return RequestOutput(
             id=live.request.id if live.request.id is not None else live.index, index=live.index,
             prompt=live.request.prompt, prompt_ids=live.prompt_ids, tokens=tokens, text=text,
@@ -394,4 +405,5 @@ class Engine:
         self.chains.reorder(perm)
         self.rng = self.rng.select(perm)
         self.live[dst], self.live[src] = self.live[src], None
+        self._recount()
 

@@ -34,6 +34,7 @@ class SlotRunner:
         self.steps = 0
         self.base = [0] * slots
         self.live = [False] * slots
+        self.top = 0  # the largest base of an occupied slot: recomputed at admission, release, move
 
     def fits(self, lengths: Sequence[tuple[int, int]]) -> bool:
         """Whether requests of these (prompt, max_new_tokens) lengths fit together: each its own slot."""
@@ -51,18 +52,24 @@ class SlotRunner:
                 self.cache.lengths[slot] = 0
             self.base[slot] = head.shape[1] - self.steps
             self.live[slot] = True
+        self._retop()
+
+    def _retop(self) -> None:
+        self.top = max((b for b, live in zip(self.base, self.live) if live), default=-self.steps)
 
     def release(self, slot: int) -> None:
         self.live[slot] = False
+        self._retop()
 
     def move(self, src: int, dst: int) -> None:
         """Slot ``src``'s sequence into slot ``dst`` (to keep the occupied slots first)."""
         self.cache.move(src, dst, self.base[src] + self.steps)
         self.base[dst], self.live[dst], self.live[src] = self.base[src], True, False
+        self._retop()
 
     def forward(self, feed: torch.Tensor, n: int) -> torch.Tensor:
         """Feed one token to each of the first ``n`` slots; their next logits ``[n, V]``."""
-        span = max(b for b, live in zip(self.base[:n], self.live[:n]) if live) + self.steps + 1
+        span = self.top + self.steps + 1  # the longest occupied slot after this step's write
         view = self.cache.view(n, span)
         logits, _ = self.model.step(
             feed[:n, None], position_ids=view.lengths[:, None].clone(), attention_mask=None, cache=view
