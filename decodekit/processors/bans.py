@@ -105,13 +105,7 @@ class BadWords(LogitsProcessor):
 
     @classmethod
     def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> BadWords:
-        rows = []
-        for i, words in enumerate(values["bad_words"]):
-            try:
-                rows.append(_token_ids(words, context))
-            except ConfigError as exc:
-                raise ConfigError(f"row {i}: {exc}") from None
-        return cls(rows)
+        return cls(row_values(values["bad_words"], lambda words: _token_ids(words, context)))
 
     def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
         super().assign(rows, other)  # re-pads to the longer lists

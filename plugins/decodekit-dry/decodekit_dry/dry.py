@@ -138,13 +138,7 @@ class DRY(LogitsProcessor):
     @classmethod
     def from_row_params(cls, values: dict[str, list[Any]], shared: dict[str, Any], context: BuildContext) -> DRY:
         rows = dict(values)
-        breakers = []
-        for i, given in enumerate(values["dry_sequence_breakers"]):
-            try:
-                breakers.append(_breaker_ids(given, context))
-            except ConfigError as exc:
-                raise ConfigError(f"row {i}: {exc}") from None
-        rows["dry_sequence_breakers"] = breakers
+        rows["dry_sequence_breakers"] = row_values(values["dry_sequence_breakers"], lambda given: _breaker_ids(given, context))
         return cls(**rows, **shared)
 
     def any_row_on(self) -> bool:
