@@ -214,3 +214,45 @@ def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(
     assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors
     parts = [json.loads(line)["part"] for line in manifest.read_text().splitlines()]
     assert sorted(p.name for p in (tmp_path / "ray").glob("part-*")) == sorted(p for p in parts if p)  # no orphans
+
+
+RAY_ARGS = ["job.runner=ray", "job.ray.actors=2", "job.ray.num_cpus=0.5", "job.ray.batch_size=3"]
+
+
+def test_the_ray_command_killed_with_sigkill_resumes_exactly_once(tmp_path: Path) -> None:
+    pytest.importorskip("ray")  # the `ray` extra; CI installs it (README's second command)
+    write_rows(tmp_path / "in.jsonl", good_rows(60))
+    reference = decode_job(["job.output=ref"], tmp_path)  # the local runner, uninterrupted
+    killed = decode_job(["job.output=out", *RAY_ARGS], tmp_path)  # starts its own local cluster
+    assert killed.stderr is not None
+    line = next(line for line in killed.stderr if line.startswith("decode job:"))  # Ray logs lines of its own
+    assert line.startswith("decode job: 3/60 rows"), line  # the first committed part; actors mid-way through others
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    killed.stderr.close()
+    done = len(read_results(tmp_path / "out"))
+    assert 3 <= done < 60
+    resumed = decode_job(["job.output=out", *RAY_ARGS], tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    counts = [int(line.split()[2].split("/")[0]) for line in err.splitlines() if line.startswith("decode job:")]
+    assert counts[0] in (done, done + 3) and counts[-1] == 60, counts  # it took up where the committed parts end
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    assert by_id(read_results(tmp_path / "out")) == by_id(read_results(tmp_path / "ref"))
+    assert len(read_results(tmp_path / "out")) == 60
+    manifest = [json.loads(line)["part"] for line in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == sorted(p for p in manifest if p)  # no orphans
+
+
+def test_an_actor_pool_that_leaves_the_read_tasks_no_cpu_is_refused() -> None:
+    from decodekit.jobs.ray_runner import check_room
+    from decodekit.jobs.spec import RayConfig
+
+    check_room(RayConfig(actors=2, num_cpus=0.5), 2.0)  # one CPU left for reading
+    with pytest.raises(ConfigError) as refused:
+        check_room(RayConfig(actors=2, num_cpus=1), 2.0)
+    assert str(refused.value) == (
+        "job.ray.actors=2 x job.ray.num_cpus=1 takes 2 of the cluster's 2 CPUs; the input's read tasks need 1 free, "
+        "so the job would never start: use fewer actors or a fraction of a CPU each (job.ray.num_cpus=0.5)"
+    )

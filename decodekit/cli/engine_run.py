@@ -82,14 +82,19 @@ def engine_for(decoder: Any, prompts: list[str]) -> Engine | None:
 
 
 def run_on_engine(engine: Engine, decoder: Any, prompts: list[str], out: Any, writer: Any, seed: int,
-                  progress: Any, record: dict[str, Any], stop: list[str]) -> None:  # fmt: skip
+                  progress: Any, record: dict[str, Any], stop: list[str], summary: Any) -> None:  # fmt: skip
     """Decode every prompt x sample on ``engine``: print in order, write each record as it ends."""
     config = decoder.config
     n = config.num_samples
     total = len(prompts) * n
     seeds = [(seed + i) % SEED_LIMIT for i in range(total)]
     printer = OrderedPrinter(out, prompts, n, seeds, labelled=len(prompts) > 1 or n > 1)
-    engine.on_text = printer.text
+
+    def on_text(index: int, piece: str) -> None:
+        summary.token()
+        printer.text(index, piece)
+
+    engine.on_text = on_text
 
     def requests() -> Iterator[Request]:
         for i in range(total):  # pulled as the queue has room: a long prompt file is never all queued
@@ -98,6 +103,7 @@ def run_on_engine(engine: Engine, decoder: Any, prompts: list[str], out: Any, wr
     for result in engine.run(requests()):
         if result.error is not None:
             raise ConfigError(result.error)
+        summary.add(len(result.prompt_ids), len(result.tokens))
         printer.done(result.index)
         if writer is not None:
             from decodekit.cli.run import text_record

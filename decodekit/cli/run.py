@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from decodekit.cli.config import CommandConfig
 from decodekit.cli.engine_run import engine_for, run_on_engine
 from decodekit.cli.output import JsonlWriter, Output, Progress
 from decodekit.cli.strategies import sampler_note
+from decodekit.cli.summary import RunSummary
 from decodekit.errors import ConfigError
 from decodekit.loop import generate
 from decodekit.models import ModelExtras, load_model
@@ -130,12 +132,12 @@ def unescape(text: str) -> str:
 
 
 def read_prompts(config: CommandConfig) -> list[str]:
-    """The prompts: ``prompt_file`` (one per line, or JSONL), else ``prompt``, else one empty prompt."""
+    """The prompts: ``prompt_file`` (one per line, or JSONL; ``-``: lines from stdin), else ``prompt``, else one empty prompt."""
     if config.prompt_file is None:
         return [config.prompt if config.prompt is not None else ""]
     path = Path(config.prompt_file)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = (sys.stdin.read() if config.prompt_file == "-" else path.read_text(encoding="utf-8")).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"prompt_file={config.prompt_file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     prompts = []
@@ -263,17 +265,21 @@ def run(config: CommandConfig, registry: Registry, *, heading: str | None = None
     if heading:
         print(f"=== {heading} ===", flush=True)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    prompts = read_prompts(config) if config.prompt_tokens is None else []
+    summary = RunSummary.for_run(config)
     try:
         if config.prompt_tokens is not None:
-            run_tokens(decoder, out, writer, seed)
+            run_tokens(decoder, out, writer, seed, summary)
         else:
-            run_texts(decoder, read_prompts(config), out, writer, seed)
+            run_texts(decoder, prompts, out, writer, seed, summary)
+        summary.close()
     finally:
         if writer is not None:
             writer.close()
 
 
-def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWriter | None, seed: int) -> None:
+def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWriter | None, seed: int,
+              summary: RunSummary) -> None:  # fmt: skip
     """Text prompts, ``batch_size`` at a time, ``num_samples`` rows each."""
     config = decoder.config
     assert decoder.tokenizer is not None
@@ -289,7 +295,7 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
     if engine is not None:
         progress = Progress.for_run(config, len(prompts) * n, unit="sample")
         try:
-            return run_on_engine(engine, decoder, prompts, out, writer, seed, progress, record, stop)
+            return run_on_engine(engine, decoder, prompts, out, writer, seed, progress, record, stop, summary)
         finally:
             progress.close()
     row_seed = seed
@@ -308,9 +314,11 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
                 max_new_tokens=config.max_new_tokens, stop=stop, num_samples=n, seed=row_seed,
                 eos_token_id=decoder.eos_token_id,
                 on_text=(lambda row, piece: out.write(piece) if row == 0 else None) if stream else None,
-                on_token=_callbacks(progress.step, probs.step if probs else None),
+                on_token=_callbacks(progress.step, probs.step if probs else None, summary.token),
             )  # fmt: skip
+            lengths = [len(decoder.tokenizer.encode(p)) for p in batch]
             for i, r in enumerate(results):
+                summary.add(lengths[r.prompt_index], len(r.tokens))
                 if stream and i == 0:
                     out.line()
                     continue
@@ -344,7 +352,7 @@ def text_record(r: TextResult, first: int, settings: dict[str, Any]) -> dict[str
     }
 
 
-def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: int) -> None:
+def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: int, summary: RunSummary) -> None:
     """A prompt given as token ids: the new ids stream; their text follows when there is a tokenizer."""
     config = decoder.config
     tokenizer = decoder.tokenizer
@@ -376,7 +384,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
         result = generate(
             decoder.model, torch.tensor([prompt] * n), processors=chain, sampler=decoder.sampler,
             max_new_tokens=config.max_new_tokens, eos_token_id=decoder.eos_token_id, seed=seeds,
-            on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None),
+            on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None, summary.token),
         )  # fmt: skip
         progress.batch_done(n)
     finally:
@@ -385,6 +393,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
     rows = result.rows()
     records = []
     for i, new in enumerate(rows):
+        summary.add(len(prompt), len(new))
         content = [t for t in new if t != decoder.eos_token_id]
         text = continuation_text(tokenizer, prompt, content) if tokenizer is not None else None
         if not (stream and i == 0):
