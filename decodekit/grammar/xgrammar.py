@@ -87,6 +87,8 @@ class XGrammarBackend:
 
     def matcher(self, vocabulary: Any, kind: str, value: Any) -> XGrammarMatcher:
         """A fresh matcher; a grammar the backend refuses is a :class:`ConfigError` naming ``kind``."""
+        if kind == "json_schema":
+            _check_schema(value)
         try:
             if kind == "json_schema":
                 schema = json.dumps(value)
@@ -122,3 +124,18 @@ class XGrammarBackend:
             accepted = self.xgr.BatchGrammarMatcher.batch_accept_token([m.inner for m, _ in pairs], [t for _, t in pairs])
             for (m, _), ok in zip(pairs, accepted):
                 m.error = m.error or not ok
+
+
+def _check_schema(schema: Any) -> None:
+    """Refuse what xgrammar would ignore with a warning only, so that no output breaks its schema."""
+    if isinstance(schema, dict):
+        if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+            raise ConfigError(
+                "json_schema: xgrammar ignores minLength/maxLength next to a pattern; put the length "
+                "in the pattern, or use structured_backend=llguidance"
+            )
+        for v in schema.values():
+            _check_schema(v)
+    elif isinstance(schema, list):
+        for v in schema:
+            _check_schema(v)
