@@ -44,7 +44,7 @@ class Structured(LogitsProcessor):
     order = 45  # after the penalties (they remove nothing), before bans and truncation
     negative_padding = True
     row_fields = ("_prompt_lengths",)
-    row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None, "structured_backend": DEFAULT_BACKEND}
+    row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None, "structured_backend": None}
     # per-row specs need a tokenizer the conformance kit does not have: checked there instead
     row_checks_elsewhere = "tests/test_structured.py::test_per_row_specs_in_a_batch_and_per_request_in_the_engine"
     test_params = [  # grammars that accept the empty output: every vocabulary size can end at once
@@ -58,8 +58,8 @@ class Structured(LogitsProcessor):
         regex: str | None = Field(default=None, description="a regular expression the whole output matches")
         grammar: str | None = Field(default=None, description="a Lark or GBNF grammar (inline or @file)")
         choice: list[str] | None = Field(default=None, description="the output is exactly one of these strings")
-        structured_backend: Literal["llguidance", "xgrammar"] = Field(
-            default=DEFAULT_BACKEND, description="the grammar backend: llguidance, or xgrammar (its own extra)"
+        structured_backend: Literal["llguidance", "xgrammar"] | None = Field(
+            default=None, description="the grammar backend: llguidance (default), or xgrammar (its own extra)"
         )
 
     def __init__(
@@ -68,7 +68,7 @@ class Structured(LogitsProcessor):
         regex: Any = None,
         grammar: Any = None,
         choice: Any = None,
-        structured_backend: Any = DEFAULT_BACKEND,
+        structured_backend: Any = None,
         *,
         tokenizer: Any,
         eos_token_id: int | list[int] | None = None,
@@ -88,7 +88,8 @@ class Structured(LogitsProcessor):
         else:
             self._specs, self._spec = None, _spec(values)
             if self._spec is None:
-                raise ConfigError(f"{self.name}: set one of json_schema, regex, grammar, choice")
+                given = "" if structured_backend is None else f" (structured_backend={structured_backend} alone is not enough)"
+                raise ConfigError(f"{self.name}: set one of json_schema, regex, grammar, choice{given}")
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if eos is None:
             raise ConfigError("structured output needs an end-of-sequence token, and none is known (set eos_token_id)")
