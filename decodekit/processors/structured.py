@@ -46,7 +46,7 @@ class Structured(LogitsProcessor):
     row_fields = ("_prompt_lengths",)
     row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None, "structured_backend": None}
     # per-row specs need a tokenizer the conformance kit does not have: checked there instead
-    row_checks_elsewhere = "tests/test_structured.py::test_per_row_specs_in_a_batch_and_per_request_in_the_engine"
+    row_checks_elsewhere = "tests/test_structured_settings.py::test_per_row_specs_in_a_batch_and_per_request_in_the_engine"
     test_params = [  # grammars that accept the empty output: every vocabulary size can end at once
         lambda v: {"regex": "[ab]*c?", "tokenizer": _letters(v)},
         lambda v: {"grammar": 'start: ("a" | "bc" | "{")*', "tokenizer": _letters(v)},
