@@ -211,6 +211,18 @@ def test_schema_and_grammar_from_files(tmp_path, default, backend) -> None:
 _TOK = CharTokenizer(list("abc{}") + ["\u2400"], eos_token_id=5)
 
 
+def test_eos_is_allowed_exactly_when_the_grammar_may_end(backend) -> None:
+    p = Structured(regex="a(bc)?", structured_backend=backend, tokenizer=_TOK)
+    prompt = torch.tensor([[4]])
+    p.begin(prompt)
+    allowed = []
+    for text in ("", "a", "ab", "abc"):
+        ids = torch.cat([prompt, torch.tensor([["abc".index(c) for c in text]], dtype=torch.long).reshape(1, -1)], dim=1)
+        out = p(ids, torch.zeros(1, 6))
+        allowed.append("".join("abc{}$"[i] for i in torch.isfinite(out[0]).nonzero().flatten().tolist()))
+    assert allowed == ["a", "b$", "c", "$"]  # $: EOS
+
+
 @settings(max_examples=60, deadline=None)
 @given(x=logits_strategy(vocab=st.just(6)), tokens=st.lists(st.integers(0, 4), max_size=4))
 @pytest.mark.parametrize("backend", BACKEND)
