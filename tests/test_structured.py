@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,13 +19,10 @@ pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from decodekit import ConfigError  # noqa: E402
-from decodekit.engine import Engine, Request  # noqa: E402
 from decodekit.grammar import BACKENDS  # noqa: E402
 from decodekit.models.checkpoints import load_default_model  # noqa: E402
 from decodekit.models.gpt import GPT, GPTConfig  # noqa: E402
 from decodekit.processors import Structured  # noqa: E402
-from decodekit.processors.base import BuildContext  # noqa: E402
-from decodekit.registry import build_chain, build_row_chain  # noqa: E402
 from decodekit.samplers import BeamSearch, Multinomial  # noqa: E402
 from decodekit.testing.strategies import logits as logits_strategy  # noqa: E402
 from decodekit.text import generate_text  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
-from test_structured import BACKEND, SCHEMAS, _valid, default  # noqa: E402,F401 (default: a fixture)
+from test_structured import SCHEMAS, _valid, backend, default  # noqa: E402,F401 (backend, default: fixtures)
 
 from decodekit import ConfigError  # noqa: E402
 from decodekit.engine import Engine, Request  # noqa: E402
@@ -28,11 +28,6 @@ from decodekit.text import generate_text  # noqa: E402
 from decodekit.tokenization import ByteTokenizer  # noqa: E402
 
 ROWS = [{"regex": "[0-9]{4}"}, {}, {"choice": ["left", "right"]}, {"json_schema": json.dumps(SCHEMAS[1])}]
-
-
-@pytest.fixture(params=BACKEND)
-def backend(request) -> str:
-    return request.param
 
 
 def _check(text: str, row: dict) -> None:
