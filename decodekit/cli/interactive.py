@@ -16,6 +16,7 @@ import warnings
 from typing import TextIO
 
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
+from decodekit.cli.main import literal_prompt
 from decodekit.cli.strategies import sampler_note
 from decodekit.cli.output import JsonlWriter, Output
 from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
@@ -108,7 +109,7 @@ class Session:
 
     def set(self, text: str) -> None:
         try:
-            items = shlex.split(text)
+            items = [literal_prompt(item) for item in shlex.split(text)]  # free text as written, as on the command line
         except ValueError as e:
             self.error(f"/set: {e}")
             return
