@@ -1,0 +1,122 @@
+"""Per-token log-probabilities: the chosen token's and the top-n alternatives', gathered on the device.
+
+Each step, :func:`step_logprobs` takes one ``[B, V]`` row of logits per sequence and gives the
+chosen token's log-probability and the ``n`` most likely tokens with theirs, as
+``logit - logsumexp(logits)``: one reduction and one top-k over the row, with no ``[B, V]``
+log-softmax written out and no host sync. :class:`LogprobsRecorder` keeps the step results on the
+device; they reach the host once, when the run (or, in the engine, the request) ends, as one
+:class:`TokenLogprobs` per sequence.
+
+Two modes, as vLLM's ``logprobs_mode``: ``"raw"``, the model's own distribution (log-softmax of
+its logits, what a score of the text under the model is), and ``"processed"``, the distribution
+the token was drawn from (after the processor chain: temperature, penalties, truncation; a token
+the chain removed has ``-inf``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decodekit.errors import ConfigError
+
+MODES = ("raw", "processed")
+MAX_LOGPROBS = 20  # the most alternatives per token (vLLM's default limit)
+
+
+def check_logprobs(n: Any, mode: Any = "raw", *, name: str = "logprobs", prefix: str = "") -> None:
+    """One line naming the setting for a bad ``n`` (top alternatives) or ``mode``."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+        raise ConfigError(
+            f"{prefix}{name}={n!r} is not allowed: must be an integer in [0, {MAX_LOGPROBS}] "
+            "(alternatives per token; 0: the chosen token only) or None"
+        )
+    if mode not in MODES:
+        raise ConfigError(f"{prefix}logprobs_mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
+
+
+def step_logprobs(logits: torch.Tensor, token: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chosen [B], top values [B, n], top ids [B, n])`` log-probabilities of one step.
+
+    ``logits``: ``[B, V]`` float; ``token``: ``[B]`` ids (negative ids, free engine slots, read as 0).
+    """
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, 1]
+    chosen = (logits.gather(-1, token.clamp(min=0)[:, None]) - lse).squeeze(-1)
+    if n:
+        values, ids = logits.topk(n, dim=-1)
+        return chosen, values - lse, ids
+    empty = logits.new_empty((logits.shape[0], 0))
+    return chosen, empty, empty.long()
+
+
+class LogprobsRecorder:
+    """The loop's logprobs: one :func:`step_logprobs` per step, kept on the device."""
+
+    def __init__(self, n: int, mode: str) -> None:
+        check_logprobs(n, mode)
+        self.n, self.mode = n, mode
+        self.chosen: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+
+    def record(self, raw: torch.Tensor, processed: torch.Tensor, token: torch.Tensor) -> None:
+        chosen, values, ids = step_logprobs(raw if self.mode == "raw" else processed, token, self.n)
+        self.chosen.append(chosen)
+        self.values.append(values)
+        self.ids.append(ids)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(chosen [B, N], top values [B, N, n], top ids [B, N, n])``."""
+        return torch.stack(self.chosen, 1), torch.stack(self.values, 1), torch.stack(self.ids, 1)
+
+
+@dataclass
+class TokenLogprobs:
+    """The log-probabilities of one sequence's tokens.
+
+    Attributes:
+        tokens: the token ids scored (a continuation's new tokens, or a text's / prompt's tokens
+            after the first).
+        logprobs: each token's log-probability (natural log), given the tokens before it.
+        top_ids, top_logprobs: per token, the ``n`` most likely tokens at that position and their
+            log-probabilities, most likely first (empty lists with ``n = 0``).
+        mode: ``"raw"`` (the model's distribution) or ``"processed"`` (after the processor chain).
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    mode: str = "raw"
+
+    @property
+    def total(self) -> float:
+        """The sum of the tokens' log-probabilities: the sequence's log-likelihood."""
+        return float(sum(self.logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(-total / tokens)``; ``nan`` with no token."""
+        return math.exp(-self.total / len(self.logprobs)) if self.logprobs else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON and Parquet records."""
+        return {
+            "mode": self.mode, "tokens": self.tokens, "logprobs": self.logprobs,
+            "top_ids": self.top_ids, "top_logprobs": self.top_logprobs,
+        }  # fmt: skip
+
+
+def to_host(
+    chosen: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, tokens: list[list[int]], mode: str
+) -> list[TokenLogprobs]:
+    """One :class:`TokenLogprobs` per row of ``[B, N]`` / ``[B, N, n]`` tensors, each cut at its
+    row's token count: one copy to the host for the whole batch."""
+    chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(list(row), c[: len(row)], i[: len(row)], v[: len(row)], mode)
+        for row, c, v, i in zip(tokens, chosen_l, values_l, ids_l)
+    ]
