@@ -45,11 +45,16 @@ def step_logprobs(logits: torch.Tensor, token: torch.Tensor, n: int) -> tuple[to
     """
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, 1]
     chosen = (logits.gather(-1, token.clamp(min=0)[:, None]) - lse).squeeze(-1)
-    if n:
-        values, ids = logits.topk(n, dim=-1)
-        return chosen, values - lse, ids
-    empty = logits.new_empty((logits.shape[0], 0))
-    return chosen, empty, empty.long()
+    return (chosen, *top_logprobs(logits, lse, n))
+
+
+def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [..., n], ids [..., n])``: the ``n`` largest ``logits - lse`` over the last dim."""
+    if not n:
+        empty = logits.new_empty((*logits.shape[:-1], 0))
+        return empty, empty.long()
+    values, ids = logits.topk(n, dim=-1)
+    return values - lse, ids.masked_fill(values == float("-inf"), -1)  # fewer than n tokens left
 
 
 class LogprobsRecorder:
@@ -82,7 +87,8 @@ class TokenLogprobs:
             after the first).
         logprobs: each token's log-probability (natural log), given the tokens before it.
         top_ids, top_logprobs: per token, the ``n`` most likely tokens at that position and their
-            log-probabilities, most likely first (empty lists with ``n = 0``).
+            log-probabilities, most likely first (empty lists with ``n = 0``). Where the processor
+            chain left fewer than ``n`` tokens, the rest are id ``-1`` with ``-inf``.
         mode: ``"raw"`` (the model's distribution) or ``"processed"`` (after the processor chain).
     """
 

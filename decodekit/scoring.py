@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import ConfigError
-from decodekit.logprobs import TokenLogprobs, check_logprobs, to_host
+from decodekit.logprobs import TokenLogprobs, check_logprobs, to_host, top_logprobs
 from decodekit.tokenization import Tokenizer, check_vocab
 
 
@@ -96,11 +96,7 @@ def sequence_logprobs(
         logits = position_logits(model, ids, mask)[:, :-1]  # [B, T - 1, V]: predicts ids[:, 1:]
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         chosen = (logits.gather(-1, ids[:, 1:, None]) - lse).squeeze(-1)  # [B, T - 1]
-        if top:
-            values, top_ids = logits.topk(top, dim=-1)
-            values = values - lse
-        else:
-            values, top_ids = logits.new_empty((*chosen.shape, 0)), ids.new_empty((*chosen.shape, 0))
+        values, top_ids = top_logprobs(logits, lse, top)
         results.extend(to_host(chosen, values, top_ids, [s[1:] for s in batch], "raw"))
     return results
 
