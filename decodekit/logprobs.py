@@ -109,11 +109,25 @@ class TokenLogprobs:
         return math.exp(-self.total / len(self.logprobs)) if self.logprobs else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists for JSON and Parquet records."""
+        """Plain lists for JSON and Parquet records; ``-inf`` (a token the chain removed) as ``None``."""
         return {
-            "mode": self.mode, "tokens": self.tokens, "logprobs": self.logprobs,
-            "top_ids": self.top_ids, "top_logprobs": self.top_logprobs,
+            "mode": self.mode, "tokens": self.tokens, "logprobs": _finite(self.logprobs),
+            "top_ids": self.top_ids, "top_logprobs": [_finite(row) for row in self.top_logprobs],
         }  # fmt: skip
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [None if v == float("-inf") else v for v in values]
+
+
+def logprob_fields(logprobs: TokenLogprobs | None, prompt_logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
+    """The ``logprobs`` / ``prompt_logprobs`` keys of an output record, for those asked for."""
+    fields = {}
+    if logprobs is not None:
+        fields["logprobs"] = logprobs.to_dict()
+    if prompt_logprobs is not None:
+        fields["prompt_logprobs"] = prompt_logprobs.to_dict()
+    return fields
 
 
 def to_host(
