@@ -165,14 +165,17 @@ def test_kill_9_then_the_same_command_resumes_with_every_id_exactly_once(tmp_pat
 
 
 REFUSED = [
-    (["job.logprobs=true"], "job.logprobs=true: per-token logprobs are not supported by jobs yet; drop it"),
+    (["job.logprobs=true"], "job.logprobs=True is not allowed: must be a number, not a boolean"),
+    (["job.logprobs=21"], "job.logprobs=21 is not allowed: must be <= 20"),
+    (["job.logprobs_mode=scaled"], "job.logprobs_mode='scaled' is not allowed: must be one of 'raw' or 'processed'"),
+    (["logprobs=5"], "logprobs: a job takes job.logprobs and job.logprobs_mode; drop it or drop job.input"),
     (["prompt=hi"], "prompt: not used by a job (rows give their own prompts); drop it or drop job.input"),
     (["strategy=beam"], "sampler='beam': a job decodes on the request engine, which samples multinomial "
                         "(temperature=0: greedy); beam search and plugin samplers are not supported in jobs"),
     (["job.part_size=0"], "job.part_size=0 is not allowed: must be >= 1"),
     (["job.ray.num_cpus=true"], "job.ray.num_cpus=True is not allowed: must be a number, not a boolean"),
     (["job.outptu=o"], "job.outptu: job has no key 'outptu' (did you mean 'output'?); its keys: input, output, "
-                       "runner, format, part_size, slots, logprobs, progress_every, ray"),
+                       "runner, format, part_size, slots, logprobs, logprobs_mode, progress_every, ray"),
 ]  # fmt: skip
 
 
