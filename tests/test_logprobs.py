@@ -134,8 +134,12 @@ def test_engine_gives_each_request_its_own_n_and_mode_as_alone(model) -> None:
         Request(prompt_ids=[3], settings={"temperature": 1.4}, seed=4, max_new_tokens=6, logprobs=0),
         Request(prompt_ids=[8, 8], settings={"top_k": 2}, seed=5, max_new_tokens=11, logprobs=1, logprobs_mode="processed"),
         Request(prompt_ids=[4, 40], settings={"min_p": 0.1}, seed=6, max_new_tokens=4, logprobs=2),
+        Request(prompt_ids=[2, 3], seed=7, max_new_tokens=50, logprobs=2),
+        Request(prompt_ids=[6], seed=8, settings={"top_k": 3}, max_new_tokens=55, logprobs=4, logprobs_mode="processed"),
     ]  # fmt: skip
-    outs = Engine(model, max_slots=3, eos_token_id=eos).generate(requests)  # slots refill as requests end
+    engine = Engine(model, max_slots=3, eos_token_id=eos)
+    outs = engine.generate(requests)  # slots refill as requests end
+    assert engine.steps > 64 and max(len(o.tokens) for o in outs) > 32  # the device buffers grew while in use
     assert outs[1].logprobs is None
     for request, out in zip(requests, outs):
         if request.logprobs is None:
