@@ -53,8 +53,35 @@ def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch
     if not n:
         empty = logits.new_empty((*logits.shape[:-1], 0))
         return empty, empty.long()
-    values, ids = logits.topk(n, dim=-1)
+    values, ids = blocked_topk(logits, n) if logits.device.type == "cpu" else logits.topk(n, dim=-1)
     return values - lse, ids.masked_fill(values == float("-inf"), -1)  # fewer than n tokens left
+
+
+BLOCK = 256  # vocabulary positions per block of :func:`blocked_topk`
+
+
+def blocked_topk(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(n)`` over the last dim, from the ``n`` blocks of ``BLOCK`` with the largest maxima.
+
+    Each of the ``n`` largest values lies in one of those blocks (a block outside them has ``n``
+    blocks whose maxima are at least its own), so the top-k of their ``n * BLOCK`` values, and of
+    the tail that fills no block, is the top-k of the row. On CPU this is a fast vectorised max
+    over blocks and a top-k of a few thousand values instead of a top-k over the vocabulary
+    (about 4x faster at GPT-2's 50,257 tokens).
+    """
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    blocks = vocab // BLOCK
+    if blocks <= n:
+        return logits.topk(n, dim=-1)
+    split = blocks * BLOCK
+    main = logits[..., :split].reshape(*lead, blocks, BLOCK)  # a view: [..., blocks, BLOCK]
+    best = main.amax(-1).topk(n, dim=-1).indices  # [..., n] the blocks with the largest maxima
+    offsets = torch.arange(BLOCK, device=logits.device)
+    candidates = torch.cat([main.gather(-2, best[..., None].expand(*lead, n, BLOCK)).flatten(-2), logits[..., split:]], -1)
+    ids = torch.cat([(best[..., None] * BLOCK + offsets).flatten(-2),
+                     torch.arange(split, vocab, device=logits.device).expand(*lead, vocab - split)], -1)  # fmt: skip
+    values, at = candidates.topk(n, dim=-1)
+    return values, ids.gather(-1, at)
 
 
 class LogprobsRecorder:

@@ -214,3 +214,19 @@ def test_logprobs_match_transformers_compute_transition_scores(pair, backend: st
     top = torch.stack(steps, 1).float().log_softmax(-1).topk(5, dim=-1)
     assert torch.allclose(out.top_logprobs, top.values, atol=1e-4)
     assert torch.equal(out.top_ids, top.indices)
+
+
+@pytest.mark.parametrize("shape", [(8, 50257), (3, 5, 1000), (2, 300), (4, 257)])
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_blocked_topk_is_torch_topk(shape: tuple[int, ...], n: int) -> None:
+    from decodekit.logprobs import blocked_topk
+
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(*shape, generator=g) * 3
+    logits[..., ::7] = float("-inf")
+    logits[0, ...] = torch.where(torch.arange(shape[-1]) < 2, 1.0, float("-inf"))  # fewer than n tokens left
+    values, ids = blocked_topk(logits, n)
+    expected = logits.topk(n, dim=-1)
+    assert torch.equal(values, expected.values)
+    finite = values > float("-inf")  # the order of tied -inf ids is unspecified (reported as -1)
+    assert torch.equal(ids[finite], expected.indices[finite])
