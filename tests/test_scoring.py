@@ -174,11 +174,34 @@ def test_job_rows_hold_logprobs_and_resume_exactly_once(tmp_path: Path, loaded, 
     manifest = tmp_path / "out" / MANIFEST
     manifest.write_text(manifest.read_text().splitlines(keepends=True)[0])
     run_job(JobConfig(output=str(tmp_path / "out"), **config), decoding=DECODING, loaded=loaded)
-    resumed = by_id(read_results(tmp_path / "out"))
-    assert resumed.keys() == reference.keys() and len(reference) == 7
-    for row_id, row in resumed.items():  # the rows decoded again had other neighbours: floats to rounding
+    assert_same_rows(read_results(tmp_path / "out"), reference)
+    assert len(reference) == 7
+
+
+def assert_same_rows(rows: list[dict], reference: dict) -> None:
+    """Each id once, every field equal, logprobs to float rounding (rows decoded beside other rows)."""
+    found = by_id(rows)
+    assert found.keys() == reference.keys()
+    for row_id, row in found.items():
         lp, ref = row.pop("logprobs"), dict(reference[row_id])
         assert row == {k: v for k, v in ref.items() if k != "logprobs"}
         assert lp["tokens"] == ref["logprobs"]["tokens"] and lp["top_ids"] == ref["logprobs"]["top_ids"]
         assert lp["logprobs"] == pytest.approx(ref["logprobs"]["logprobs"], abs=1e-5)
+
+
+def test_the_ray_runner_writes_the_local_runners_logprobs(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    src = write_rows(tmp_path / "in.jsonl", good_rows(6))
+    config = dict(input=str(src), progress_every=0, logprobs=3, format="parquet")
+    run_job(JobConfig(output=str(tmp_path / "local"), **config), "default", DECODING)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # more CPUs than cores
+    try:
+        run_job(JobConfig(output=str(tmp_path / "ray"), runner="ray", ray={"actors": 2, "batch_size": 3, "num_cpus": 0.5},
+                          **config), "default", DECODING)  # fmt: skip
+    finally:
+        ray.shutdown()
+    local = by_id(read_results(tmp_path / "local"))
+    assert len(local) == 6 and all(len(r["logprobs"]["top_ids"][0]) == 3 for r in local.values())
+    assert_same_rows(read_results(tmp_path / "ray"), local)
 
