@@ -96,10 +96,7 @@ def op_section(args: Any, step_ms: float, batch: int) -> str:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0], repeats=5, warmup=1)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--modes", nargs="+", default=["greedy", "top_p"], choices=["greedy", "top_p"])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per row (random ids)")
-    p.add_argument("--seed", type=int, default=0)
+    common.decoding_options(p)
     args = p.parse_args()
     common.setup(args)
 
