@@ -135,7 +135,8 @@ def score(
         if start_token and (not ids or ids[0] != start):
             ids = [start, *ids]
         if len(ids) < 2:
-            raise ConfigError(f"texts[{i}]={text!r}: needs at least 2 tokens to score (or start_token=True)")
+            need = "is empty: nothing to score" if start_token else "needs at least 2 tokens to score (or start_token=True)"
+            raise ConfigError(f"texts[{i}]={text!r}: {need}")
         encoded.append(ids)
     scored = sequence_logprobs(model, encoded, top=top_logprobs, batch_size=batch_size)
     return [

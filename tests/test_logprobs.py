@@ -191,6 +191,19 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
     return transformers, hf, ours
 
 
+def test_engine_waves_on_the_adapter_give_each_request_its_logprobs_as_alone(pair) -> None:
+    _, hf, _ = pair
+    model = HFCausalLM(hf)  # no slot cache: the engine refills in waves
+    requests = [Request(prompt_ids=p, settings={"temperature": 0.9, "top_k": 20}, seed=s, max_new_tokens=m, logprobs=n)
+                for p, s, m, n in (([5, 17, 42], 1, 6, 2), ([11, 2], 2, 9, 4), ([9, 30, 31, 1], 3, 4, None))]  # fmt: skip
+    outs = Engine(model, max_slots=2).generate(requests)
+    for request, out in zip(requests[:2], outs):
+        ref = alone(model, request, []).token_logprobs()[0]
+        assert out.logprobs.tokens == ref.tokens and out.logprobs.top_ids == ref.top_ids
+        assert out.logprobs.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    assert outs[2].logprobs is None and len(outs[2].tokens) == 4
+
+
 @pytest.mark.parametrize("backend", ["native", "adapter"])
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 def test_logprobs_match_transformers_compute_transition_scores(pair, backend: str, mode: str) -> None:

@@ -25,7 +25,7 @@ from decodekit.scoring import score, sequence_logprobs
 from decodekit.tokenization import ByteTokenizer, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import decode, one  # noqa: E402
+from test_cli import assert_one_line_error, decode  # noqa: E402
 from test_jobs import DECODING, by_id, good_rows, write_rows  # noqa: E402
 
 TEXTS = ["Once upon a time", "ab", "The quick brown fox jumps over the lazy dog."]
@@ -93,6 +93,7 @@ def test_a_texts_score_does_not_depend_on_its_batch() -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda m, t: score(m, t, []), "texts: give at least one text"),
     (lambda m, t: score(m, t, ["a"], start_token=False), "texts[0]='a': needs at least 2 tokens to score"),
+    (lambda m, t: score(m, t, ["ab", ""]), "texts[1]='': is empty: nothing to score"),
     (lambda m, t: score(m, t, ["a"], top_logprobs=99), "top=99 is not allowed: must be an integer in [0, 20]"),
     (lambda m, t: score(m, t, ["a"], batch_size=0), "batch_size=0 is not allowed: must be an integer >= 1"),
     (lambda m, t: score(m, t, ["x" * 80]), "a sequence of 81 tokens is longer than the model's context of 64; shorten it"),
@@ -110,7 +111,8 @@ def test_bad_score_arguments_are_one_line(call, message: str) -> None:
 
 def test_decode_score_writes_one_record_per_text_equal_to_score(tmp_path: Path) -> None:
     (tmp_path / "texts.txt").write_text("Once upon a time\nThe cat sat\n")
-    run = one(["score=true", "prompt_file=texts.txt", "logprobs=2", "output_file=s.jsonl"], tmp_path)
+    run, empty = decode(["score=true", "prompt_file=texts.txt", "logprobs=2", "output_file=s.jsonl"], ["score=true"], cwd=tmp_path)
+    assert_one_line_error(empty, "score=true: give the text to score (prompt=..., prompt_file=... or prompt_tokens=[...])")
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     model, extras = load_model("default", device="cpu")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from decodekit.errors import ConfigError
 from decodekit.scoring import ScoreResult, score, sequence_logprobs
 
 
 def run_score(decoder: Any, prompts: list[str], out: Any, writer: Any) -> None:
     """Score ``prompts`` (or the configuration's ``prompt_tokens``): print each, write each record."""
     config = decoder.config
+    if config.prompt is None and config.prompt_file is None and config.prompt_tokens is None:
+        raise ConfigError("score=true: give the text to score (prompt=..., prompt_file=... or prompt_tokens=[...])")
     top = config.logprobs or 0
     if config.prompt_tokens is not None:
         ids = list(config.prompt_tokens)
