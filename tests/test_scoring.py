@@ -26,7 +26,7 @@ from decodekit.tokenization import ByteTokenizer, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import assert_one_line_error, decode  # noqa: E402
-from test_jobs import DECODING, by_id, good_rows, write_rows  # noqa: E402
+from test_jobs import DECODING, assert_same_rows, by_id, good_rows, write_rows  # noqa: E402
 
 TEXTS = ["Once upon a time", "ab", "The quick brown fox jumps over the lazy dog."]
 
@@ -178,32 +178,3 @@ def test_job_rows_hold_logprobs_and_resume_exactly_once(tmp_path: Path, loaded, 
     run_job(JobConfig(output=str(tmp_path / "out"), **config), decoding=DECODING, loaded=loaded)
     assert_same_rows(read_results(tmp_path / "out"), reference)
     assert len(reference) == 7
-
-
-def assert_same_rows(rows: list[dict], reference: dict) -> None:
-    """Each id once, every field equal, logprobs to float rounding (rows decoded beside other rows)."""
-    found = by_id(rows)
-    assert found.keys() == reference.keys()
-    for row_id, row in found.items():
-        lp, ref = row.pop("logprobs"), dict(reference[row_id])
-        assert row == {k: v for k, v in ref.items() if k != "logprobs"}
-        assert lp["tokens"] == ref["logprobs"]["tokens"] and lp["top_ids"] == ref["logprobs"]["top_ids"]
-        assert lp["logprobs"] == pytest.approx(ref["logprobs"]["logprobs"], abs=1e-5)
-
-
-def test_the_ray_runner_writes_the_local_runners_logprobs(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("pyarrow")
-    src = write_rows(tmp_path / "in.jsonl", good_rows(6))
-    config = dict(input=str(src), progress_every=0, logprobs=3, format="parquet")
-    run_job(JobConfig(output=str(tmp_path / "local"), **config), "default", DECODING)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # more CPUs than cores
-    try:
-        run_job(JobConfig(output=str(tmp_path / "ray"), runner="ray", ray={"actors": 2, "batch_size": 3, "num_cpus": 0.5},
-                          **config), "default", DECODING)  # fmt: skip
-    finally:
-        ray.shutdown()
-    local = by_id(read_results(tmp_path / "local"))
-    assert len(local) == 6 and all(len(r["logprobs"]["top_ids"][0]) == 3 for r in local.values())
-    assert_same_rows(read_results(tmp_path / "ray"), local)
-
