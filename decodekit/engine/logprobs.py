@@ -87,7 +87,7 @@ class SlotLogprobs:
         """One step's logprobs of every slot (``raw``, ``processed``: ``[S, V]``; ``token``: ``[S]``)."""
         if "processed" in self.modes:
             record = getattr(sampler, "recorded_filter", None)  # a filter the sampler fused: applied for the record
-            if record is not None:
+            if record is not None and getattr(record, "active", True):  # not when every row's top-p is off
                 processed = record(history, processed)
         if self.modes == {"raw"}:
             source = raw
