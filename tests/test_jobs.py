@@ -53,6 +53,17 @@ def by_id(rows: list[dict[str, object]]) -> dict[object, dict[str, object]]:
     return {r["id"]: r for r in rows}
 
 
+def assert_same_rows(rows: list[dict], reference: dict) -> None:
+    """Each id once, every field equal, logprobs to float rounding (rows decoded beside other rows)."""
+    found = by_id(rows)
+    assert found.keys() == reference.keys()
+    for row_id, row in found.items():
+        lp, ref = row.pop("logprobs"), dict(reference[row_id])
+        assert row == {k: v for k, v in ref.items() if k != "logprobs"}
+        assert lp["tokens"] == ref["logprobs"]["tokens"] and lp["top_ids"] == ref["logprobs"]["top_ids"]
+        assert lp["logprobs"] == pytest.approx(ref["logprobs"]["logprobs"], abs=1e-5)
+
+
 def job(tmp_path: Path, src: Path, out: str, **kw: object) -> JobConfig:
     return JobConfig(input=str(src), output=str(tmp_path / out), progress_every=0, **kw)
 
@@ -165,14 +176,17 @@ def test_kill_9_then_the_same_command_resumes_with_every_id_exactly_once(tmp_pat
 
 
 REFUSED = [
-    (["job.logprobs=true"], "job.logprobs=true: per-token logprobs are not supported by jobs yet; drop it"),
+    (["job.logprobs=true"], "job.logprobs=True is not allowed: must be a number, not a boolean"),
+    (["job.logprobs=21"], "job.logprobs=21 is not allowed: must be <= 20"),
+    (["job.logprobs_mode=scaled"], "job.logprobs_mode='scaled' is not allowed: must be one of 'raw' or 'processed'"),
+    (["logprobs=5"], "logprobs: a job takes job.logprobs and job.logprobs_mode; drop it or drop job.input"),
     (["prompt=hi"], "prompt: not used by a job (rows give their own prompts); drop it or drop job.input"),
     (["strategy=beam"], "sampler='beam': a job decodes on the request engine, which samples multinomial "
                         "(temperature=0: greedy); beam search and plugin samplers are not supported in jobs"),
     (["job.part_size=0"], "job.part_size=0 is not allowed: must be >= 1"),
     (["job.ray.num_cpus=true"], "job.ray.num_cpus=True is not allowed: must be a number, not a boolean"),
     (["job.outptu=o"], "job.outptu: job has no key 'outptu' (did you mean 'output'?); its keys: input, output, "
-                       "runner, format, part_size, slots, logprobs, progress_every, ray"),
+                       "runner, format, part_size, slots, logprobs, logprobs_mode, progress_every, ray"),
 ]  # fmt: skip
 
 
@@ -194,14 +208,15 @@ def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(
 
     rows: list[object] = good_rows(10) + ["not json", {"id": "r2", "prompt": "again"}, {"id": "bad", "prompt": "x", "settings": {"top_p": 3}}]
     src = write_rows(tmp_path / "in.jsonl", rows)
-    run_job(job(tmp_path, src, "local", part_size=4), "default", DECODING)
-    cluster = JobConfig(input=str(src), output=str(tmp_path / "ray"), runner="ray", progress_every=0,
+    run_job(job(tmp_path, src, "local", part_size=4, logprobs=2), "default", DECODING)
+    cluster = JobConfig(input=str(src), output=str(tmp_path / "ray"), runner="ray", progress_every=0, logprobs=2,
                         ray={"actors": 2, "batch_size": 4, "num_cpus": 0.5})  # fmt: skip
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # more CPUs than cores
     try:
         run_job(cluster, "default", DECODING)
         local = by_id(read_results(tmp_path / "local"))
-        assert by_id(read_results(tmp_path / "ray")) == local and len(local) == 9
+        assert_same_rows(read_results(tmp_path / "ray"), local)  # per-token logprobs too (job.logprobs=2)
+        assert len(local) == 9 and all(len(r["logprobs"]["top_ids"][0]) == 2 for r in local.values())
         errors = {(e["id"], e["reason"]) for e in read_errors(tmp_path / "local")}
         assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors and len(errors) == 3
         manifest = tmp_path / "ray" / MANIFEST
@@ -210,7 +225,7 @@ def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(
         run_job(cluster, "default", DECODING)
     finally:
         ray.shutdown()
-    assert by_id(read_results(tmp_path / "ray")) == local
+    assert_same_rows(read_results(tmp_path / "ray"), local)
     assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors
     parts = [json.loads(line)["part"] for line in manifest.read_text().splitlines()]
     assert sorted(p.name for p in (tmp_path / "ray").glob("part-*")) == sorted(p for p in parts if p)  # no orphans

@@ -81,6 +81,10 @@ class CommandConfig(BaseModel):
     quiet: bool = Field(False, description="print no samples on stdout")
     show_probs: bool = Field(False, description="top candidates per step, before and after the chain")
     show_probs_k: int = Field(5, ge=1, description="candidates show_probs prints")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="per new token its logprob and n alternatives'")
+    logprobs_mode: Literal["raw", "processed"] = Field("raw", description="raw | processed (after the chain)")
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20, description="the prompt tokens' raw logprobs")
+    score: bool = Field(False, description="score the prompts: per-token logprobs, total, perplexity")
     progress: Optional[bool] = Field(None, description="progress bar on stderr; null = on long runs in a terminal")
     summary: Optional[bool] = Field(
         None, description="end-of-run line on stderr: tokens, tok/s, time to first token; null = in a terminal"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from decodekit.cli.output import logprob_settings
 from decodekit.engine import Engine, Request, RequestOutput
 from decodekit.errors import ConfigError
 from decodekit.random import SEED_LIMIT
@@ -98,7 +99,8 @@ def run_on_engine(engine: Engine, decoder: Any, prompts: list[str], out: Any, wr
 
     def requests() -> Iterator[Request]:
         for i in range(total):  # pulled as the queue has room: a long prompt file is never all queued
-            yield Request(prompt=prompts[i // n], seed=seeds[i], max_new_tokens=config.max_new_tokens, stop=stop)
+            yield Request(prompt=prompts[i // n], seed=seeds[i], max_new_tokens=config.max_new_tokens, stop=stop,
+                          **logprob_settings(config))  # fmt: skip
 
     for result in engine.run(requests()):
         if result.error is not None:
@@ -117,4 +119,5 @@ def as_text_result(result: RequestOutput, prompts: list[str], samples: int) -> T
     return TextResult(
         prompt=prompts[prompt], text=result.text or "", tokens=result.tokens, finish_reason=result.finish_reason,
         stop_string=result.stop_string, seed=result.seed or 0, prompt_index=prompt, sample_index=sample,
+        logprobs=result.logprobs, prompt_logprobs=result.prompt_logprobs,
     )  # fmt: skip

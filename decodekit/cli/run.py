@@ -9,6 +9,7 @@ is written as soon as its batch ends (see :mod:`decodekit.cli.output` for how th
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import sys
@@ -22,15 +23,18 @@ import torch
 
 from decodekit.cli.config import CommandConfig
 from decodekit.cli.engine_run import engine_for, run_on_engine
-from decodekit.cli.output import JsonlWriter, Output, Progress
+from decodekit.cli.output import JsonlWriter, Output, Progress, logprob_settings
+from decodekit.cli.score_run import run_score
 from decodekit.cli.strategies import sampler_note
 from decodekit.cli.summary import RunSummary
 from decodekit.errors import ConfigError
+from decodekit.logprobs import logprob_fields
 from decodekit.loop import generate
 from decodekit.models import ModelExtras, load_model
 from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
+from decodekit.scoring import sequence_logprobs
 from decodekit.text import TextResult, generate_text
 from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, continuation_text, load_tokenizer
 
@@ -194,7 +198,8 @@ class ProbsPrinter:
         raw = self.before.last[0].float().softmax(-1)
         processed = self.after.last[0].float().softmax(-1)
         left = int((processed > 0).sum())
-        self.out.line(f"step {step + 1}: {self.token(chosen)} (p={float(processed[chosen]):.3f} after the chain)")
+        logprob = f"logprob={math.log(float(processed[chosen])):.3f}, model logprob={math.log(float(raw[chosen])):.3f}"
+        self.out.line(f"step {step + 1}: {self.token(chosen)} (p={float(processed[chosen]):.3f} after the chain, {logprob})")
         self.out.line(f"  model: {self.top(raw)}")
         self.out.line(f"  chain: {self.top(processed)}  ({left} of {processed.numel()} tokens left)")
         self.done = bool(finished[0])
@@ -268,7 +273,9 @@ def run(config: CommandConfig, registry: Registry, *, heading: str | None = None
     prompts = read_prompts(config) if config.prompt_tokens is None else []
     summary = RunSummary.for_run(config)
     try:
-        if config.prompt_tokens is not None:
+        if config.score:
+            run_score(decoder, prompts, out, writer)
+        elif config.prompt_tokens is not None:
             run_tokens(decoder, out, writer, seed, summary)
         else:
             run_texts(decoder, prompts, out, writer, seed, summary)
@@ -312,7 +319,7 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
             results = generate_text(
                 decoder.model, decoder.tokenizer, batch, processors=chain, sampler=decoder.sampler,
                 max_new_tokens=config.max_new_tokens, stop=stop, num_samples=n, seed=row_seed,
-                eos_token_id=decoder.eos_token_id,
+                eos_token_id=decoder.eos_token_id, **logprob_settings(config),
                 on_text=(lambda row, piece: out.write(piece) if row == 0 else None) if stream else None,
                 on_token=_callbacks(progress.step, probs.step if probs else None, summary.token),
             )  # fmt: skip
@@ -349,6 +356,7 @@ def text_record(r: TextResult, first: int, settings: dict[str, Any]) -> dict[str
         "stop_string": r.stop_string,
         "token_ids": r.tokens,
         "settings": settings,
+        **logprob_fields(r.logprobs, r.prompt_logprobs),
     }
 
 
@@ -385,12 +393,15 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
             decoder.model, torch.tensor([prompt] * n), processors=chain, sampler=decoder.sampler,
             max_new_tokens=config.max_new_tokens, eos_token_id=decoder.eos_token_id, seed=seeds,
             on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None, summary.token),
+            logprobs=config.logprobs, logprobs_mode=config.logprobs_mode,
         )  # fmt: skip
         progress.batch_done(n)
     finally:
         progress.close()
     record = settings_record(config, decoder)
     rows = result.rows()
+    token_logprobs = result.token_logprobs() or [None] * len(rows)
+    prompt_lps = sequence_logprobs(decoder.model, [prompt], top=config.prompt_logprobs) if config.prompt_logprobs is not None else [None]
     records = []
     for i, new in enumerate(rows):
         summary.add(len(prompt), len(new))
@@ -414,6 +425,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
             "finish_reason": result.finish_reasons[i],
             "token_ids": new,
             "settings": record,
+            **logprob_fields(token_logprobs[i], prompt_lps[0]),
         })  # fmt: skip
     if writer is not None:
         writer.write(records)
