@@ -148,7 +148,8 @@ def _contiguous_embedding(module: nn.Module, state: dict[str, Any], prefix: str,
     if weight is None or isinstance(weight, nn.Parameter) or weight.is_contiguous():
         return
     weight = weight.contiguous()
-    for name in (key, prefix + "lm_head.weight"):
+    tied = module.lm_head.weight is module.transformer.wte.weight  # not after convert_weights
+    for name in (key, prefix + "lm_head.weight") if tied else (key,):
         if name in state:
             state[name] = weight
 
@@ -214,7 +215,8 @@ class GPT(nn.Module):
         if weight.stride() != (1, weight.shape[0]):
             weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
             self.transformer.wte.weight = weight
-        self.lm_head.weight = weight
+        if isinstance(self.lm_head, nn.Linear):  # a head converted to bf16 / int8 keeps its own copy
+            self.lm_head.weight = weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -1,0 +1,180 @@
+"""Weight formats for CPU decoding: float32 (exact), bfloat16, and int8 with per-channel scales.
+
+Decoding one token reads every weight once, so at small batches a step costs about the bytes of
+its weights: bfloat16 halves them, int8 quarters them. :func:`convert_weights` swaps a model's
+projections (``nn.Linear``, and transformers' ``Conv1D`` of GPT-2) for :class:`BF16Linear` or
+:class:`Int8Linear`, in place; everything else (embedding lookups, LayerNorm, attention, the
+residual stream, the key/value cache) stays in the model's dtype, and the logits come back in
+float32. The output head is converted too (it is the largest matrix of a small model: 31% of
+GPT-2 124M's weights); a tied input embedding keeps its float32 table for the lookup, so the
+head gets its own converted copy.
+
+- ``bf16``: weights rounded to bfloat16 (8 bits of mantissa), multiplied through oneDNN's
+  prepacked bfloat16 kernels (AVX512-BF16 / AMX where the CPU has them) with float32
+  accumulation; activations are rounded to bfloat16 on the way in.
+- ``int8``: symmetric int8 per output channel (``w ~ q * scale``, ``q`` in ``[-127, 127]``,
+  ``scale = max|w_row| / 127``), multiplied by ``torch._weight_int8pack_mm`` (weight-only:
+  activations stay float32, the int8 weights are widened inside the kernel, as gpt-fast does).
+
+The error each format makes is measured in ``docs/models.md`` and bounded in
+``tests/test_weights.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from decodekit.errors import ConfigError
+
+__all__ = ["WEIGHTS", "BF16Linear", "Int8Linear", "WeightFormat", "check_weights", "compare_logits", "convert_model_weights", "convert_weights"]
+
+WeightFormat = Literal["float32", "bf16", "int8"]
+WEIGHTS: tuple[str, ...] = ("float32", "bf16", "int8")
+
+
+def check_weights(weights: object) -> str:
+    """``weights`` itself if it names a format, else one :class:`ConfigError` line."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r} is not allowed: expected one of {', '.join(WEIGHTS)}")
+    return weights  # type: ignore[return-value]
+
+
+def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [N, K], bias [N] or None)`` of a linear projection, or ``None`` for anything else.
+
+    ``nn.Linear`` (and its subclasses, decodekit's packing ``Linear`` among them) stores
+    ``[out, in]``; transformers' ``Conv1D`` (GPT-2) stores the transpose, ``[in, out]``.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+        return module.weight.detach().t(), None if module.bias is None else module.bias.detach()
+    return None
+
+
+class _Converted(nn.Module):
+    """What both converted projections share: the sizes, a float32 bias, the output dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class BF16Linear(_Converted):
+    """A projection with bfloat16 weights (oneDNN-prepacked on CPU), float32 in and out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
+        self._pack: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xb = x.to(torch.bfloat16)
+        packed = self._packed() if x.device.type == "cpu" else None
+        if packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "")
+        else:
+            y = F.linear(xb, self.weight)
+        y = y.to(dtype)
+        return y if self.bias is None else y.add_(self.bias.to(dtype))
+
+    def _packed(self) -> torch.Tensor | None:
+        if self._pack is None and not torch.compiler.is_compiling():
+            try:
+                self._pack = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+            except (RuntimeError, AttributeError):  # no oneDNN bfloat16 path: plain F.linear
+                self._pack = self.weight
+        return None if self._pack is self.weight else self._pack
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]  # .to(): the pack is stale
+        self._pack = None
+        return super()._apply(fn, recurse)
+
+
+class Int8Linear(_Converted):
+    """A projection with int8 weights and a float32 scale per output channel, float32 in and out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [N]
+        self.register_buffer("weight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2.float().contiguous(), self.weight, self.scale)
+        else:
+            y = F.linear(x2.float(), self.weight.float()) * self.scale
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` this layer multiplies by."""
+        return self.weight.float() * self.scale[:, None]
+
+
+FORMATS = {"bf16": BF16Linear, "int8": Int8Linear}
+
+
+def convert_weights(model: nn.Module, weights: str) -> nn.Module:
+    """Store ``model``'s projections in the format ``weights`` names, in place; returns ``model``.
+
+    ``"float32"`` changes nothing. ``"bf16"`` and ``"int8"`` replace every ``nn.Linear`` and
+    ``Conv1D`` (the output head included) with :class:`BF16Linear` / :class:`Int8Linear`, made
+    from the current weights; the model is then for inference only (the new layers hold buffers,
+    not parameters). A model whose weights are already in a reduced dtype is refused: convert
+    from float32.
+    """
+    check_weights(weights)
+    if weights == "float32":
+        return model
+    make = FORMATS[weights]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            found = _projection(child)
+            if found is None:
+                continue
+            weight, bias = found
+            if weight.dtype != torch.float32:
+                raise ConfigError(
+                    f"weights={weights!r} converts float32 weights; this model's are {weight.dtype} (use dtype=float32)"
+                )
+            setattr(parent, name, make(weight, bias))
+    return model
+
+
+def convert_model_weights(model: object, weights: str) -> object:
+    """:func:`convert_weights` for a loaded model: a ``torch.nn`` model itself, or the module
+    inside an adapter (``HFCausalLM.model``); returns ``model``."""
+    if check_weights(weights) == "float32":
+        return model
+    module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"weights={weights!r}: {type(model).__name__} holds no torch module to convert")
+    convert_weights(module, weights)
+    return model
+
+
+def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How far ``logits`` are from ``reference`` (same shape, ``[..., V]``): the largest absolute
+    difference, the relative error ``||logits - reference|| / ||reference||`` (Frobenius), and
+    the fraction of positions whose argmax agrees (``top1``)."""
+    reference, logits = reference.float(), logits.float()
+    diff = logits - reference
+    return {
+        "max_abs": diff.abs().max().item(),
+        "relative": (diff.norm() / reference.norm()).item(),
+        "top1": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+    }
