@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import decodekit
 from decodekit.errors import ConfigError
 from decodekit.models import GPT, GPTConfig, load_model
-from decodekit.models.weights import BF16Linear, Int8Linear, compare_logits, convert_weights
+from decodekit.models.weights import BF16Linear, Int8Linear, _Converted, compare_logits, convert_weights
 from decodekit.samplers import Greedy
 
 HELDOUT = Path(__file__).parent / "fixtures" / "heldout" / "english.txt"
@@ -61,14 +61,21 @@ def test_every_projection_and_the_head_are_converted_and_logits_stay_float32(emb
     assert logits.dtype == torch.float32 and logits.shape == (2, 257) and torch.isfinite(logits).all()
 
 
-# measured (docs/models.md): bf16 max |d| 0.113, relative 2.1e-3, top-1 99.26%, ppl 4.4014 (float32 4.4017);
-# int8 max |d| 0.177, relative 2.2e-3, top-1 99.45%, ppl 4.4029; 8 greedy continuations of 64 tokens
+@pytest.fixture
+def kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call through the reduced-precision kernels, as a decoding step's few rows go, even
+    for whole windows (which would otherwise take the widened float32 path of a prefill)."""
+    monkeypatch.setattr(_Converted, "max_rows", 1 << 30)
+
+
+# measured (docs/models.md), decoding path: bf16 max |d| 0.113, relative 2.1e-3, top-1 99.26%, ppl 4.4014
+# (float32 4.4017); int8 max |d| 0.194, relative 3.7e-3, top-1 98.55%, ppl 4.4005
 BOUNDS = {"bf16": {"max_abs": 0.3, "relative": 5e-3, "top1": 0.98},
-          "int8": {"max_abs": 0.4, "relative": 5e-3, "top1": 0.985}}  # fmt: skip
+          "int8": {"max_abs": 0.4, "relative": 8e-3, "top1": 0.97}}  # fmt: skip
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_embedded_model_logits_and_perplexity_stay_close_to_float32(embedded, heldout, weights: str) -> None:
+def test_embedded_model_logits_and_perplexity_stay_close_to_float32(embedded, heldout, kernel_path, weights: str) -> None:
     inputs, targets = heldout
     with torch.no_grad():
         reference, logits = embedded["float32"](inputs), embedded[weights](inputs)
@@ -82,31 +89,25 @@ def test_embedded_model_logits_and_perplexity_stay_close_to_float32(embedded, he
     assert abs(ppl[weights] / ppl["float32"] - 1) < 0.003, ppl
 
 
-def test_int8_greedy_decoding_of_the_embedded_model_keeps_float32_tokens(embedded, heldout) -> None:
-    prompts = heldout[0][:8, :32]  # 8 prompts of 32 held-out bytes
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_greedy_decoding_of_the_embedded_model_mostly_keeps_float32_tokens(embedded, heldout, weights: str) -> None:
+    prompts = heldout[0][:8, :32]  # 8 prompts of 32 held-out bytes, 64 new tokens each
     reference = greedy_tokens(embedded["float32"], prompts)
-    same = (greedy_tokens(embedded["int8"], prompts) == reference).float().mean().item()
-    assert same >= 0.95, same  # measured: all 512 tokens identical (8 rows of 64)
-
-
-def test_bf16_greedy_decoding_mostly_keeps_float32_tokens(embedded, heldout) -> None:
-    prompts = heldout[0][:8, :32]
-    reference = greedy_tokens(embedded["float32"], prompts)
-    same = greedy_tokens(embedded["bf16"], prompts) == reference
-    # measured: 7 of the 8 rows identical, one parts at its 5th token (a near tie); 89.8% of tokens
+    same = greedy_tokens(embedded[weights], prompts) == reference
+    # measured, both formats: 7 of the 8 rows identical, one parts at its 5th token (a near tie); 89.8% of tokens
     assert same.all(dim=1).sum() >= 6 and same.float().mean() >= 0.8, same.float().mean(dim=1)
 
 
-def test_gpt2_shaped_random_weights_stay_close(heldout) -> None:
+def test_gpt2_shaped_random_weights_stay_close(kernel_path) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, vocab_size=50257)).eval()  # GPT-2 124M's width and vocabulary
     ids = torch.randint(0, 50257, (2, 48))
     with torch.no_grad():
         reference = model(ids)
         errors = {w: compare_logits(reference, convert_weights(copy.deepcopy(model), w)(ids)) for w in ("bf16", "int8")}
-    # measured: bf16 relative 3.8e-3, top-1 99.0%; int8 relative 1.3e-2, top-1 97.9% (12 layers: 7.9e-3 / 2.4e-2)
-    assert errors["bf16"]["relative"] < 1e-2 and errors["bf16"]["top1"] >= 0.95, errors
-    assert errors["int8"]["relative"] < 3e-2 and errors["int8"]["top1"] >= 0.9, errors
+    # measured: bf16 relative 6.8e-3, top-1 97.9%; int8 relative 2.0e-2, top-1 95.8% (docs/models.md: 12 layers)
+    assert errors["bf16"]["relative"] < 1.5e-2 and errors["bf16"]["top1"] >= 0.93, errors
+    assert errors["int8"]["relative"] < 4e-2 and errors["int8"]["top1"] >= 0.9, errors
 
 
 def test_int8_weights_are_within_half_a_step_of_the_float32_ones() -> None:
@@ -118,8 +119,11 @@ def test_int8_weights_are_within_half_a_step_of_the_float32_ones() -> None:
     step = layer.scale[:, None]
     assert ((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-7).all()
     assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() <= 127
-    x = torch.randn(5, 64)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), linear.bias), rtol=1e-4, atol=1e-5)
+    many, few = torch.randn(layer.max_rows + 1, 64), torch.randn(3, 64)
+    # a prefill's many rows: float32 by the dequantised weight; a step's few: bfloat16 activations
+    torch.testing.assert_close(layer(many), F.linear(many, layer.dequantized(), linear.bias), rtol=1e-5, atol=1e-5)
+    expected = F.linear(few.bfloat16().float(), layer.dequantized(), linear.bias)
+    torch.testing.assert_close(layer(few), expected, rtol=1e-2, atol=1e-2)
     assert torch.equal(layer(torch.zeros(1, 64))[0], linear.bias.detach())
 
 
@@ -140,3 +144,20 @@ def test_converted_model_decodes_through_the_engine_like_generate(embedded) -> N
     for prompt, result in zip(prompts, out):
         alone = greedy_tokens(model, torch.tensor([prompt]), 12)[0].tolist()
         assert result.tokens == alone
+
+
+def test_transformers_gpt2_through_the_adapter_converts_its_conv1d_projections_like_the_native_gpt(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 17, 99, 0, 42, 42, 7, 63]])
+    for weights, kind in (("bf16", BF16Linear), ("int8", Int8Linear)):
+        adapter, _ = load_model(tmp_path, device="cpu", backend="hf", weights=weights)
+        native, _ = load_model(tmp_path, device="cpu", weights=weights)
+        assert sum(isinstance(m, kind) for m in adapter.model.modules()) == 4 * 2 + 1  # Conv1D x 4 per block, the head
+        mask, positions = torch.ones(1, 8, dtype=torch.bool), torch.arange(8)[None]
+        theirs, _ = adapter.step(ids, position_ids=positions, attention_mask=mask, cache=adapter.new_cache(1, 8))
+        ours, _ = native.step(ids, position_ids=positions, attention_mask=mask, cache=native.new_cache(1, 8))
+        assert theirs.dtype == torch.float32
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-3)  # the same quantised weights either way
