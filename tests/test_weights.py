@@ -161,3 +161,10 @@ def test_transformers_gpt2_through_the_adapter_converts_its_conv1d_projections_l
         ours, _ = native.step(ids, position_ids=positions, attention_mask=mask, cache=native.new_cache(1, 8))
         assert theirs.dtype == torch.float32
         torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-3)  # the same quantised weights either way
+
+
+def test_a_job_names_the_weight_format_so_it_is_not_resumed_in_another() -> None:
+    from decodekit.jobs.local import ModelSpec
+
+    assert ModelSpec(source="default").label() == "default"  # float32: as before the setting existed
+    assert ModelSpec(source="default", weights="int8").label() == "default [weights=int8]"
