@@ -120,6 +120,7 @@ def main() -> None:
     body += "\n\nBatch 1 against the memory bound (bytes of weights per token / measured read bandwidth):\n\n"
     body += common.table(["threads", "contender", "MB of weights per token", "read GB/s", "bound tok/s",
                           "measured tok/s", "fraction of the bound"], bounds)  # fmt: skip
+    args.threads = ", then ".join(map(str, args.threads_list))  # for the machine lines: each row sets its own
     common.report(
         f"Weight formats: GPT-2 124M (random weights), {n} new tokens, greedy",
         args,
