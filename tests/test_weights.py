@@ -168,3 +168,13 @@ def test_a_job_names_the_weight_format_so_it_is_not_resumed_in_another() -> None
 
     assert ModelSpec(source="default").label() == "default"  # float32: as before the setting existed
     assert ModelSpec(source="default", weights="int8").label() == "default [weights=int8]"
+
+
+def test_a_used_bf16_model_copies_without_its_pack_and_gives_the_same_logits(embedded) -> None:
+    model = embedded["bf16"]
+    ids = torch.tensor([[256, 72, 101, 108]])
+    with torch.no_grad():
+        before = model(ids)  # makes the packed copies
+        copied = copy.deepcopy(model)
+        assert all(m._pack is None for m in copied.modules() if isinstance(m, BF16Linear))
+        assert torch.equal(copied(ids), before)

@@ -117,6 +117,9 @@ class BF16Linear(_Converted):
         self._pack = None
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict[str, object]:  # copies and pickles leave the pack behind
+        return {**self.__dict__, "_pack": None}
+
 
 class Int8Linear(_Converted):
     """A projection with int8 weights and a scale per output channel, float32 in and out.
