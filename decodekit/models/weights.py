@@ -13,8 +13,12 @@ head gets its own converted copy.
   prepacked bfloat16 kernels (AVX512-BF16 / AMX where the CPU has them) with float32
   accumulation; activations are rounded to bfloat16 on the way in.
 - ``int8``: symmetric int8 per output channel (``w ~ q * scale``, ``q`` in ``[-127, 127]``,
-  ``scale = max|w_row| / 127``), multiplied by ``torch._weight_int8pack_mm`` (weight-only:
-  activations stay float32, the int8 weights are widened inside the kernel, as gpt-fast does).
+  ``scale = max|w_row| / 127``), multiplied by ``torch._weight_int8pack_mm`` as gpt-fast does
+  (weight-only: the int8 weights are widened inside the kernel; activations are rounded to
+  bfloat16 on the way in, since that kernel's float32 variant is scalar code on this torch).
+
+Both use their kernels for a decoding step's few rows (up to ``max_rows``); a prefill's many
+rows multiply by the weight widened to float32 for the call, which is faster there.
 
 The error each format makes is measured in ``docs/models.md`` and bounded in
 ``tests/test_weights.py``.
@@ -30,7 +34,16 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 
-__all__ = ["WEIGHTS", "BF16Linear", "Int8Linear", "WeightFormat", "check_weights", "compare_logits", "convert_model_weights", "convert_weights"]
+__all__ = [
+    "WEIGHTS",
+    "BF16Linear",
+    "Int8Linear",
+    "WeightFormat",
+    "check_weights",
+    "compare_logits",
+    "convert_model_weights",
+    "convert_weights",
+]
 
 WeightFormat = Literal["float32", "bf16", "int8"]
 WEIGHTS: tuple[str, ...] = ("float32", "bf16", "int8")
