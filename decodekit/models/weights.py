@@ -15,7 +15,8 @@ head gets its own converted copy.
 - ``int8``: symmetric int8 per output channel (``w ~ q * scale``, ``q`` in ``[-127, 127]``,
   ``scale = max|w_row| / 127``), multiplied by ``torch._weight_int8pack_mm`` as gpt-fast does
   (weight-only: the int8 weights are widened inside the kernel; activations are rounded to
-  bfloat16 on the way in, since that kernel's float32 variant is scalar code on this torch).
+  bfloat16 on the way in: with float32 inputs that kernel is over ten times slower on torch 2.13,
+  5.4 ms against 0.45 for a ``[3072, 768]`` weight and one row, one thread).
 
 Both use their kernels for a decoding step's few rows (up to ``max_rows``); a prefill's many
 rows multiply by the weight widened to float32 for the call, which is faster there.
@@ -137,8 +138,8 @@ class BF16Linear(_Converted):
 class Int8Linear(_Converted):
     """A projection with int8 weights and a scale per output channel, float32 in and out.
 
-    Up to :attr:`max_rows` rows, ``torch._weight_int8pack_mm`` multiplies (its vectorised CPU
-    kernel takes bfloat16 activations: the input is rounded to bfloat16, the int8 weights widened
+    Up to :attr:`max_rows` rows, ``torch._weight_int8pack_mm`` multiplies (its fast CPU path
+    takes bfloat16 activations: the input is rounded to bfloat16, the int8 weights widened
     inside the kernel, float32 accumulation, the result rounded to bfloat16 and widened back).
     """
 
