@@ -110,6 +110,7 @@ class DefaultModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["default"]
     pack_weights: Optional[bool] = None
+    weights: Literal["float32", "bf16", "int8"] = "float32"
 
 
 class CheckpointModel(BaseModel):
@@ -118,6 +119,7 @@ class CheckpointModel(BaseModel):
     path: Optional[str] = None
     backend: Literal["auto", "native", "hf"] = "auto"
     pack_weights: Optional[bool] = None
+    weights: Literal["float32", "bf16", "int8"] = "float32"
 
 
 class ByteTokenizerConfig(BaseModel):

@@ -57,6 +57,7 @@ def run_job_command(config: CommandConfig) -> None:
     spec = config.model
     model = ModelSpec(
         source="default" if spec["name"] == "default" else spec["path"], device=config.device, dtype=config.dtype,
-        backend=spec.get("backend", "auto"), pack_weights=spec.get("pack_weights"), tokenizer=dict(config.tokenizer),
+        backend=spec.get("backend", "auto"), pack_weights=spec.get("pack_weights"), weights=spec.get("weights", "float32"),
+        tokenizer=dict(config.tokenizer),
     )  # fmt: skip
     run_job(job, model, decoding)

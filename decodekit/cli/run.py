@@ -98,11 +98,12 @@ def load_cached(config: CommandConfig) -> tuple[Any, ModelExtras]:
     """``load_model`` for the configuration's model group, reusing the model last loaded."""
     spec = config.model
     source = "default" if spec["name"] == "default" else spec["path"]
-    backend, pack = spec.get("backend", "auto"), spec.get("pack_weights")
-    key = (source, backend, config.device, config.dtype, pack)
+    backend, pack, weights = spec.get("backend", "auto"), spec.get("pack_weights"), spec.get("weights", "float32")
+    key = (source, backend, config.device, config.dtype, pack, weights)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory
-        _LOADED[key] = load_model(source, device=config.device, dtype=config.dtype, backend=backend, pack_weights=pack)
+        _LOADED[key] = load_model(source, device=config.device, dtype=config.dtype, backend=backend, pack_weights=pack,
+                                  weights=weights)
     return _LOADED[key]
 
 

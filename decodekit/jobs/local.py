@@ -35,11 +35,15 @@ class ModelSpec:
     dtype: str = "float32"
     backend: str = "auto"
     pack_weights: bool | None = None
+    weights: str = "float32"  # float32 | bf16 | int8 (decodekit.models.weights)
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
 
     def label(self) -> str:
-        """The model as a job's signature names it: ``default`` or the checkpoint's absolute path."""
-        return self.source if self.source == "default" else str(Path(self.source).resolve())
+        """The model as a job's signature names it: ``default`` or the checkpoint's absolute path,
+        with ``[weights=bf16]`` / ``[weights=int8]`` after it for a reduced weight format (so a job
+        is not resumed in another format)."""
+        name = self.source if self.source == "default" else str(Path(self.source).resolve())
+        return name if self.weights == "float32" else f"{name} [weights={self.weights}]"
 
     def load(self) -> tuple[Any, Any, str]:
         """``(model, tokenizer or None, the model's name for the output rows)``."""
@@ -47,7 +51,8 @@ class ModelSpec:
         from decodekit.models import load_model
 
         model, extras = load_model(
-            self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights
+            self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights,
+            weights=self.weights,
         )  # fmt: skip
         tokenizer = make_tokenizer(self.tokenizer, extras, needed=False)
         return model, tokenizer, str(extras.source)
