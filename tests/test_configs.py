@@ -34,7 +34,7 @@ from decodekit.cli.config import (
     strategy_preset,
 )
 from decodekit.cli.main import literal_prompt
-from decodekit.cli.run import Decoder
+from decodekit.cli.decoder import Decoder
 from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError, PluginError
 from decodekit.models.gpt import GPT, GPTConfig

@@ -19,7 +19,8 @@ from decodekit.cli.config import CommandConfig, compose_config, parse_overrides,
 from decodekit.cli.main import literal_prompt
 from decodekit.cli.strategies import sampler_note
 from decodekit.cli.output import JsonlWriter, Output
-from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
+from decodekit.cli.decoder import Decoder
+from decodekit.cli.run import label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry

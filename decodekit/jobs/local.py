@@ -47,7 +47,7 @@ class ModelSpec:
 
     def load(self) -> tuple[Any, Any, str]:
         """``(model, tokenizer or None, the model's name for the output rows)``."""
-        from decodekit.cli.run import make_tokenizer
+        from decodekit.cli.decoder import make_tokenizer
         from decodekit.models import load_model
 
         model, extras = load_model(
