@@ -180,32 +180,6 @@ class TextTracker:
             self.shown[row] = upto
 
 
-def _engine_for(
-    model: Any, tokenizer: Tokenizer, processors: Any, sampler: Any, encoded: list[list[int]],
-    max_new_tokens: int, eos_token_id: Any, on_text: TextCallback | None,
-) -> Any:
-    """A request engine for these rows, or ``None`` where :func:`generate` must run instead:
-    a sampler that drives its own loop (beam search), a processor that cannot keep rows apart,
-    or a prompt plus ``max_new_tokens`` longer than the context (the loop slides its window)."""
-    from decodekit.engine import Engine
-
-    if getattr(sampler, "drives_loop", False):
-        return None
-    needed = max(len(ids) for ids in encoded) + max_new_tokens
-    context = getattr(model, "max_context", None)
-    if context is not None and needed > context:
-        return None
-    slots = len(encoded)
-    try:
-        return Engine(
-            model, tokenizer, processors=processors if processors is not None else [], sampler=sampler,
-            max_slots=slots, max_queue=slots, cache_tokens=slots * needed, eos_token_id=eos_token_id,
-            on_text=on_text,
-        )  # fmt: skip
-    except ConfigError:
-        return None
-
-
 def generate_text(
     model: Any,
     tokenizer: Tokenizer,
@@ -265,7 +239,11 @@ def generate_text(
     rows = [p for p in prompts for _ in range(num_samples)]
     ids, mask, encoded = encode_prompts(tokenizer, rows, pad_token_id=pad)
     seeds = row_seeds(seed, len(rows), torch.device("cpu")).tolist()
-    engine = _engine_for(model, tokenizer, processors, sampler, encoded, max_new_tokens, eos_token_id, on_text)
+    from decodekit.engine.choose import engine_for_rows
+
+    engine = engine_for_rows(model, tokenizer, processors, sampler, longest=max(len(ids) for ids in encoded),
+                             max_new_tokens=max_new_tokens, slots=len(encoded), max_queue=len(encoded),
+                             eos_token_id=eos_token_id, on_text=on_text)  # fmt: skip
     if engine is not None and output is None and not kwargs:
         requests = [
             Request(prompt_ids=ids_, seed=s, max_new_tokens=max_new_tokens, stop=list(stop), id=(r // num_samples, r % num_samples),

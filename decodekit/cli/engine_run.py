@@ -16,6 +16,7 @@ from typing import Any
 
 from decodekit.cli.output import logprob_settings
 from decodekit.engine import Engine, Request, RequestOutput
+from decodekit.engine.choose import engine_for_rows
 from decodekit.errors import ConfigError
 from decodekit.random import SEED_LIMIT
 from decodekit.text import TextResult
@@ -66,20 +67,11 @@ def engine_for(decoder: Any, prompts: list[str]) -> Engine | None:
     config = decoder.config
     if decoder.drives_loop or config.show_probs:
         return None
-    model, tokenizer = decoder.model, decoder.tokenizer
-    longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
-    needed = longest + config.max_new_tokens
-    context = getattr(model, "max_context", None)
-    if context is not None and needed > context:
-        return None  # the batch path slides its window past the context
+    longest = max(len(decoder.tokenizer.encode(p)) or 1 for p in prompts)
     slots = max(1, min(config.batch_size * config.num_samples, len(prompts) * config.num_samples))
-    try:
-        return Engine(
-            model, tokenizer, processors=decoder.chain, sampler=decoder.sampler, max_slots=slots,
-            max_queue=2 * slots, cache_tokens=slots * needed, eos_token_id=decoder.eos_token_id,
-        )  # fmt: skip
-    except ConfigError:
-        return None
+    return engine_for_rows(decoder.model, decoder.tokenizer, decoder.chain, decoder.sampler, longest=longest,
+                           max_new_tokens=config.max_new_tokens, slots=slots, max_queue=2 * slots,
+                           eos_token_id=decoder.eos_token_id)  # fmt: skip
 
 
 def run_on_engine(engine: Engine, decoder: Any, prompts: list[str], out: Any, writer: Any, seed: int,
