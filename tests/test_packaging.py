@@ -31,9 +31,10 @@ def _requirement_name(line: str) -> str:
 
 
 def test_ci_installs_the_committed_tested_set() -> None:
-    """CI pins every dependency (base, test and hf extras) to a committed version, while pyproject keeps ranges."""
+    """CI pins every dependency (base, test, hf and gguf extras) to a committed version, while pyproject keeps ranges."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"], *project["optional-dependencies"]["hf"]]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"], *project["optional-dependencies"]["hf"],
+              *project["optional-dependencies"]["gguf"]]
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):

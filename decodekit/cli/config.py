@@ -113,6 +113,13 @@ class CheckpointModel(BaseModel):
     pack_weights: Optional[bool] = None
 
 
+class GGUFModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["gguf"]
+    path: Optional[str] = None
+    pack_weights: Optional[bool] = None
+
+
 class ByteTokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["byte"]
@@ -132,7 +139,9 @@ class PathTokenizerConfig(BaseModel):
     path: Optional[str] = None
 
 
-MODEL_SCHEMAS: dict[str, type[BaseModel]] = {"default": DefaultModel, "checkpoint": CheckpointModel, "hf": CheckpointModel}
+MODEL_SCHEMAS: dict[str, type[BaseModel]] = {
+    "default": DefaultModel, "checkpoint": CheckpointModel, "hf": CheckpointModel, "gguf": GGUFModel,
+}  # fmt: skip
 TOKENIZER_SCHEMAS: dict[str, type[BaseModel]] = {
     "auto": AutoTokenizerConfig,
     "byte": ByteTokenizerConfig,
