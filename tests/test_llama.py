@@ -53,7 +53,7 @@ def test_request_engine_runs_llama_on_its_slot_cache(model: Llama) -> None:
     prompts = [[5, 9, 2, 7, 1], [3, 4], [8, 8, 8, 1, 2, 3, 4]]
     expected = [generate(model, torch.tensor([p]), max_new_tokens=5).sequences[0, len(p):].tolist() for p in prompts]
     engine = Engine(model, max_slots=2, settings={"temperature": 0})
-    outs = {o.id: o.token_ids for o in engine.run([Request(prompt_ids=p, max_new_tokens=5, id=i) for i, p in enumerate(prompts)])}
+    outs = {o.id: o.tokens for o in engine.run([Request(prompt_ids=p, max_new_tokens=5, id=i) for i, p in enumerate(prompts)])}
     assert [list(outs[i]) for i in range(3)] == expected
 
 
