@@ -153,3 +153,17 @@ def test_a_damaged_file_and_unknown_tensors_are_one_line(tmp_path: Path) -> None
 def test_q8_0_needs_rows_of_whole_blocks() -> None:
     with pytest.raises(ConfigError, match=r"Q8_0 needs multiples of 32"):
         write_gguf(tiny_llama(intermediate_size=48), Path("never-written.gguf"), tensor_type="Q8_0")
+
+
+def test_export_tool_writes_the_embedded_model_that_loads_back_exactly(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_gguf", Path(__file__).parents[1] / "tools" / "export_gguf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["default", str(tmp_path / "default.gguf")]) == 0
+    source, _ = load_model("default", device="cpu")
+    model, extras = load_model(tmp_path / "default.gguf", device="cpu")
+    ids = torch.randint(0, 257, (2, 30))
+    assert torch.equal(model(ids), source(ids))
+    assert extras.tokenizer == {"kind": "gguf", "path": str(tmp_path / "default.gguf")}

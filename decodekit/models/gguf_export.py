@@ -5,7 +5,8 @@ package, as llama.cpp's converter does; norms and biases stay F32, as llama.cpp 
 a byte-level BPE vocabulary of the model's size (:func:`byte_level_vocab`): the 256 bytes in
 GPT-2's byte-to-character mapping, pair merges to fill the vocabulary, ``<|endoftext|>`` last.
 For a byte-level model (the embedded default model: 256 bytes and an end-of-text id 256) that
-vocabulary *is* its tokenizer; for other models it only makes the file complete.
+vocabulary *is* its tokenizer (with no merges, which decodekit reads and llama.cpp refuses: it
+needs at least one); for other models it only makes the file complete.
 ``tools/export_gguf.py`` is the command-line form.
 """
 

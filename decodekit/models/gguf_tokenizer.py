@@ -51,7 +51,7 @@ def gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
     tokens: list[str] = file.value("tokenizer.ggml.tokens")
     types: list[int] = file.value("tokenizer.ggml.token_type", [1] * len(tokens))
     if kind == "gpt2":
-        rust = _byte_level_bpe(tokens, file.value("tokenizer.ggml.merges"), file.value("tokenizer.ggml.pre", "default"), path)
+        rust = _byte_level_bpe(tokens, file.value("tokenizer.ggml.merges", []), file.value("tokenizer.ggml.pre", "default"), path)
     elif kind == "llama":
         unk = file.value("tokenizer.ggml.unknown_token_id", 0)
         rust = _sentencepiece(tokens, file.value("tokenizer.ggml.scores"), tokens[unk], file.value("tokenizer.ggml.add_space_prefix", True))
