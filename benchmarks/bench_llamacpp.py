@@ -86,6 +86,30 @@ def file_bytes(path: Path) -> int:
     return sum(t.n_bytes for t in GGUFFile(path).reader.tensors if t.name != "position_embd.weight")
 
 
+def architecture_checks(folder: Path, runner: Any) -> list[str]:
+    """Greedy tokens of small random GPT-2 and Llama models (F32 GGUF), decodekit against llama.cpp."""
+    import decodekit
+    from decodekit.models import GPT, GPTConfig, load_model
+    from decodekit.models.gguf_export import write_gguf
+    from decodekit.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    llama = Llama(LlamaConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128))
+    for p in llama.parameters():  # a trained model's scale, not torch's default init
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else torch.nn.init.normal_(p, mean=1.0, std=0.1)
+    gpt = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=64))
+    ids = torch.randint(0, 511, (1, 12), generator=torch.Generator().manual_seed(1))
+    lines = []
+    for name, model in (("gpt2", gpt), ("llama (4 heads, 2 key/value heads)", llama)):
+        path = write_gguf(model.eval(), folder / f"check-{name.split()[0]}-f32.gguf")
+        theirs = runner(path, batch=1, length=44, threads=1)
+        same = first_divergence(decodekit.generate(load_model(path, device="cpu")[0], ids, max_new_tokens=32).tokens.tolist(),
+                                theirs.generate(ids.tolist(), 32, "greedy"))  # fmt: skip
+        theirs.close()
+        lines.append(f"small random {name}, F32, 32 greedy tokens: {same}")
+    return lines
+
+
 def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
     for row, (x, y) in enumerate(zip(a, b)):
         for pos, (s, t) in enumerate(zip(x, y)):
@@ -119,7 +143,7 @@ def main() -> None:
     theirs = {(k, b): LlamaCpp(files[k], batch=b, length=length, threads=1) for k in LLAMA_TYPES for b in batches}
     ids = torch.randint(0, 50256, (max(batches), args.prompt), generator=torch.Generator().manual_seed(1))
 
-    rows, checks, speeds = [], [], {}
+    rows, checks, speeds = [], architecture_checks(args.folder, LlamaCpp), {}
     for threads in thread_counts:
         for runner in theirs.values():
             runner.set_threads(threads)
@@ -156,8 +180,7 @@ def main() -> None:
                         if key.startswith("llama.cpp"):
                             same = first_divergence(outputs["decodekit float32"], outputs[key])
                             checks.append(f"threads {threads}, batch {batch}: decodekit float32 vs {key}: {same}")
-    for check in checks:
-        print(check)
+    print("\n".join(checks))
 
     names = [*ours, *(f"llama.cpp {k}" for k in LLAMA_TYPES)]
     header = ["threads", "batch", "mode", *(f"{k} tok/s" for k in names), *(f"float32 / llama.cpp {k}" for k in LLAMA_TYPES)]

@@ -9,8 +9,17 @@ token drawn by a sampler chain (greedy, or top-p then a seeded draw) from its ow
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
+
+
+@llama_cpp.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's log lines (model loading, graph reservations) are not printed."""
+
+
+llama_cpp.llama_log_set(_quiet, None)
 
 
 class LlamaCpp:
