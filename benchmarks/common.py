@@ -176,8 +176,12 @@ def code_version() -> str:
 
 def machine(args: argparse.Namespace) -> dict[str, str]:
     """What the figures were measured on."""
-    import transformers
+    try:
+        import transformers
 
+        others = f", transformers {transformers.__version__}"
+    except ImportError:  # the llama.cpp benchmark's own environment has no transformers
+        others = ""
     load = os.getloadavg()
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -185,7 +189,7 @@ def machine(args: argparse.Namespace) -> dict[str, str]:
         "threads": f"torch.set_num_threads({args.threads}) for both sides",
         "load average at end": f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (1, 5, 15 min)",
         "decodekit": code_version(),
-        "software": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "software": f"python {platform.python_version()}, torch {torch.__version__}{others}",
         "malloc": (" ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("MALLOC_"))
                    or "glibc defaults"),
         "timing": (f"median of {args.repeats} samples after {args.warmup} warm-up run(s), contenders interleaved; "

@@ -267,7 +267,8 @@ def load_tokenizer(spec: Any = None, model_extras: Any = None) -> Tokenizer:
             ``"byte"``; ``"char"`` (the character vocabulary stored in the checkpoint); a path
             to a ``tokenizer.json`` or to a tokenizer folder; or a dict such as
             ``{"kind": "byte", "eos_token_id": 256}``, ``{"kind": "char", "vocab": [...]}``,
-            ``{"kind": "json", "path": ...}``, ``{"kind": "hf", "path": ...}``.
+            ``{"kind": "json", "path": ...}``, ``{"kind": "hf", "path": ...}``,
+            ``{"kind": "gguf", "path": ...}`` (the vocabulary in a GGUF file).
         model_extras: the :class:`~decodekit.models.ModelExtras` from ``load_model`` (or its
             ``tokenizer`` dict).
 
@@ -316,6 +317,10 @@ def _from_dict(spec: dict[str, Any]) -> Tokenizer:
         if kind == "json":
             path = Path(spec.pop("path"))
             return JSONTokenizer(path / "tokenizer.json" if path.is_dir() else path, **spec)
+        if kind == "gguf":  # the vocabulary in a GGUF file's metadata
+            from decodekit.models.gguf_tokenizer import gguf_tokenizer
+
+            return gguf_tokenizer(spec.pop("path"), **spec)
         if kind == "hf":
             path = Path(spec.pop("path"))
             try:
@@ -328,7 +333,7 @@ def _from_dict(spec: dict[str, Any]) -> Tokenizer:
         raise ConfigError(f"tokenizer kind {kind!r}: {e}") from None
     except KeyError as e:
         raise ConfigError(f"tokenizer kind {kind!r} needs {e.args[0]!r}") from None
-    raise ConfigError(f"tokenizer kind={kind!r}: expected 'byte', 'char', 'json' or 'hf'")
+    raise ConfigError(f"tokenizer kind={kind!r}: expected 'byte', 'char', 'json', 'hf' or 'gguf'")
 
 
 def check_vocab(tokenizer: Tokenizer, model: Any) -> None:

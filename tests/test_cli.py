@@ -353,7 +353,7 @@ def test_plugins_need_no_yaml_and_show_in_list_and_help(unigram, tmp_path: Path)
     assert_one_line_error(bad, "testban_weight=2", "must be <= 1.0")
     # --help: the groups with their options (the plugin's strategy among them) and the keys
     assert helped.returncode == 0, helped.stderr
-    assert "model: checkpoint, default, hf\n" in helped.stdout and "tokenizer: auto, byte, hf, json\n" in helped.stdout
+    assert "model: checkpoint, default, gguf, hf\n" in helped.stdout and "tokenizer: auto, byte, hf, json\n" in helped.stdout
     strategies = re.search(r"^strategy: (.*)$", helped.stdout, flags=re.MULTILINE).group(1).split(", ")
     assert {"beam", "greedy", "min_p", "nucleus", "sampling", "top_k", "typical", "runner_up"} <= set(strategies)
     for key in ("prompt", "max_new_tokens", "seed", "processor_order", "temperature_last", "top_p", "num_beams",

@@ -44,7 +44,7 @@ from decodekit.samplers.base import Sampler
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = [(g, p.stem) for g in ("model", "tokenizer", "strategy") for p in sorted((CONF / g).glob("*.yaml"))]
-NEEDS = {("model", "checkpoint"): ["model.path=x.pt"], ("model", "hf"): ["model.path=folder"],
+NEEDS = {("model", "checkpoint"): ["model.path=x.pt"], ("model", "hf"): ["model.path=folder"], ("model", "gguf"): ["model.path=m.gguf"],
          ("tokenizer", "json"): ["tokenizer.path=t.json"], ("tokenizer", "hf"): ["tokenizer.path=folder"]}  # fmt: skip
 
 
@@ -180,7 +180,7 @@ BAD = [
     (["max_new_tokens=0"], ["max_new_tokens=0", ">= 1"]),
     (["device=tpu"], ["device='tpu'", "pattern"]),
     (["dtype=float64"], ["dtype='float64'", "float32", "bfloat16", "float16"]),
-    (["model=gpt2"], ["model='gpt2'", "known: checkpoint, default, hf", "model=checkpoint model.path=gpt2"]),
+    (["model=gpt2"], ["model='gpt2'", "known: checkpoint, default, gguf, hf", "model=checkpoint model.path=gpt2"]),
     (["model.path=x.pt"], ["model.path", "model=default has no key 'path'"]),
     (["model=checkpoint"], ["model.path", "required"]),
     (["model=checkpoint", "model.pth=x"], ["model.pth", "did you mean 'path'"]),

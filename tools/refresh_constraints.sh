@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
 . "$venv/bin/activate"
-pip install -q torch==2.13.0 -e ".[test,hf,ray,grammar]" -e plugins/decodekit-dry -e plugins/decodekit-mirostat -e plugins/decodekit-xtc
+pip install -q torch==2.13.0 -e ".[test,hf,ray,grammar,xgrammar,gguf]" -e plugins/decodekit-dry -e plugins/decodekit-mirostat -e plugins/decodekit-xtc
 pytest -n 2 -q
 {
   echo "# The tested set of dependency versions CI installs (README's second command, .ci/run)."

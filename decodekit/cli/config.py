@@ -122,6 +122,13 @@ class CheckpointModel(BaseModel):
     weights: Literal["float32", "bf16", "int8"] = "float32"
 
 
+class GGUFModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["gguf"]
+    path: Optional[str] = None
+    pack_weights: Optional[bool] = None
+
+
 class ByteTokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["byte"]
@@ -141,7 +148,9 @@ class PathTokenizerConfig(BaseModel):
     path: Optional[str] = None
 
 
-MODEL_SCHEMAS: dict[str, type[BaseModel]] = {"default": DefaultModel, "checkpoint": CheckpointModel, "hf": CheckpointModel}
+MODEL_SCHEMAS: dict[str, type[BaseModel]] = {
+    "default": DefaultModel, "checkpoint": CheckpointModel, "hf": CheckpointModel, "gguf": GGUFModel,
+}  # fmt: skip
 TOKENIZER_SCHEMAS: dict[str, type[BaseModel]] = {
     "auto": AutoTokenizerConfig,
     "byte": ByteTokenizerConfig,

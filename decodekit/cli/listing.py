@@ -81,7 +81,7 @@ def settings_help(registry: Registry) -> str:
         key = info.alias or name
         default = show_value(info.get_default(call_default_factory=True))
         lines.append(f"  {key:<22} {describe_field(info):<30} {info.description or ''} (default {default})")
-    lines.append("  model.path             str                            the checkpoint (model=checkpoint) or folder (model=hf)")
+    lines.append("  model.path             str                            the checkpoint (model=checkpoint), folder (model=hf) or .gguf file (model=gguf)")
     lines.append("  model.pack_weights     bool | null                    prepacked CPU weights: faster, 2x their memory; null = on for")
     lines.append("                                                        the native GPT, off for transformers models (default null)")
     lines.append("  model.weights          float32 | bf16 | int8          how projections are stored on CPU: bf16 and int8 read 1/2 and")

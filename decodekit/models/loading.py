@@ -16,7 +16,9 @@
   GELU form read from ``activation_function``;
   any other Hugging Face causal LM folder goes through :class:`~decodekit.models.hf.HFCausalLM`;
 - a folder of training snapshots (``snapshots/snapshot_*.pt``, ``ckpt.pt``, ``*.pt``): the
-  newest is taken, by the step number in its name, then by modification time.
+  newest is taken, by the step number in its name, then by modification time;
+- llama.cpp's GGUF files (``.gguf``, GPT-2 and Llama; needs ``pip install 'decodekit[gguf]'``):
+  read by :mod:`decodekit.models.gguf`, weights dequantised to float32.
 
 Pickled files are only ever read with ``torch.load(..., weights_only=True)``: a checkpoint
 holding anything but tensors and plain containers (code, custom classes) is refused, and
@@ -172,11 +174,15 @@ def _load(source: str | Path, device: str | torch.device, dtype: str | torch.dty
     if path.suffix == ".safetensors":
         config_path = sibling_config(path)
         model, extras = load_safetensors([path], read_json(config_path), config_path)
+    elif path.suffix == ".gguf":
+        from decodekit.models.gguf import load_gguf
+
+        model, extras = load_gguf(path)
     elif path.suffix in CHECKPOINT_SUFFIXES:
         model, extras = load_torch_checkpoint(path)
     else:
         raise ModelLoadError(
-            f"{path}: unknown model file type {path.suffix!r}: expected .safetensors or "
+            f"{path}: unknown model file type {path.suffix!r}: expected .safetensors, .gguf or "
             f"{', '.join(CHECKPOINT_SUFFIXES)}"
         )
     return ready_for_decoding(model, torch_device, torch_dtype), extras

@@ -1,0 +1,261 @@
+"""A native Llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention) with a KV cache.
+
+:class:`Llama` follows :class:`decodekit.models.protocol.CausalLM` and uses the same caches as
+the native GPT (:class:`~decodekit.models.cache.KVCache` for :func:`decodekit.generate`,
+:class:`~decodekit.models.cache.SlotCache` for the request engine), so the loop, beam search
+and the engine run it unchanged. Its weights come from GGUF files
+(:mod:`decodekit.models.gguf`); parameter names are Meta's (``layers.0.attention.wq.weight``).
+
+Rotary positions are applied as llama.cpp applies them to GGUF files: to *adjacent* pairs of
+each head's dimensions, ``(x[2i], x[2i+1])`` rotated by ``pos * theta ** (-2i / d)``. GGUF's
+converter permutes the rows of Hugging Face's ``q_proj`` / ``k_proj`` so that this equals
+Hugging Face's ``rotate_half`` form on the original weights (:func:`permute_for_gguf`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from decodekit.errors import ConfigError
+from decodekit.models.cache import KVCache, SlotCache
+from decodekit.models.gpt import GPT
+from decodekit.models.packing import Linear, pack_weights
+
+__all__ = ["Llama", "LlamaConfig", "permute_for_gguf"]
+
+
+class LlamaConfig(BaseModel):
+    """The shape of a Llama; the GGUF key each field is read from is in its description."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(32000, gt=0, description="logits per position (rows of token_embd)")
+    block_size: int = Field(2048, gt=0, description="most positions attended over (llama.context_length)")
+    n_layer: int = Field(12, gt=0, description="transformer blocks (llama.block_count)")
+    n_head: int = Field(12, gt=0, description="query heads (llama.attention.head_count)")
+    n_kv_head: int = Field(12, gt=0, description="key/value heads (llama.attention.head_count_kv)")
+    n_embd: int = Field(768, gt=0, description="residual width (llama.embedding_length)")
+    intermediate_size: int = Field(2048, gt=0, description="SwiGLU width (llama.feed_forward_length)")
+    rms_norm_eps: float = Field(1e-5, gt=0.0, description="llama.attention.layer_norm_rms_epsilon")
+    rope_theta: float = Field(10000.0, gt=0.0, description="llama.rope.freq_base")
+    rope_dim: int | None = Field(None, gt=0, description="rotated dimensions per head (llama.rope.dimension_count); None = all")
+    rope_scaling: Literal["none", "linear"] = Field("none", description="llama.rope.scaling.type")
+    rope_scale: float = Field(1.0, gt=0.0, description="positions are divided by this (llama.rope.scaling.factor)")
+    tie_embeddings: bool = Field(False, description="no output.weight: the head is token_embd")
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> LlamaConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.rope_dim is not None and (self.rope_dim > self.head_dim or self.rope_dim % 2):
+            raise ValueError(f"rope_dim={self.rope_dim} must be even and at most the head size {self.head_dim}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def permute_for_gguf(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Hugging Face's ``q_proj`` / ``k_proj`` rows in the order GGUF stores them (llama.cpp's
+    ``convert_hf_to_gguf.py``): each head's two halves interleaved, so that rotating adjacent
+    pairs equals Hugging Face's ``rotate_half`` on the original rows."""
+    out, inp = weight.shape
+    return weight.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n_embd: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """cos / sin of every position's angles, ``[block_size, rope_dim / 2]``, made once."""
+
+    def __init__(self, config: LlamaConfig, freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        dim = config.rope_dim or config.head_dim
+        self.dim = dim
+        inv_freq = config.rope_theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        if freq_factors is not None:  # Llama 3.1's rope_freqs.weight: llama.cpp divides the angles by them
+            inv_freq = inv_freq / freq_factors.double()
+        positions = torch.arange(config.block_size, dtype=torch.float64) / config.rope_scale
+        angles = positions[:, None] * inv_freq[None, :]  # [P, dim / 2]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for ``position_ids`` ``[B, T]``: ``[B, 1, T, rope_dim / 2]`` each."""
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rotate adjacent pairs of the first ``dim`` dimensions of ``x`` ``[B, H, T, D]``."""
+    rot, rest = x[..., :dim], x[..., dim:]
+    pairs = rot.unflatten(-1, (-1, 2))  # [B, H, T, dim / 2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: ``n_kv_head`` key/value heads shared by ``n_head`` query heads."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.wq = Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.wk = Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wv = Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wo = Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C]
+        rope: tuple[torch.Tensor, torch.Tensor, int],  # cos, sin [B, 1, T, R/2], R
+        mask: torch.Tensor | None,  # [B, 1, T, S] bool; None = plain causal
+        cache: KVCache | SlotCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # [B, Hkv, S, D]
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)`` (GGUF: ffn_gate = w1, ffn_up = w3, ffn_down = w2)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w3 = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, int], mask: torch.Tensor | None,
+                cache: KVCache | SlotCache | None, layer: int) -> torch.Tensor:  # fmt: skip
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Llama decoder. :meth:`step` decodes (the CausalLM protocol); :meth:`forward` scores."""
+
+    def __init__(self, config: LlamaConfig, *, freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.output = Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(config, freq_factors)
+
+    def pack_weights(self, enabled: bool = True) -> Llama:
+        """oneDNN-prepacked CPU weights for every linear layer (see :class:`~decodekit.models.packing.Linear`)."""
+        pack_weights(self, enabled)
+        return self
+
+    # ---------------------------------------------------------------- protocol attributes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def num_parameters(self) -> int:
+        """Parameter count, a tied head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---------------------------------------------------------------- scoring and decoding
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+             cache: KVCache | SlotCache | None) -> torch.Tensor:  # fmt: skip
+        cos, sin = self.rotary(position_ids)
+        rope = (cos, sin, self.rotary.dim)
+        x = self.tok_embeddings(input_ids)  # [B, T, C]
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, cache, i)
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits at every position, ``[B, T, V]``, for ``idx`` ``[B, T]`` (no padding, no cache)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ConfigError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+        positions = torch.arange(T, device=idx.device).expand(idx.shape[0], T)
+        return self.output(self.norm(self._run(idx, positions, None, None)))
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty :class:`KVCache` ``[n_layer, B, n_kv_head, max_length, head_dim]``."""
+        if max_length > self.config.block_size:
+            raise ConfigError(f"max_length={max_length} exceeds the model's block_size={self.config.block_size}")
+        c = self.config
+        k = torch.zeros((c.n_layer, batch_size, c.n_kv_head, max_length, c.head_dim), device=self.device, dtype=self.dtype)
+        return KVCache(k=k, v=torch.zeros_like(k), length=0)
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,  # [B, T] long
+        *,
+        position_ids: torch.Tensor,  # [B, T] long
+        attention_mask: torch.Tensor | None,  # [B, S] bool, True = real token
+        cache: KVCache | SlotCache,
+    ) -> tuple[torch.Tensor, KVCache | SlotCache]:
+        """Run ``T`` new positions; the last one's logits ``[B, V]`` (float32), the cache updated in place."""
+        mask = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S]
+        # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
+        x = self._run(input_ids, position_ids.clamp(min=0), mask, cache)
+        cache.advance(input_ids.shape[1])
+        return self.output(self.norm(x[:, -1, :])).float(), cache  # only the last position
+
+    # the same for any model whose cache is a KVCache / SlotCache
+    new_slot_cache = GPT.new_slot_cache
+    reorder_cache = GPT.reorder_cache
