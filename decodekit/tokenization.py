@@ -13,19 +13,18 @@ special ids. decodekit ships four:
 :func:`load_tokenizer` builds one from a spec or from what :func:`~decodekit.models.load_model`
 found in a checkpoint; :func:`check_vocab` says when a tokenizer does not fit a model.
 
-Turning generated ids into text has two traps: a BPE merge or a multi-byte character may
-cross the prompt/continuation boundary, and a token may end halfway through a UTF-8
-character. :func:`continuation_text` and :class:`StreamDecoder` handle both by decoding
-with context and holding back text that ends in an incomplete character.
+Turning generated ids into text safely (:func:`continuation_text`, :class:`StreamDecoder`) lives
+in :mod:`decodekit.detokenize`; both are importable from here too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from decodekit.detokenize import StreamDecoder, continuation_text
 from decodekit.errors import ConfigError, ModelLoadError, TokenizationError
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "load_tokenizer",
 ]
 
-REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence gives
 # names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 COMMON_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
@@ -366,78 +364,6 @@ def spare_logits(model_vocab_size: int) -> int:
     return max(64, model_vocab_size // 32)
 
 
-# ------------------------------------------------------------------------------ ids to text
-
-
-def continuation_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
-    """The text ``new_ids`` add after ``prompt_ids``, decoded in context.
-
-    Decoding ``new_ids`` alone goes wrong where a token joins onto the prompt (a BPE merge,
-    a leading space SentencePiece drops, a UTF-8 character split across the boundary), so
-    this decodes ``prompt + new`` and removes the decoded prompt. When the decoded prompt
-    is not a prefix of the whole (its last character was incomplete), what follows their
-    longest common prefix is returned.
-    """
-    whole = tokenizer.decode([*prompt_ids, *new_ids])
-    prefix = tokenizer.decode(list(prompt_ids))
-    if whole.startswith(prefix):
-        return whole[len(prefix):]
-    return whole[_common_prefix_length(prefix, whole):]
-
-
-class StreamDecoder:
-    """Text pieces as tokens arrive, never splitting a multi-byte character.
-
-    Text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD) is held back until
-    a later token completes it, or until :meth:`flush`. Each call decodes only the few
-    tokens since the last emitted piece, with a little context before them, so a whole
-    stream costs linear time. ``"".join(pieces) + flush()`` equals
-    ``continuation_text(tokenizer, prompt_ids, all_new_ids)`` for the usual tokenizers.
-
-    Args:
-        tokenizer: any :class:`Tokenizer`.
-        prompt_ids: the prompt; its last few ids give the first token its context and
-            are not emitted.
-        context: how many earlier ids to decode with each new piece.
-
-    Example::
-
-        stream = StreamDecoder(tokenizer, prompt_ids)
-        for token in generated:
-            print(stream.push(token), end="")
-        print(stream.flush())
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *, context: int = 5) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids)
-        self._read = len(self.ids)  # ids before this are emitted (or belong to the prompt)
-        self._prefix = max(0, self._read - context)  # decoding context starts here
-
-    def push(self, ids: int | Iterable[int]) -> str:
-        """Add one or more ids; returns the text now complete (possibly ``""``)."""
-        self.ids.extend([ids] if isinstance(ids, int) else ids)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """Whatever is held back, incomplete characters included (as U+FFFD)."""
-        return self._emit(final=True)
-
-    def _emit(self, *, final: bool) -> str:
-        if len(self.ids) == self._read:
-            return ""
-        prefix_text = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix :])
-        if text.endswith(REPLACEMENT) and not final:
-            return ""
-        start = len(prefix_text) if text.startswith(prefix_text) else _common_prefix_length(prefix_text, text)
-        piece = text[start:]
-        if not piece and not final:
-            return ""  # e.g. a special token: nothing to show yet, keep its context
-        self._prefix, self._read = self._read, len(self.ids)
-        return piece
-
-
 # ------------------------------------------------------------------------------ small helpers
 
 
@@ -445,15 +371,6 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
         raise TokenizationError(f"token id {bad} is outside the tokenizer's vocabulary (0-{vocab_size - 1})")
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _special_names(config_path: Path) -> dict[str, str]:
