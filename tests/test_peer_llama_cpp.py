@@ -115,7 +115,8 @@ def test_dynamic_temperature_matches_a_port_of_llama_temp_ext() -> None:
         logits = [rng.gauss(0.0, 3.0) for _ in range(v)]
         for i in rng.sample(range(v), rng.randint(0, v - 1)):  # candidates removed by an earlier sampler
             logits[i] = -math.inf
-        temp, delta, exponent = rng.choice([0.0, 0.5, 0.8, 1.5]), rng.choice([0.3, 0.5, 1.0, 2.0]), rng.choice([0.0, 0.5, 1.0, 2.0])
+        temp, delta = rng.choice([0.0, 0.5, 0.8, 1.5]), rng.choice([0.3, 0.5, 1.0, 2.0])
+        exponent = rng.choice([0.0, 0.5, 1.0, 2.0])
         out = Temperature(temp, delta, exponent)(None, torch.tensor([logits])).softmax(-1)[0]
         close(out, llama_temp_ext(logits, temp, delta, exponent))
 
@@ -222,7 +223,9 @@ def test_presence_and_frequency_above_two_are_refused() -> None:
         PresencePenalty(5.0, penalty_last_n=1)
 
 
-def llama_penalties(logits: list[float], accepted: list[int], last_n: int, repeat: float, freq: float, present: float) -> list[float]:
+def llama_penalties(
+    logits: list[float], accepted: list[int], last_n: int, repeat: float, freq: float, present: float
+) -> list[float]:
     """``llama_sampler_penalties_accept`` / ``_apply`` in Python; ``last_n = -1`` is what the server and
     common/ turn into the context size (here: every accepted token)."""
     if last_n == 0 or (repeat == 1.0 and freq == 0.0 and present == 0.0):

@@ -51,6 +51,15 @@ def kept(scores: torch.Tensor) -> list[int]:
     return (scores != INF).sum(dim=-1).tolist()
 
 
+def assert_filters(processor, probs: list[list[float]], expected: list[list[float]]) -> None:
+    """Upstream's pattern: logits ``log(probs)``, ``exp`` of the result against ``expected`` (1e-3),
+    and the input not changed in place."""
+    dist = torch.log(torch.tensor(probs))
+    filtered = processor(None, dist)
+    torch.testing.assert_close(torch.exp(filtered), torch.tensor(expected), rtol=1e-3, atol=1e-3)
+    assert not torch.all(filtered == dist)
+
+
 def test_temperature_dist_warper() -> None:
     """test_temperature_dist_warper."""
     length = 20
@@ -129,51 +138,39 @@ def test_top_k_dist_warper() -> None:
 
 def test_top_p_dist_warper() -> None:
     """test_top_p_dist_warper."""
-    dist = torch.log(torch.tensor([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]]))
-    filtered = torch.exp(TopP(0.8)(None, dist))
-    expected = torch.tensor([[0.3, 0.0, 0.0, 0.5], [0.0, 0.3, 0.3, 0.25]])
-    torch.testing.assert_close(filtered, expected, rtol=1e-3, atol=1e-3)
-    assert not torch.all(TopP(0.8)(None, dist) == dist)
+    assert_filters(TopP(0.8), [[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]], [[0.3, 0.0, 0.0, 0.5], [0.0, 0.3, 0.3, 0.25]])
     # first row keeps 3 tokens; the second would keep 1, min_tokens_to_keep=2 keeps 2
     assert kept(TopP(0.9, min_tokens_to_keep=2)(None, ramp(2, 10))) == [3, 2]
 
 
 def test_min_p_dist_warper() -> None:
     """test_min_p_dist_warper."""
-    dist = torch.log(torch.tensor([[0.9, 0.0274, 0.047, 0.0274], [0.15, 0.3, 0.3, 0.25], [0.97, 0.01, 0.01, 0.01]]))
-    filtered = torch.exp(MinP(0.05)(None, dist))
-    expected = torch.tensor([[0.9, 0.0, 0.047, 0.0], [0.15, 0.3, 0.3, 0.25], [0.97, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(filtered, expected, rtol=1e-3, atol=1e-3)
-    assert not torch.all(MinP(0.05)(None, dist) == dist)
+    assert_filters(
+        MinP(0.05),
+        [[0.9, 0.0274, 0.047, 0.0274], [0.15, 0.3, 0.3, 0.25], [0.97, 0.01, 0.01, 0.01]],
+        [[0.9, 0.0, 0.047, 0.0], [0.15, 0.3, 0.3, 0.25], [0.97, 0.0, 0.0, 0.0]],
+    )
     assert kept(MinP(0.9, min_tokens_to_keep=2)(None, ramp(2, 10))) == [2, 2]
 
 
 def test_typical_dist_warper() -> None:
     """test_typical_dist_warper."""
-    dist = torch.log(torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.4, 0.2, 0.2, 0.2]]))
-    filtered = torch.exp(TypicalP(0.5)(None, dist))
-    expected = torch.tensor([[0.97, 0.0, 0.0, 0.0], [0.0, 0.2, 0.2, 0.2]])
-    torch.testing.assert_close(filtered, expected, rtol=1e-3, atol=1e-3)
-    assert not torch.all(TypicalP(0.5)(None, dist) == dist)
+    assert_filters(TypicalP(0.5), [[0.97, 0.01, 0.01, 0.01], [0.4, 0.2, 0.2, 0.2]], [[0.97, 0.0, 0.0, 0.0], [0.0, 0.2, 0.2, 0.2]])
     assert kept(TypicalP(0.5, min_tokens_to_keep=3)(None, uniform(2, 5))) == [5, 5]  # uniform: unchanged
     assert kept(TypicalP(0.7, min_tokens_to_keep=2)(None, ramp(2, 10))) == [2, 2]
 
 
 def test_epsilon_dist_warper() -> None:
     """test_epsilon_dist_warper."""
-    dist = torch.log(torch.tensor([[0.87, 0.099, 0.001, 0.03], [0.4, 0.299, 0.101, 0.2]]))
-    filtered = torch.exp(EpsilonCutoff(0.1)(None, dist))
-    expected = torch.tensor([[0.87, 0, 0, 0], [0.4, 0.299, 0.101, 0.2]])
-    torch.testing.assert_close(filtered, expected, rtol=1e-3, atol=1e-3)
+    probs = [[0.87, 0.099, 0.001, 0.03], [0.4, 0.299, 0.101, 0.2]]
+    assert_filters(EpsilonCutoff(0.1), probs, [[0.87, 0, 0, 0], [0.4, 0.299, 0.101, 0.2]])
     assert kept(EpsilonCutoff(5e-2, min_tokens_to_keep=2)(None, ramp(2, 10))) == [3, 2]
 
 
 def test_eta_dist_warper() -> None:
     """test_eta_dist_warper."""
-    dist = torch.log(torch.tensor([[0.0, 0.1, 0.8, 0.1], [0.01, 0.04, 0.9, 0.05]]))
-    filtered = torch.exp(EtaCutoff(0.0625)(None, dist))
-    expected = torch.tensor([[0.0, 0.1, 0.8, 0.1], [0.0, 0.0, 0.9, 0.0]])
-    torch.testing.assert_close(filtered, expected, rtol=1e-3, atol=1e-3)
+    probs = [[0.0, 0.1, 0.8, 0.1], [0.01, 0.04, 0.9, 0.05]]
+    assert_filters(EtaCutoff(0.0625), probs, [[0.0, 0.1, 0.8, 0.1], [0.0, 0.0, 0.9, 0.0]])
     assert kept(EtaCutoff(0.1, min_tokens_to_keep=2)(None, ramp(2, 10))) == [2, 2]
 
 

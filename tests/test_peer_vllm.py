@@ -198,7 +198,10 @@ def test_sampler_min_tokens_penalty(batch_size: int) -> None:
     ``min_new_tokens`` holds back one EOS set for the batch, so one random set serves every row."""
     rng = random.Random(400 + batch_size)
     held = set(rng.sample(range(batch_size), rng.randint(0, batch_size - 1)))
-    minimum = [rng.randint(NUM_OUTPUT_TOKENS + 1, 2 * NUM_OUTPUT_TOKENS - 1) if b in held else rng.randint(0, NUM_OUTPUT_TOKENS - 1) for b in range(batch_size)]
+    minimum = [
+        rng.randint(NUM_OUTPUT_TOKENS + 1, 2 * NUM_OUTPUT_TOKENS - 1) if b in held else rng.randint(0, NUM_OUTPUT_TOKENS - 1)
+        for b in range(batch_size)
+    ]
     stop = sorted(set(rng.randrange(VOCAB_SIZE - 1) for _ in range(rng.randint(1, 50))))
     prompts, history = requests(rng, batch_size)
     out = run(MinNewTokens(minimum, eos_token_id=stop), prompts, history, fake_logits(batch_size))

@@ -145,7 +145,8 @@ class PrefixAllowedTokens(LogitsProcessor):
             return value
 
     def __init__(self, prefix_allowed_tokens_fn: PrefixFn, num_beams: int = 1) -> None:
-        self.prefix_allowed_tokens_fn = validate(self.Params, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn).prefix_allowed_tokens_fn
+        checked = validate(self.Params, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+        self.prefix_allowed_tokens_fn = checked.prefix_allowed_tokens_fn
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise ConfigError(f"num_beams={num_beams!r} is not allowed: must be an integer >= 1")
         self.num_beams = num_beams
@@ -165,7 +166,8 @@ class PrefixAllowedTokens(LogitsProcessor):
         flat = torch.cat(answers)
         low, high = int(flat.min()), int(flat.max())
         if low < 0 or high >= v:
-            raise ConfigError(f"prefix_allowed_tokens_fn returned token id {low if low < 0 else high}, outside the vocabulary (size {v})")
+            bad = low if low < 0 else high
+            raise ConfigError(f"prefix_allowed_tokens_fn returned token id {bad}, outside the vocabulary (size {v})")
         rows = torch.repeat_interleave(torch.arange(b), torch.tensor([len(a) for a in answers]))
         keep = torch.zeros((b, v), dtype=torch.bool)
         keep[rows, flat] = True
