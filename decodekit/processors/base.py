@@ -143,8 +143,12 @@ class LogitsProcessor:
     def init_setting(self, name: str, value: Any, kind: type = float) -> None:
         """Set ``self.<name>`` from a scalar or from per-row values, each validated by ``Params``."""
 
+        # the whole Params (its validators too) where the others have defaults, else the field alone
+        others_required = any(f.is_required() for n, f in self.Params.model_fields.items() if n != name)
+        model = field_model(self.Params, name) if others_required else self.Params
+
         def check(v: Any) -> Any:
-            return kind(getattr(validate(field_model(self.Params, name), **{name: v}), name))
+            return kind(getattr(validate(model, **{name: v}), name))
 
         if not is_row_list(value):
             setattr(self, name, check(value))
@@ -365,7 +369,8 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
 
 @functools.cache
 def field_model(params: type[BaseModel], name: str) -> type[BaseModel]:
-    """A model of ``params``'s field ``name`` alone: one setting checked without the others."""
+    """A model of ``params``'s field ``name`` alone: one setting checked without the others (its
+    type and bounds; not ``params``'s validators)."""
     f = params.model_fields[name]
     return create_model(f"{params.__qualname__}.{name}", __config__=ConfigDict(extra="forbid"), **{name: (f.annotation, f)})
 

@@ -160,7 +160,8 @@ def per_row_dry_cases(draw: st.DrawFn) -> list[dict]:
 @settings(max_examples=100, deadline=None)
 @given(rows=per_row_dry_cases())
 def test_per_row_settings_match_the_literal_port_row_by_row_through_left_padding(rows) -> None:
-    vocab = max(max(r["tokens"]) for r in rows) + 1
+    # every id drawn, breakers' too: a breaker id past the logits is refused (a one-line error)
+    vocab = max(max([*r["tokens"], *(t for b in r["breakers"] for t in b)]) for r in rows) + 1
     width = max(len(r["tokens"]) for r in rows)
     ids = torch.tensor([[-1] * (width - len(r["tokens"])) + r["tokens"] for r in rows])  # left-padded with -1
     logits = torch.linspace(-1.0, 1.0, vocab).repeat(len(rows), 1)
