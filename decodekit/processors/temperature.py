@@ -100,7 +100,8 @@ class Temperature(LogitsProcessor):
         left = (x > NEG_INF).sum(dim=-1, keepdim=True)  # [B, 1] tokens not removed
         logp = x.log_softmax(dim=-1)
         entropy = -torch.where(logp > NEG_INF, logp.exp() * logp, 0.0).sum(dim=-1, keepdim=True)  # [B, 1]
-        normalised = (entropy / left.float().log()).clamp(0.0, 1.0).double()  # rows with one token: masked below
+        most = left.clamp(min=2).float().log()  # log n; rows with one token are returned as they are, below
+        normalised = (entropy / most).clamp(0.0, 1.0).double()
         t, d, e = (self._column(name, logits) for name in ("temperature", "dynatemp_range", "dynatemp_exponent"))
         low = (t - d).clamp(min=0.0)
         dyn = (low + (t + d - low) * normalised.pow(e)).clamp(max=_F32_MAX)  # [B, 1] float64
