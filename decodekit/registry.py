@@ -21,8 +21,8 @@ from pydantic import BaseModel
 
 from decodekit import hookspecs
 from decodekit.errors import ConfigError, PluginError
-from decodekit.processors.base import BuildContext, ProcessorChain, field_model
-from decodekit.validation import validate
+from decodekit.processors.base import BuildContext, ProcessorChain
+from decodekit.validation import field_model, validate
 
 ENTRY_POINT_GROUP = "decodekit"
 DISABLE_AUTOLOAD_ENV = "DECODEKIT_DISABLE_PLUGIN_AUTOLOAD"

@@ -47,17 +47,16 @@ scalars runs on any batch.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
 from decodekit.processors.rows import column, common_shape, float_rows, int_rows, is_row_list, pad_to, row_values
-from decodekit.validation import validate
+from decodekit.validation import field_model, validate
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -365,14 +364,6 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
 
 
 # --- helpers shared by the built-in processors -------------------------------------------
-
-
-@functools.cache
-def field_model(params: type[BaseModel], name: str) -> type[BaseModel]:
-    """A model of ``params``'s field ``name`` alone: one setting checked without the others (its
-    type and bounds; not ``params``'s validators)."""
-    f = params.model_fields[name]
-    return create_model(f"{params.__qualname__}.{name}", __config__=ConfigDict(extra="forbid"), **{name: (f.annotation, f)})
 
 
 def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
