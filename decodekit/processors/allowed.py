@@ -28,7 +28,8 @@ class AllowedTokenIds(LogitsProcessor):
     ``prefix_allowed_tokens_fn`` with a constant function does the same).
 
     Per row: one list per row (``[[1, 5], [], [7]]``), held padded as ``[B, K]`` ids (``-1`` past a
-    row's entries) and scattered into a ``[B, V]`` mask per call; no loop over rows.
+    row's entries); each call gathers the allowed logits and scatters them into a row of ``-inf``,
+    for all rows at once.
     """
 
     name = "allowed_token_ids"
@@ -61,6 +62,7 @@ class AllowedTokenIds(LogitsProcessor):
         self._shared = None if per_row else packed
         self.rows = len(rows) if per_row else None
         self._biggest = max((i for r in rows for i in r), default=-1)
+        self._some_off = per_row and not all(rows)  # host flag: rows without a list keep their logits
         self.active = any(rows)
 
     @classmethod
@@ -79,8 +81,9 @@ class AllowedTokenIds(LogitsProcessor):
 
     def assign(self, rows: torch.Tensor, other: LogitsProcessor) -> None:
         super().assign(rows, other)  # re-pads to the longer lists
-        if self._ids is not None:
-            self._biggest = int(self._ids.max())  # a host sync at admission, not per step
+        if self._ids is not None:  # host facts, read at admission (a sync then), not per step
+            self._biggest = int(self._ids.max())
+            self._some_off = bool((self._ids < 0).all(dim=-1).any())
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -89,17 +92,12 @@ class AllowedTokenIds(LogitsProcessor):
         self.check_vocabulary(logits.shape[-1])
         per_row = self._ids is not None
         ids = (self._ids if per_row else self._shared).to(logits.device)  # [B or 1, K]
-        keep = allowed_mask(ids.expand(logits.shape[0], -1), logits.shape[-1])
-        if per_row:  # rows with no list are off
-            keep = keep | (ids < 0).all(dim=-1, keepdim=True)
-        return keep_nonempty(torch.where(keep, logits, NEG_INF), logits, "allowed_token_ids")
-
-
-def allowed_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``[B, V]`` bool: True at each row's ids (``[B, K]``; negative ids are padding)."""
-    spill = torch.where(ids >= 0, ids, vocab_size)  # padding lands in a column that is cut off
-    keep = torch.zeros((ids.shape[0], vocab_size + 1), dtype=torch.bool, device=ids.device)
-    return keep.scatter_(-1, spill, True)[:, :vocab_size]
+        # padding repeats the row's first id: the same value scattered twice
+        ids = torch.where(ids >= 0, ids, ids[:, :1].clamp(min=0)).expand(logits.shape[0], -1)
+        out = torch.full_like(logits, NEG_INF).scatter_(-1, ids, logits.gather(-1, ids))
+        if self._some_off:  # rows with no list are off
+            out = torch.where((self._ids < 0).all(dim=-1, keepdim=True).to(logits.device), logits, out)
+        return keep_nonempty(out, logits, "allowed_token_ids")
 
 
 PrefixFn = Callable[[int, torch.Tensor], Sequence[int]]
@@ -116,7 +114,7 @@ class PrefixAllowedTokens(LogitsProcessor):
 
     The function is the user's Python code, so it is called once per row per step: this is the
     one processor with a Python loop over rows, and its speed is the function's. The answers are
-    gathered into one index tensor and scattered into the mask at once. A Python-only setting
+    gathered into one index tensor, and the allowed logits copied into a batch of ``-inf`` at once. A Python-only setting
     (``build_chain({"prefix_allowed_tokens_fn": fn})``): the command line cannot give a function.
     No per-row values: a batch shares one function (it sees each row's ``batch_id``).
     """
@@ -153,10 +151,11 @@ class PrefixAllowedTokens(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         b, v = logits.shape
+        padded = bool((input_ids < 0).any())  # one check per call, not one filter per row
         answers = []
         for row in range(b):  # the user's function, once per row (class docstring)
-            ids = input_ids[row]
-            allowed = torch.as_tensor(self.prefix_allowed_tokens_fn(row // self.num_beams, ids[ids >= 0]), dtype=torch.long)
+            ids = input_ids[row][input_ids[row] >= 0] if padded else input_ids[row]
+            allowed = torch.as_tensor(self.prefix_allowed_tokens_fn(row // self.num_beams, ids), dtype=torch.long)
             if allowed.numel() == 0:
                 raise ConfigError(
                     f"prefix_allowed_tokens_fn returned no token ids for batch_id {row // self.num_beams} "
@@ -164,14 +163,15 @@ class PrefixAllowedTokens(LogitsProcessor):
                 )
             answers.append(allowed.flatten().cpu())
         flat = torch.cat(answers)
-        low, high = int(flat.min()), int(flat.max())
+        low, high = (int(e) for e in torch.aminmax(flat))
         if low < 0 or high >= v:
             bad = low if low < 0 else high
             raise ConfigError(f"prefix_allowed_tokens_fn returned token id {bad}, outside the vocabulary (size {v})")
-        rows = torch.repeat_interleave(torch.arange(b), torch.tensor([len(a) for a in answers]))
-        keep = torch.zeros((b, v), dtype=torch.bool)
-        keep[rows, flat] = True
-        return keep_nonempty(torch.where(keep.to(logits.device), logits, NEG_INF), logits, "prefix_allowed_tokens_fn")
+        rows = torch.repeat_interleave(torch.arange(b), torch.tensor([len(a) for a in answers])).to(logits.device)
+        cols = flat.to(logits.device)
+        out = torch.full_like(logits, NEG_INF)
+        out[rows, cols] = logits[rows, cols]
+        return keep_nonempty(out, logits, "prefix_allowed_tokens_fn")
 
 
 def _first_and_last(vocab_size: int) -> PrefixFn:
