@@ -1,5 +1,8 @@
 """llama.cpp's expected values: the cases of its tests/test-sampling.cpp, run on decodekit's processors.
 
+Upstream: ggml-org/llama.cpp, tests/test-sampling.cpp at commit 07e4038f07a83cd729bbac700e6681757b313b73;
+the rules ported below from src/llama-sampling.cpp at 0344068cf112e524eb3fbdbd58c171870b63e56c.
+
 Each case cites the upstream call in ``main()`` of ggml-org/llama.cpp ``tests/test-sampling.cpp``
 (its ``sampler_tester`` builds logits ``log(p)``, applies the sampler, then usually ``dist``,
 which renormalises; it checks each probability to 1e-5). llama.cpp shrinks the candidate array

@@ -1,5 +1,6 @@
 """transformers' expected values: the cases of its tests/generation/test_logits_process.py
-(``LogitsProcessorTest``), run on decodekit's processors.
+(``LogitsProcessorTest``), run on decodekit's processors. Upstream: huggingface/transformers at
+commit 019af3ac65298aae51038a941c54a038a505bd57.
 
 Each test names the upstream test it ports. transformers' warpers take a ``filter_value``; decodekit
 always removes with ``-inf``, so a check of ``!= 0.0`` upstream (``filter_value=0.0``) is one of

@@ -1,5 +1,5 @@
 """vLLM's expected outcomes: the cases of its tests/v1/sample/test_sampler.py, run on decodekit's
-processors.
+processors. Upstream: vllm-project/vllm at commit 0c586818053c5fc5703c3c5ea7378498c5402637.
 
 vLLM's tests build random ``SamplingMetadata`` (prompts of 1 to 63 tokens, 20 output tokens,
 a vocabulary of 1024, logits all ``1e-2``) and check which tokens a penalty or mask touched; the
