@@ -52,10 +52,7 @@ def contenders(hf: Any, plain: HFCausalLM, packed: HFCausalLM, ids: torch.Tensor
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0], repeats=5, warmup=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--modes", nargs="+", default=["greedy", "top_p"], choices=["greedy", "top_p"])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per row (random ids)")
-    p.add_argument("--seed", type=int, default=0)
+    common.decoding_options(p)
     args = p.parse_args()
     common.setup(args)
 

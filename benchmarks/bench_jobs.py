@@ -15,8 +15,15 @@ Workload (issue 13): ``--rows`` prompts (default 2,000; the issue's size is ``--
 - resume: the ``decode`` command in a subprocess, killed with SIGKILL once half the rows are
   committed, then run again to the end; its overhead is (time to the kill + time of the rerun)
   against the same command uninterrupted, both timed from process start.
+- the cost of Ray on one machine: ``ray.init`` of the local cluster; a job's fixed cost (a Ray job
+  of one batch, ``--slots`` rows, 1 actor, against the local runner on the same rows: the
+  actor's start, its model load, Ray Data's planning; the cluster's first job also starts its
+  worker processes, so it is measured apart from a later one); the cost per batch (the first
+  ``--cost-rows`` rows, 1 actor of 1 CPU against the local runner at the same thread count, in
+  batches of 64 and 256 rows: what is left after the fixed cost, over the number of batches; it
+  includes the engine draining at each batch's end, where slots fall idle).
 
-    python benchmarks/bench_jobs.py [--rows 2000] [--max-new-tokens 32] [--slots 16] [--actors 2]
+    python benchmarks/bench_jobs.py [--rows 2000] [--max-new-tokens 32] [--slots 16] [--actors 2] [--cost-rows 512]
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ def plain_loop(loaded: tuple, prompts: list[str], slots: int, max_new: int) -> t
         results = generate_text(model, tokenizer, prompts[i : i + slots], processors=[Temperature(0.8), TopP(0.95)],
                                 sampler=Multinomial(), max_new_tokens=max_new, seed=i)  # fmt: skip
         tokens += sum(len(r.tokens) for r in results)
-    return time.perf_counter() - start, tokens
+    seconds = time.perf_counter() - start
+    print(f"  plain loop: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds, tokens
 
 
 def timed_job(job: JobConfig, decoding: Decoding, loaded: tuple | None = None) -> tuple[float, int]:
@@ -66,6 +75,7 @@ def timed_job(job: JobConfig, decoding: Decoding, loaded: tuple | None = None) -
     with open(os.devnull, "w") as quiet:
         run_job(job, "default", decoding, loaded=loaded, stream=quiet)
     seconds = time.perf_counter() - start
+    print(f"  {job.runner} job into {Path(str(job.output)).name}: {seconds:.1f} s", file=sys.stderr, flush=True)
     return seconds, sum(len(r["tokens"]) for r in read_results(job.output))
 
 
@@ -101,12 +111,38 @@ def resume_overhead(src: Path, folder: Path, args: argparse.Namespace) -> tuple[
     return whole, to_kill, rerun, committed
 
 
+def ray_cost(src: Path, folder: Path, loaded: tuple, decoding: Decoding, args: argparse.Namespace) -> tuple[float, list[list[str]]]:
+    """(a Ray job's fixed cost in s, rows of the per-batch table) on the running local cluster."""
+
+    def pair(rows: int, batch: int, tag: str) -> tuple[float, float]:
+        part = folder / f"cost-{tag}.jsonl"
+        with open(src) as f:
+            part.write_text("".join(line for _, line in zip(range(rows), f)))
+        local = JobConfig(input=str(part), output=str(folder / f"cost-{tag}-local"), slots=args.slots, progress_every=3600)
+        remote = JobConfig(input=str(part), output=str(folder / f"cost-{tag}-ray"), runner="ray", slots=args.slots,
+                           progress_every=3600, ray={"actors": 1, "batch_size": batch, "num_cpus": 1})  # fmt: skip
+        return timed_job(remote, decoding)[0], timed_job(local, decoding, loaded)[0]
+
+    table = []
+    for tag, label in (("first", "one batch, the cluster's first job"), ("one", "one batch, a later job")):
+        ray_s, local_s = pair(args.slots, args.slots, tag)
+        fixed = ray_s - local_s
+        table.append([label, str(args.slots), f"{ray_s:.2f}", f"{local_s:.2f}", f"{fixed:.2f} (fixed cost)", "-"])
+    for batch in (64, 256):
+        ray_s, local_s = pair(args.cost_rows, batch, str(batch))
+        batches = -(-args.cost_rows // batch)
+        per = (ray_s - local_s - fixed) / batches
+        table.append([f"batches of {batch}", str(args.cost_rows), f"{ray_s:.2f}", f"{local_s:.2f}", f"{ray_s - local_s:.2f}", f"{1000 * per:.0f} ms ({batches} batches)"])
+    return fixed, table
+
+
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0], repeats=1, warmup=0)
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--cost-rows", type=int, default=512)
     args = p.parse_args()
     common.setup(args)
     import ray
@@ -120,8 +156,11 @@ def main() -> None:
     times = {"plain loop (generate_text, batches of slots)": plain_loop(loaded, prompts, args.slots, args.max_new_tokens)}
     local = JobConfig(input=str(src), output=str(folder / "local"), slots=args.slots, progress_every=3600)
     times["local runner"] = timed_job(local, decoding, loaded)
+    start = time.perf_counter()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cluster_start = time.perf_counter() - start
     try:
+        fixed, cost_table = ray_cost(src, folder, loaded, decoding, args)
         cluster = JobConfig(input=str(src), output=str(folder / "ray"), runner="ray", slots=args.slots, progress_every=3600,
                             ray={"actors": args.actors, "batch_size": 256, "num_cpus": 1})  # fmt: skip
         times[f"Ray runner ({args.actors} actors, local cluster)"] = timed_job(cluster, decoding)
@@ -140,6 +179,12 @@ def main() -> None:
         f"{to_kill:.1f} s to the kill ({committed} rows committed) + {rerun:.1f} s rerun = "
         f"{to_kill + rerun:.1f} s: overhead {100 * overhead:.1f}% (start-up, the input read again, the rows in flight "
         "decoded again); the output equals the uninterrupted run's\n"
+    )
+    body += (
+        f"\n### The cost of Ray on one machine\n\n- cluster start (`ray.init`, local, 4 logical CPUs): {cluster_start:.1f} s\n"
+        f"- a job's fixed cost on a running cluster (actor start, model load, planning): {fixed:.1f} s\n\n"
+        + common.table(["Ray job (1 actor, 1 CPU)", "rows", "Ray s", "local s", "Ray - local s", "per batch"], cost_table)
+        + "\n"
     )
     common.report(
         f"Decoding jobs: {args.rows} prompts, embedded model, {args.max_new_tokens} new tokens",

@@ -49,6 +49,14 @@ def parser(description: str, *, repeats: int = 5, warmup: int = 1) -> argparse.A
     return p
 
 
+def decoding_options(p: argparse.ArgumentParser, *, new_tokens: int = 32) -> None:
+    """The options of scripts that time whole generations: modes, new tokens, prompt length, seed."""
+    p.add_argument("--modes", nargs="+", default=["greedy", "top_p"], choices=["greedy", "top_p"])
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per row (random ids)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def setup(args: argparse.Namespace) -> None:
     """Apply the shared options: malloc settings (by re-running), threads, quiet transformers."""
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):

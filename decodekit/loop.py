@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.logprobs import LogprobsRecorder, TokenLogprobs, check_logprobs, to_host
 from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows, processor_name
 from decodekit.random import RowRandom, row_seeds
 from decodekit.samplers.base import Greedy
@@ -37,8 +38,12 @@ class GenerateOutput:
         lengths: ``[B]`` how many of ``tokens`` each row made (its EOS included).
         finish_reasons: per row ``"eos"``, ``"stop"`` (a stopping criterion) or ``"length"``.
         sequences: ``[B, T0 + N]`` the prompt as given (padding included) then ``tokens``.
-        logprobs: ``[B, N]`` log-probability of each chosen token under the processed
-            distribution (``output_scores=True`` only).
+        logprobs: ``[B, N]`` log-probability of each chosen token: in ``logprobs_mode`` when
+            ``logprobs`` was asked for, else under the processed distribution
+            (``output_scores=True``); ``None`` otherwise.
+        top_logprobs, top_ids: ``[B, N, n]`` the ``n = logprobs`` most likely tokens of every
+            step and their log-probabilities (``logprobs`` asked for only).
+        logprobs_mode: ``"raw"`` or ``"processed"``, with ``logprobs``.
         scores: the processed logits ``[B, V]`` of every step (``output_scores=True`` only).
         sequence_scores: ``[B]`` a sequence's score, for samplers that rank (beam search).
     """
@@ -50,11 +55,20 @@ class GenerateOutput:
     logprobs: torch.Tensor | None = None
     scores: list[torch.Tensor] | None = None
     sequence_scores: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    logprobs_mode: str | None = None
 
     def rows(self) -> list[list[int]]:
         """The new tokens of each row as lists, cut at the row's length."""
         lengths = self.lengths.tolist()
         return [row[:n] for row, n in zip(self.tokens.tolist(), lengths)]
+
+    def token_logprobs(self) -> list[TokenLogprobs] | None:
+        """Each row's :class:`~decodekit.logprobs.TokenLogprobs`, cut at its length (``logprobs`` only)."""
+        if self.top_logprobs is None or self.top_ids is None or self.logprobs is None or self.logprobs_mode is None:
+            return None
+        return to_host(self.logprobs, self.top_logprobs, self.top_ids, self.rows(), self.logprobs_mode)
 
 
 def as_chain(processors: Any) -> ProcessorChain:
@@ -162,6 +176,8 @@ def generate(
     on_token: TokenCallback | None = None,
     output_scores: bool = False,
     check_every: int | None = None,
+    logprobs: int | None = None,
+    logprobs_mode: str = "raw",
 ) -> GenerateOutput:
     """Decode up to ``max_new_tokens`` tokens after each row of ``input_ids``.
 
@@ -181,6 +197,12 @@ def generate(
         output_scores: also return the processed logits of every step and chosen-token logprobs.
         check_every: how often (in steps) to look at the device for "all rows done" and invalid
             logits; default 1 on CPU, 8 elsewhere (each look is a host-device sync).
+        logprobs: per step, the chosen token's log-probability and the ``logprobs`` most likely
+            tokens' (0 to 20), gathered on the device and returned in ``logprobs``,
+            ``top_logprobs`` and ``top_ids`` (``None``: not computed).
+        logprobs_mode: ``"raw"`` (the model's log-softmax) or ``"processed"`` (after the
+            processor chain). A sampler that drives its own loop (beam search) gives ``"raw"``
+            only: the returned sequences are scored by one forward pass after the search.
 
     Returns:
         :class:`GenerateOutput`.
@@ -191,14 +213,18 @@ def generate(
         PluginError: a processor or sampler raised or returned bad values (named).
     """
     ids, mask = prepare_inputs(model, input_ids, attention_mask, max_new_tokens)
+    check_logprobs(logprobs, logprobs_mode)
     chain = as_chain(processors)
     sampler = Greedy() if sampler is None else sampler
     if getattr(sampler, "drives_loop", False):
-        return sampler.generate(
+        if logprobs is not None and logprobs_mode != "raw":
+            raise ConfigError(f"logprobs_mode={logprobs_mode!r}: {processor_name(sampler)} drives its own loop; it gives raw logprobs only")
+        out = sampler.generate(
             model, ids, processors=chain, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, attention_mask=mask, seed=seed, stopping=stopping,
             on_token=on_token, output_scores=output_scores,
         )  # fmt: skip
+        return out if logprobs is None else rescored(model, out, ids, mask, logprobs)
     device = ids.device
     eos = eos_tensor(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
@@ -207,7 +233,9 @@ def generate(
     batch, prompt_len = ids.shape
     rng = RowRandom(row_seeds(seed, batch, device))
     chain, sampler = fuse(chain, sampler)  # e.g. top-p then multinomial: drawn without a sort
-    record = getattr(sampler, "recorded_filter", None) if output_scores else None
+    processed_logprobs = logprobs is not None and logprobs_mode == "processed"
+    record = getattr(sampler, "recorded_filter", None) if output_scores or processed_logprobs else None
+    recorder = LogprobsRecorder(logprobs, logprobs_mode) if logprobs is not None else None
 
     # Buffers for the whole run; the loop works on growing views of them.
     seq = torch.full((batch, prompt_len + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -219,7 +247,7 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     scores: list[torch.Tensor] = []
-    logprobs: list[torch.Tensor] = []
+    chosen: list[torch.Tensor] = []
 
     # Prefill: the (cropped) prompt, in chunks of PREFILL_CHUNK positions.
     window_ids, window_mask = crop_to_context(model, ids, mask)
@@ -248,9 +276,11 @@ def generate(
         token = torch.where(finished, torch.full_like(token, pad), token)
         seq[:, end] = token
         lengths += (~finished).long()
+        if recorder is not None:
+            recorder.record(raw, processed, token)
         if output_scores:
             scores.append(processed)
-            logprobs.append(torch.log_softmax(processed, dim=-1).gather(-1, token[:, None]).squeeze(-1))
+            chosen.append(torch.log_softmax(processed, dim=-1).gather(-1, token[:, None]).squeeze(-1))
 
         # Stop checks: EOS, then the caller's criteria; a row keeps its first reason.
         hit_eos = torch.isin(token, eos) & ~finished
@@ -285,14 +315,43 @@ def generate(
         raise InvalidLogitsError("invalid logits (NaN, +inf or a row with no token left) appeared during decoding; "
                                  "run on CPU, which checks every step, to find the step and processor")
     tokens = seq[:, prompt_len : prompt_len + steps]
-    return GenerateOutput(
+    out = GenerateOutput(
         tokens=tokens,
         lengths=lengths,
         finish_reasons=[FINISH_REASONS[r] for r in reason.tolist()],
         sequences=seq[:, : prompt_len + steps],
-        logprobs=torch.stack(logprobs, dim=1) if output_scores else None,
+        logprobs=torch.stack(chosen, dim=1) if output_scores else None,
         scores=scores if output_scores else None,
     )
+    if recorder is not None:
+        out.logprobs, out.top_logprobs, out.top_ids = recorder.tensors()
+        out.logprobs_mode = logprobs_mode
+    return out
+
+
+def rescored(model: Any, out: GenerateOutput, ids: torch.Tensor, mask: torch.Tensor, n: int) -> GenerateOutput:
+    """``out`` with raw logprobs of its rows' tokens, from one forward pass over prompt + tokens
+    (for samplers that drive their own loop; output row ``r`` continues prompt ``r // (rows / B)``)."""
+    from decodekit.scoring import sequence_logprobs
+
+    per_prompt = out.tokens.shape[0] // ids.shape[0]
+    prompts = [row[m].tolist() for row, m in zip(ids, mask)]
+    rows = out.rows()
+    scored = sequence_logprobs(model, [prompts[r // per_prompt] + new for r, new in enumerate(rows)], top=n)
+    width = out.tokens.shape[1]
+    chosen = torch.zeros(out.tokens.shape, dtype=torch.float32)
+    values = torch.zeros((*out.tokens.shape, n), dtype=torch.float32)
+    top_ids = torch.zeros((*out.tokens.shape, n), dtype=torch.long)
+    for r, (new, lp) in enumerate(zip(rows, scored)):  # host side, once: after the search
+        k = len(new)
+        if k:
+            chosen[r, :k] = torch.tensor(lp.logprobs[-k:])
+            values[r, :k] = torch.tensor(lp.top_logprobs[-k:]).reshape(k, n)
+            top_ids[r, :k] = torch.tensor(lp.top_ids[-k:], dtype=torch.long).reshape(k, n)
+    device = out.tokens.device
+    out.logprobs, out.top_logprobs, out.top_ids = chosen[:, :width].to(device), values.to(device), top_ids.to(device)
+    out.logprobs_mode = "raw"
+    return out
 
 
 def run_chain(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch
 from decodekit.engine.chains import grammar_complete, grammar_reason
 from decodekit.engine.request import Request
 from decodekit.errors import ConfigError
+from decodekit.logprobs import TokenLogprobs, check_logprobs
 from decodekit.loop import GenerateOutput, generate
 from decodekit.random import row_seeds
+from decodekit.scoring import sequence_logprobs
 from decodekit.tokenization import StreamDecoder, Tokenizer, check_vocab, continuation_text
 
 # on_text(row, piece): a piece of row ``row``'s continuation, as soon as it is certain.
@@ -42,6 +44,8 @@ class TextResult:
         sequence_index: which of the sequences a ranking sampler returned for that row (beam
             search with ``num_return_sequences > 1``; best first), else 0.
         score: the sequence's score, for samplers that rank (beam search), else ``None``.
+        logprobs: the new tokens' :class:`~decodekit.logprobs.TokenLogprobs` (``logprobs=n``).
+        prompt_logprobs: the prompt tokens' raw ones, after the first (``prompt_logprobs=n``).
     """
 
     prompt: str
@@ -54,6 +58,8 @@ class TextResult:
     sample_index: int = 0
     sequence_index: int = 0
     score: float | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 def encode_prompts(
@@ -174,32 +180,6 @@ class TextTracker:
             self.shown[row] = upto
 
 
-def _engine_for(
-    model: Any, tokenizer: Tokenizer, processors: Any, sampler: Any, encoded: list[list[int]],
-    max_new_tokens: int, eos_token_id: Any, on_text: TextCallback | None,
-) -> Any:
-    """A request engine for these rows, or ``None`` where :func:`generate` must run instead:
-    a sampler that drives its own loop (beam search), a processor that cannot keep rows apart,
-    or a prompt plus ``max_new_tokens`` longer than the context (the loop slides its window)."""
-    from decodekit.engine import Engine
-
-    if getattr(sampler, "drives_loop", False):
-        return None
-    needed = max(len(ids) for ids in encoded) + max_new_tokens
-    context = getattr(model, "max_context", None)
-    if context is not None and needed > context:
-        return None
-    slots = len(encoded)
-    try:
-        return Engine(
-            model, tokenizer, processors=processors if processors is not None else [], sampler=sampler,
-            max_slots=slots, max_queue=slots, cache_tokens=slots * needed, eos_token_id=eos_token_id,
-            on_text=on_text,
-        )  # fmt: skip
-    except ConfigError:
-        return None
-
-
 def generate_text(
     model: Any,
     tokenizer: Tokenizer,
@@ -214,6 +194,9 @@ def generate_text(
     on_text: TextCallback | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     output: list[GenerateOutput] | None = None,
+    logprobs: int | None = None,
+    logprobs_mode: str = "raw",
+    prompt_logprobs: int | None = None,
     **kwargs: Any,
 ) -> list[TextResult]:
     """Continue each prompt; one :class:`TextResult` per prompt and sample, in order.
@@ -230,6 +213,11 @@ def generate_text(
         on_text: ``on_text(row, piece)`` streams each row's text as it is made.
         eos_token_id: defaults to the tokenizer's EOS.
         output: if a list is given, the raw :class:`GenerateOutput` is appended to it.
+        logprobs, logprobs_mode: per new token, its log-probability and the ``logprobs`` most
+            likely tokens', raw or processed (see :func:`decodekit.generate`), in each result's
+            ``logprobs``.
+        prompt_logprobs: the prompt tokens' raw log-probabilities with this many alternatives,
+            in each result's ``prompt_logprobs`` (one more forward pass over the prompts).
         **kwargs: passed to :func:`decodekit.generate` (``output_scores``, ``check_every``, ...).
     """
     if isinstance(prompts, str):
@@ -241,6 +229,8 @@ def generate_text(
     if isinstance(stop, str):
         stop = [stop]
     check_vocab(tokenizer, model)
+    check_logprobs(logprobs, logprobs_mode)
+    check_logprobs(prompt_logprobs, name="prompt_logprobs")
     if eos_token_id is None:
         eos_token_id = tokenizer.eos_token_id
     eos_ids = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
@@ -249,16 +239,22 @@ def generate_text(
     rows = [p for p in prompts for _ in range(num_samples)]
     ids, mask, encoded = encode_prompts(tokenizer, rows, pad_token_id=pad)
     seeds = row_seeds(seed, len(rows), torch.device("cpu")).tolist()
-    engine = _engine_for(model, tokenizer, processors, sampler, encoded, max_new_tokens, eos_token_id, on_text)
+    from decodekit.engine.choose import engine_for_rows
+
+    engine = engine_for_rows(model, tokenizer, processors, sampler, longest=max(len(ids) for ids in encoded),
+                             max_new_tokens=max_new_tokens, slots=len(encoded), max_queue=len(encoded),
+                             eos_token_id=eos_token_id, on_text=on_text)  # fmt: skip
     if engine is not None and output is None and not kwargs:
         requests = [
-            Request(prompt_ids=ids_, seed=s, max_new_tokens=max_new_tokens, stop=list(stop), id=(r // num_samples, r % num_samples))
+            Request(prompt_ids=ids_, seed=s, max_new_tokens=max_new_tokens, stop=list(stop), id=(r // num_samples, r % num_samples),
+                    logprobs=logprobs, logprobs_mode=logprobs_mode, prompt_logprobs=prompt_logprobs)  # fmt: skip
             for r, (ids_, s) in enumerate(zip(encoded, seeds))
         ]
         return [
             TextResult(
                 prompt=rows[o.index], text=o.text or "", tokens=o.tokens, finish_reason=o.finish_reason,
                 stop_string=o.stop_string, seed=seeds[o.index], prompt_index=o.id[0], sample_index=o.id[1],
+                logprobs=o.logprobs, prompt_logprobs=o.prompt_logprobs,
             )  # fmt: skip
             for o in engine.run(requests)
         ]
@@ -279,12 +275,16 @@ def generate_text(
         pad_token_id=pad,
         seed=seeds,
         stopping=stopping,
+        logprobs=logprobs,
+        logprobs_mode=logprobs_mode,
         **kwargs,
     )
     if output is not None:
         output.append(out)
     results = []
     scores = out.sequence_scores.tolist() if out.sequence_scores is not None else None
+    token_logprobs = out.token_logprobs() or [None] * len(per_output_row)
+    prompt_lps = [None] * len(encoded) if prompt_logprobs is None else sequence_logprobs(model, encoded, top=prompt_logprobs)
     for i, new in enumerate(out.rows()):
         row = i // returned  # the input row (prompt x sample) this sequence continues
         reason = out.finish_reasons[i]
@@ -303,6 +303,7 @@ def generate_text(
                 prompt=rows[row], text=text, tokens=new, finish_reason=reason, stop_string=hit,
                 seed=seeds[row], prompt_index=row // num_samples, sample_index=row % num_samples,
                 sequence_index=i % returned, score=None if scores is None else float(scores[i]),
+                logprobs=token_logprobs[i], prompt_logprobs=prompt_lps[row],
             )  # fmt: skip
         )
     return results

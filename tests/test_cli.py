@@ -173,7 +173,11 @@ def test_processor_order_and_show_probs_show_what_each_filter_did(unigram, tmp_p
         assert model_line.startswith(f"  model: 'a' {probs[ord('a')]:.3f}  'b' {probs[ord('b')]:.3f}")
         assert chain_line.startswith("  chain: 'b' ") and "'a'" not in chain_line
         assert chain_line.endswith(f"({kept_first} of 257 tokens left)")
-        assert re.fullmatch(r"step \d: '[bc]' \(p=0\.\d{3} after the chain\)", step)
+        found = re.fullmatch(r"step \d: '([bc])' \(p=(0\.\d{3}) after the chain, logprob=(-?\d\.\d{3}), model logprob=(-\d\.\d{3})\)", step)
+        assert found, step
+        chosen, p, logprob, model_logprob = found.groups()
+        assert float(logprob) == pytest.approx(math.log(float(p)), abs=2e-3)  # the chain's distribution
+        assert float(model_logprob) == pytest.approx(float(probs[ord(chosen)].log()), abs=1e-3)  # the model's
     assert re.fullmatch(r"ab[bc]{2}", lines[-1])
 
 

@@ -34,7 +34,7 @@ from decodekit.cli.config import (
     strategy_preset,
 )
 from decodekit.cli.main import literal_prompt
-from decodekit.cli.run import Decoder
+from decodekit.cli.decoder import Decoder
 from decodekit.cli.strategies import sampler_note
 from decodekit.errors import ConfigError, PluginError
 from decodekit.models.gpt import GPT, GPTConfig
@@ -119,7 +119,8 @@ def test_every_strategy_builds_its_chain_and_sampler(registry: Registry, strateg
 def test_defaults_are_the_embedded_model_and_nucleus(registry: Registry) -> None:
     with hydra_context():
         _, config = compose_config([], registry)
-    assert config.model == {"name": "default", "pack_weights": None} and config.tokenizer == {"kind": "auto"}
+    assert config.model == {"name": "default", "pack_weights": None, "weights": "float32"}
+    assert config.tokenizer == {"kind": "auto"}
     assert config.strategy == "nucleus" and config.sampler == "multinomial"
     preset = strategy_preset(registry, "nucleus")
     assert preset.pop("sampler") == "multinomial"
@@ -202,6 +203,7 @@ BAD = [
     (["prompt_tokens=[1,true]"], ["prompt_tokens=[1, True] is not allowed"]),
     (["seed=4294967296"], ["seed=4294967296 is not allowed", "must be < 4294967296"]),
     (["overwrite=true", "append=true"], ["overwrite=true and append=true: give one"]),
+    (["model.weights=int4"], ["model.weights='int4' is not allowed", "'float32', 'bf16' or 'int8'"]),
 ]
 
 

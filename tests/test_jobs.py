@@ -53,6 +53,17 @@ def by_id(rows: list[dict[str, object]]) -> dict[object, dict[str, object]]:
     return {r["id"]: r for r in rows}
 
 
+def assert_same_rows(rows: list[dict], reference: dict) -> None:
+    """Each id once, every field equal, logprobs to float rounding (rows decoded beside other rows)."""
+    found = by_id(rows)
+    assert found.keys() == reference.keys()
+    for row_id, row in found.items():
+        lp, ref = row.pop("logprobs"), dict(reference[row_id])
+        assert row == {k: v for k, v in ref.items() if k != "logprobs"}
+        assert lp["tokens"] == ref["logprobs"]["tokens"] and lp["top_ids"] == ref["logprobs"]["top_ids"]
+        assert lp["logprobs"] == pytest.approx(ref["logprobs"]["logprobs"], abs=1e-5)
+
+
 def job(tmp_path: Path, src: Path, out: str, **kw: object) -> JobConfig:
     return JobConfig(input=str(src), output=str(tmp_path / out), progress_every=0, **kw)
 
@@ -165,14 +176,17 @@ def test_kill_9_then_the_same_command_resumes_with_every_id_exactly_once(tmp_pat
 
 
 REFUSED = [
-    (["job.logprobs=true"], "job.logprobs=true: per-token logprobs are not supported by jobs yet; drop it"),
+    (["job.logprobs=true"], "job.logprobs=True is not allowed: must be a number, not a boolean"),
+    (["job.logprobs=21"], "job.logprobs=21 is not allowed: must be <= 20"),
+    (["job.logprobs_mode=scaled"], "job.logprobs_mode='scaled' is not allowed: must be one of 'raw' or 'processed'"),
+    (["logprobs=5"], "logprobs: a job takes job.logprobs and job.logprobs_mode; drop it or drop job.input"),
     (["prompt=hi"], "prompt: not used by a job (rows give their own prompts); drop it or drop job.input"),
     (["strategy=beam"], "sampler='beam': a job decodes on the request engine, which samples multinomial "
                         "(temperature=0: greedy); beam search and plugin samplers are not supported in jobs"),
     (["job.part_size=0"], "job.part_size=0 is not allowed: must be >= 1"),
     (["job.ray.num_cpus=true"], "job.ray.num_cpus=True is not allowed: must be a number, not a boolean"),
     (["job.outptu=o"], "job.outptu: job has no key 'outptu' (did you mean 'output'?); its keys: input, output, "
-                       "runner, format, part_size, slots, logprobs, progress_every, ray"),
+                       "runner, format, part_size, slots, logprobs, logprobs_mode, progress_every, ray"),
 ]  # fmt: skip
 
 
@@ -194,14 +208,15 @@ def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(
 
     rows: list[object] = good_rows(10) + ["not json", {"id": "r2", "prompt": "again"}, {"id": "bad", "prompt": "x", "settings": {"top_p": 3}}]
     src = write_rows(tmp_path / "in.jsonl", rows)
-    run_job(job(tmp_path, src, "local", part_size=4), "default", DECODING)
-    cluster = JobConfig(input=str(src), output=str(tmp_path / "ray"), runner="ray", progress_every=0,
+    run_job(job(tmp_path, src, "local", part_size=4, logprobs=2), "default", DECODING)
+    cluster = JobConfig(input=str(src), output=str(tmp_path / "ray"), runner="ray", progress_every=0, logprobs=2,
                         ray={"actors": 2, "batch_size": 4, "num_cpus": 0.5})  # fmt: skip
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # more CPUs than cores
     try:
         run_job(cluster, "default", DECODING)
         local = by_id(read_results(tmp_path / "local"))
-        assert by_id(read_results(tmp_path / "ray")) == local and len(local) == 9
+        assert_same_rows(read_results(tmp_path / "ray"), local)  # per-token logprobs too (job.logprobs=2)
+        assert len(local) == 9 and all(len(r["logprobs"]["top_ids"][0]) == 2 for r in local.values())
         errors = {(e["id"], e["reason"]) for e in read_errors(tmp_path / "local")}
         assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors and len(errors) == 3
         manifest = tmp_path / "ray" / MANIFEST
@@ -210,7 +225,49 @@ def test_the_ray_runner_gives_the_local_runners_output_and_resumes_exactly_once(
         run_job(cluster, "default", DECODING)
     finally:
         ray.shutdown()
-    assert by_id(read_results(tmp_path / "ray")) == local
+    assert_same_rows(read_results(tmp_path / "ray"), local)
     assert {(e["id"], e["reason"]) for e in read_errors(tmp_path / "ray")} == errors
     parts = [json.loads(line)["part"] for line in manifest.read_text().splitlines()]
     assert sorted(p.name for p in (tmp_path / "ray").glob("part-*")) == sorted(p for p in parts if p)  # no orphans
+
+
+RAY_ARGS = ["job.runner=ray", "job.ray.actors=2", "job.ray.num_cpus=0.5", "job.ray.batch_size=3"]
+
+
+def test_the_ray_command_killed_with_sigkill_resumes_exactly_once(tmp_path: Path) -> None:
+    pytest.importorskip("ray")  # the `ray` extra; CI installs it (README's second command)
+    write_rows(tmp_path / "in.jsonl", good_rows(60))
+    reference = decode_job(["job.output=ref"], tmp_path)  # the local runner, uninterrupted
+    killed = decode_job(["job.output=out", *RAY_ARGS], tmp_path)  # starts its own local cluster
+    assert killed.stderr is not None
+    line = next(line for line in killed.stderr if line.startswith("decode job:"))  # Ray logs lines of its own
+    assert line.startswith("decode job: 3/60 rows"), line  # the first committed part; actors mid-way through others
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    killed.stderr.close()
+    done = len(read_results(tmp_path / "out"))
+    assert 3 <= done < 60
+    resumed = decode_job(["job.output=out", *RAY_ARGS], tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    counts = [int(line.split()[2].split("/")[0]) for line in err.splitlines() if line.startswith("decode job:")]
+    assert counts[0] in (done, done + 3) and counts[-1] == 60, counts  # it took up where the committed parts end
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    assert by_id(read_results(tmp_path / "out")) == by_id(read_results(tmp_path / "ref"))
+    assert len(read_results(tmp_path / "out")) == 60
+    manifest = [json.loads(line)["part"] for line in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == sorted(p for p in manifest if p)  # no orphans
+
+
+def test_an_actor_pool_that_leaves_the_read_tasks_no_cpu_is_refused() -> None:
+    from decodekit.jobs.ray_runner import check_room
+    from decodekit.jobs.spec import RayConfig
+
+    check_room(RayConfig(actors=2, num_cpus=0.5), 2.0)  # one CPU left for reading
+    with pytest.raises(ConfigError) as refused:
+        check_room(RayConfig(actors=2, num_cpus=1), 2.0)
+    assert str(refused.value) == (
+        "job.ray.actors=2 x job.ray.num_cpus=1 takes 2 of the cluster's 2 CPUs; the input's read tasks need 1 free, "
+        "so the job would never start: use fewer actors or a fraction of a CPU each (job.ray.num_cpus=0.5)"
+    )

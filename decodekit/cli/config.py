@@ -60,7 +60,7 @@ class CommandConfig(BaseModel):
     prompt_tokens: Optional[list[Annotated[int, Field(ge=0)]]] = Field(
         None, min_length=1, description="the prompt as token ids, e.g. [1,2,3]"
     )
-    prompt_file: Optional[str] = Field(None, description="many prompts: one per line, or .jsonl")
+    prompt_file: Optional[str] = Field(None, description="many prompts: one per line, or .jsonl; - reads stdin")
     max_new_tokens: int = Field(64, ge=1, description="most tokens added per sample")
     num_samples: int = Field(1, ge=1, description="samples per prompt, in one batch")
     batch_size: int = Field(8, ge=1, description="prompts per batch with prompt_file")
@@ -81,7 +81,14 @@ class CommandConfig(BaseModel):
     quiet: bool = Field(False, description="print no samples on stdout")
     show_probs: bool = Field(False, description="top candidates per step, before and after the chain")
     show_probs_k: int = Field(5, ge=1, description="candidates show_probs prints")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="per new token its logprob and n alternatives'")
+    logprobs_mode: Literal["raw", "processed"] = Field("raw", description="raw | processed (after the chain)")
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20, description="the prompt tokens' raw logprobs")
+    score: bool = Field(False, description="score the prompts: per-token logprobs, total, perplexity")
     progress: Optional[bool] = Field(None, description="progress bar on stderr; null = on long runs in a terminal")
+    summary: Optional[bool] = Field(
+        None, description="end-of-run line on stderr: tokens, tok/s, time to first token; null = in a terminal"
+    )
     interactive: bool = Field(False, description="a prompt loop (/help lists its commands)")
     list_components: bool = Field(False, alias="list", description="list processors, samplers, strategies")
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "default"}, description="the model group")
@@ -103,6 +110,7 @@ class DefaultModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["default"]
     pack_weights: Optional[bool] = None
+    weights: Literal["float32", "bf16", "int8"] = "float32"
 
 
 class CheckpointModel(BaseModel):
@@ -111,6 +119,7 @@ class CheckpointModel(BaseModel):
     path: Optional[str] = None
     backend: Literal["auto", "native", "hf"] = "auto"
     pack_weights: Optional[bool] = None
+    weights: Literal["float32", "bf16", "int8"] = "float32"
 
 
 class ByteTokenizerConfig(BaseModel):

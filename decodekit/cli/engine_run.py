@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from decodekit.cli.output import logprob_settings
 from decodekit.engine import Engine, Request, RequestOutput
+from decodekit.engine.choose import engine_for_rows
 from decodekit.errors import ConfigError
 from decodekit.random import SEED_LIMIT
 from decodekit.text import TextResult
@@ -65,39 +67,37 @@ def engine_for(decoder: Any, prompts: list[str]) -> Engine | None:
     config = decoder.config
     if decoder.drives_loop or config.show_probs:
         return None
-    model, tokenizer = decoder.model, decoder.tokenizer
-    longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
-    needed = longest + config.max_new_tokens
-    context = getattr(model, "max_context", None)
-    if context is not None and needed > context:
-        return None  # the batch path slides its window past the context
+    longest = max(len(decoder.tokenizer.encode(p)) or 1 for p in prompts)
     slots = max(1, min(config.batch_size * config.num_samples, len(prompts) * config.num_samples))
-    try:
-        return Engine(
-            model, tokenizer, processors=decoder.chain, sampler=decoder.sampler, max_slots=slots,
-            max_queue=2 * slots, cache_tokens=slots * needed, eos_token_id=decoder.eos_token_id,
-        )  # fmt: skip
-    except ConfigError:
-        return None
+    return engine_for_rows(decoder.model, decoder.tokenizer, decoder.chain, decoder.sampler, longest=longest,
+                           max_new_tokens=config.max_new_tokens, slots=slots, max_queue=2 * slots,
+                           eos_token_id=decoder.eos_token_id)  # fmt: skip
 
 
 def run_on_engine(engine: Engine, decoder: Any, prompts: list[str], out: Any, writer: Any, seed: int,
-                  progress: Any, record: dict[str, Any], stop: list[str]) -> None:  # fmt: skip
+                  progress: Any, record: dict[str, Any], stop: list[str], summary: Any) -> None:  # fmt: skip
     """Decode every prompt x sample on ``engine``: print in order, write each record as it ends."""
     config = decoder.config
     n = config.num_samples
     total = len(prompts) * n
     seeds = [(seed + i) % SEED_LIMIT for i in range(total)]
     printer = OrderedPrinter(out, prompts, n, seeds, labelled=len(prompts) > 1 or n > 1)
-    engine.on_text = printer.text
+
+    def on_text(index: int, piece: str) -> None:
+        summary.token()
+        printer.text(index, piece)
+
+    engine.on_text = on_text
 
     def requests() -> Iterator[Request]:
         for i in range(total):  # pulled as the queue has room: a long prompt file is never all queued
-            yield Request(prompt=prompts[i // n], seed=seeds[i], max_new_tokens=config.max_new_tokens, stop=stop)
+            yield Request(prompt=prompts[i // n], seed=seeds[i], max_new_tokens=config.max_new_tokens, stop=stop,
+                          **logprob_settings(config))  # fmt: skip
 
     for result in engine.run(requests()):
         if result.error is not None:
             raise ConfigError(result.error)
+        summary.add(len(result.prompt_ids), len(result.tokens))
         printer.done(result.index)
         if writer is not None:
             from decodekit.cli.run import text_record
@@ -111,4 +111,5 @@ def as_text_result(result: RequestOutput, prompts: list[str], samples: int) -> T
     return TextResult(
         prompt=prompts[prompt], text=result.text or "", tokens=result.tokens, finish_reason=result.finish_reason,
         stop_string=result.stop_string, seed=result.seed or 0, prompt_index=prompt, sample_index=sample,
+        logprobs=result.logprobs, prompt_logprobs=result.prompt_logprobs,
     )  # fmt: skip

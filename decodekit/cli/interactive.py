@@ -16,9 +16,11 @@ import warnings
 from typing import TextIO
 
 from decodekit.cli.config import CommandConfig, compose_config, parse_overrides, suggest
+from decodekit.cli.main import literal_prompt
 from decodekit.cli.strategies import sampler_note
 from decodekit.cli.output import JsonlWriter, Output
-from decodekit.cli.run import Decoder, label, settings_record, text_record, unescape
+from decodekit.cli.decoder import Decoder
+from decodekit.cli.run import label, settings_record, text_record, unescape
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
@@ -108,7 +110,7 @@ class Session:
 
     def set(self, text: str) -> None:
         try:
-            items = shlex.split(text)
+            items = [literal_prompt(item) for item in shlex.split(text)]  # free text as written, as on the command line
         except ValueError as e:
             self.error(f"/set: {e}")
             return

@@ -29,6 +29,9 @@ def job_decoding(config: CommandConfig) -> Decoding:
     """The settings every row starts from; one line for what a job cannot take."""
     from decodekit.cli.run import unescape
 
+    for key in ("logprobs", "prompt_logprobs", "score"):
+        if getattr(config, key) not in (None, False):
+            raise ConfigError(f"{key}: a job takes job.logprobs and job.logprobs_mode; drop it or drop job.input")
     for key, default in _NOT_FOR_JOBS.items():
         if getattr(config, key) != default:
             raise ConfigError(f"{key}: not used by a job (rows give their own prompts); drop it or drop job.input")
@@ -54,6 +57,7 @@ def run_job_command(config: CommandConfig) -> None:
     spec = config.model
     model = ModelSpec(
         source="default" if spec["name"] == "default" else spec["path"], device=config.device, dtype=config.dtype,
-        backend=spec.get("backend", "auto"), pack_weights=spec.get("pack_weights"), tokenizer=dict(config.tokenizer),
+        backend=spec.get("backend", "auto"), pack_weights=spec.get("pack_weights"), weights=spec.get("weights", "float32"),
+        tokenizer=dict(config.tokenizer),
     )  # fmt: skip
     run_job(job, model, decoding)

@@ -84,6 +84,8 @@ def settings_help(registry: Registry) -> str:
     lines.append("  model.path             str                            the checkpoint (model=checkpoint) or folder (model=hf)")
     lines.append("  model.pack_weights     bool | null                    prepacked CPU weights: faster, 2x their memory; null = on for")
     lines.append("                                                        the native GPT, off for transformers models (default null)")
+    lines.append("  model.weights          float32 | bf16 | int8          how projections are stored on CPU: bf16 and int8 read 1/2 and")
+    lines.append("                                                        1/4 of the bytes per token (default float32, exact)")
     lines.append("  tokenizer.path         str                            tokenizer.json or folder (tokenizer=json / tokenizer=hf)")
     lines.append("")
     lines.append("Processor settings (null = off; set one to put its processor in the chain), in chain order:")

@@ -130,14 +130,20 @@ def _flags_only(argv: list[str], overrides: list[str]) -> list[str]:
     return rest
 
 
+# free-text settings taken as written, like the prompt: a regex's braces, a schema's JSON
+TEXT_SETTINGS = ("prompt", "json_schema", "regex", "grammar")
+
+
 def literal_prompt(token: str) -> str:
-    """``prompt=Hello, world`` as Hydra's quoted string, so the text is taken as written.
+    """``prompt=Hello, world`` (or ``regex=[0-9]{3}``, ``json_schema={"type": "array"}``: any of
+    ``TEXT_SETTINGS``) as Hydra's quoted string, so the text is taken as written.
 
     Hydra would read the comma as a sweep (or ``[...]`` as a list, ``${...}`` as an interpolation,
-    ``42`` as a number). A value already in quotes (Hydra's own way) is left alone.
+    ``42`` as a number). A value already in quotes (Hydra's own way) is left alone, and so is
+    ``null`` for a setting other than the prompt (it turns the setting off).
     """
     key, _, value = token.partition("=")
-    if key.lstrip("+") != "prompt" or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+    if key.lstrip("+") not in TEXT_SETTINGS or (key != "prompt" and value == "null") or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
         return token
     try:
         if "${" not in value and OverridesParser.create().parse_override(token).value() == value:

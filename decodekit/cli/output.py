@@ -168,3 +168,8 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def logprob_settings(config: CommandConfig) -> dict[str, Any]:
+    """The logprobs a run asks for, as :func:`decodekit.text.generate_text` and requests take them."""
+    return {"logprobs": config.logprobs, "logprobs_mode": config.logprobs_mode, "prompt_logprobs": config.prompt_logprobs}

@@ -9,119 +9,35 @@ is written as soon as its batch ends (see :mod:`decodekit.cli.output` for how th
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
+import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from decodekit.cli.config import CommandConfig
+from decodekit.cli.decoder import Decoder
 from decodekit.cli.engine_run import engine_for, run_on_engine
-from decodekit.cli.output import JsonlWriter, Output, Progress
+from decodekit.cli.output import JsonlWriter, Output, Progress, logprob_settings
+from decodekit.cli.score_run import run_score
 from decodekit.cli.strategies import sampler_note
+from decodekit.cli.summary import RunSummary
 from decodekit.errors import ConfigError
+from decodekit.logprobs import logprob_fields
 from decodekit.loop import generate
-from decodekit.models import ModelExtras, load_model
-from decodekit.processors.base import BuildContext, LogitsProcessor, ProcessorChain
+from decodekit.processors.base import LogitsProcessor, ProcessorChain
 from decodekit.random import SEED_LIMIT
 from decodekit.registry import Registry
+from decodekit.scoring import sequence_logprobs
 from decodekit.text import TextResult, generate_text
-from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, continuation_text, load_tokenizer
+from decodekit.tokenization import ByteTokenizer, Tokenizer, continuation_text
 
-_LOADED: dict[tuple[Any, ...], tuple[Any, ModelExtras]] = {}  # the model last loaded (a sweep's jobs reuse it)
-
-
-# ------------------------------------------------------------------------------ model, tokenizer, chain
-
-
-@dataclass
-class Decoder:
-    """A loaded model and tokenizer, with the processor chain and sampler a configuration asks for."""
-
-    config: CommandConfig
-    model: Any
-    extras: ModelExtras
-    tokenizer: Tokenizer | None
-    chain: ProcessorChain
-    sampler: Any
-    eos_token_id: int | None
-
-    @classmethod
-    def load(cls, config: CommandConfig, registry: Registry, previous: Decoder | None = None) -> Decoder:
-        """Load (or reuse) the model and tokenizer, then build the chain and the sampler."""
-        model, extras = load_cached(config)
-        if previous is not None and previous.model is model and previous.config.tokenizer == config.tokenizer:
-            tokenizer = previous.tokenizer
-        else:
-            tokenizer = make_tokenizer(config.tokenizer, extras, needed=config.prompt_tokens is None)
-        if tokenizer is not None:
-            check_vocab(tokenizer, model)
-        eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        if eos is not None and eos >= model.vocab_size:
-            raise ConfigError(f"eos_token_id={eos} is not allowed: the model has {model.vocab_size} tokens")
-        context = BuildContext(
-            eos_token_id=eos,
-            encode=text_encoder(tokenizer) if tokenizer else None,
-            decode=tokenizer.decode if tokenizer else None,
-            vocab_size=model.vocab_size,
-            tokenizer=tokenizer,
-        )
-        settings = config.settings()
-        chain = registry.build_chain(
-            settings, processor_order=config.processor_order, temperature_last=config.temperature_last, context=context
-        )
-        sampler = registry.build_sampler(config.sampler, settings, context=context)
-        return cls(config, model, extras, tokenizer, chain, sampler, eos)
-
-    @property
-    def drives_loop(self) -> bool:
-        return bool(getattr(self.sampler, "drives_loop", False))
-
-    def describe(self) -> str:
-        """``/path/model.safetensors (safetensors, 257 tokens, cpu, torch.float32); tokenizer: ByteTokenizer``."""
-        tok = type(self.tokenizer).__name__ if self.tokenizer is not None else "none"
-        shape = f"{self.extras.format}, {self.model.vocab_size} tokens, {self.model.device}, {self.model.dtype}"
-        return f"{self.extras.source} ({shape}); tokenizer: {tok}"
-
-
-def load_cached(config: CommandConfig) -> tuple[Any, ModelExtras]:
-    """``load_model`` for the configuration's model group, reusing the model last loaded."""
-    spec = config.model
-    source = "default" if spec["name"] == "default" else spec["path"]
-    backend, pack = spec.get("backend", "auto"), spec.get("pack_weights")
-    key = (source, backend, config.device, config.dtype, pack)
-    if key not in _LOADED:
-        _LOADED.clear()  # keep one model in memory
-        _LOADED[key] = load_model(source, device=config.device, dtype=config.dtype, backend=backend, pack_weights=pack)
-    return _LOADED[key]
-
-
-def make_tokenizer(spec: dict[str, Any], extras: ModelExtras, *, needed: bool) -> Tokenizer | None:
-    """The tokenizer group's choice; ``None`` when ``auto`` finds none and none is needed."""
-    kind = spec["kind"]
-    if kind == "auto":
-        if extras.tokenizer is None and not needed:
-            return None
-        return load_tokenizer("auto", extras)
-    if kind == "byte":
-        return ByteTokenizer(**{k: v for k, v in spec.items() if k != "kind"})
-    return load_tokenizer({"kind": kind, "path": spec["path"]})
-
-
-def text_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
-    """``tokenizer.encode`` without the BOS some tokenizers put first (for ``bad_words`` and such)."""
-
-    def encode(text: str) -> list[int]:
-        ids = tokenizer.encode(text)
-        if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-            ids = ids[1:]
-        return ids
-
-    return encode
+# ------------------------------------------------------------------------------ prompts
 
 
 def unescape(text: str) -> str:
@@ -130,12 +46,12 @@ def unescape(text: str) -> str:
 
 
 def read_prompts(config: CommandConfig) -> list[str]:
-    """The prompts: ``prompt_file`` (one per line, or JSONL), else ``prompt``, else one empty prompt."""
+    """The prompts: ``prompt_file`` (one per line, or JSONL; ``-``: lines from stdin), else ``prompt``, else one empty prompt."""
     if config.prompt_file is None:
         return [config.prompt if config.prompt is not None else ""]
     path = Path(config.prompt_file)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = (sys.stdin.read() if config.prompt_file == "-" else path.read_text(encoding="utf-8")).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"prompt_file={config.prompt_file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     prompts = []
@@ -192,7 +108,8 @@ class ProbsPrinter:
         raw = self.before.last[0].float().softmax(-1)
         processed = self.after.last[0].float().softmax(-1)
         left = int((processed > 0).sum())
-        self.out.line(f"step {step + 1}: {self.token(chosen)} (p={float(processed[chosen]):.3f} after the chain)")
+        logprob = f"logprob={math.log(float(processed[chosen])):.3f}, model logprob={math.log(float(raw[chosen])):.3f}"
+        self.out.line(f"step {step + 1}: {self.token(chosen)} (p={float(processed[chosen]):.3f} after the chain, {logprob})")
         self.out.line(f"  model: {self.top(raw)}")
         self.out.line(f"  chain: {self.top(processed)}  ({left} of {processed.numel()} tokens left)")
         self.done = bool(finished[0])
@@ -263,17 +180,23 @@ def run(config: CommandConfig, registry: Registry, *, heading: str | None = None
     if heading:
         print(f"=== {heading} ===", flush=True)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    prompts = read_prompts(config) if config.prompt_tokens is None else []
+    summary = RunSummary.for_run(config)
     try:
-        if config.prompt_tokens is not None:
-            run_tokens(decoder, out, writer, seed)
+        if config.score:
+            run_score(decoder, prompts, out, writer)
+        elif config.prompt_tokens is not None:
+            run_tokens(decoder, out, writer, seed, summary)
         else:
-            run_texts(decoder, read_prompts(config), out, writer, seed)
+            run_texts(decoder, prompts, out, writer, seed, summary)
+        summary.close()
     finally:
         if writer is not None:
             writer.close()
 
 
-def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWriter | None, seed: int) -> None:
+def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWriter | None, seed: int,
+              summary: RunSummary) -> None:  # fmt: skip
     """Text prompts, ``batch_size`` at a time, ``num_samples`` rows each."""
     config = decoder.config
     assert decoder.tokenizer is not None
@@ -289,7 +212,7 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
     if engine is not None:
         progress = Progress.for_run(config, len(prompts) * n, unit="sample")
         try:
-            return run_on_engine(engine, decoder, prompts, out, writer, seed, progress, record, stop)
+            return run_on_engine(engine, decoder, prompts, out, writer, seed, progress, record, stop, summary)
         finally:
             progress.close()
     row_seed = seed
@@ -306,11 +229,13 @@ def run_texts(decoder: Decoder, prompts: list[str], out: Output, writer: JsonlWr
             results = generate_text(
                 decoder.model, decoder.tokenizer, batch, processors=chain, sampler=decoder.sampler,
                 max_new_tokens=config.max_new_tokens, stop=stop, num_samples=n, seed=row_seed,
-                eos_token_id=decoder.eos_token_id,
+                eos_token_id=decoder.eos_token_id, **logprob_settings(config),
                 on_text=(lambda row, piece: out.write(piece) if row == 0 else None) if stream else None,
-                on_token=_callbacks(progress.step, probs.step if probs else None),
+                on_token=_callbacks(progress.step, probs.step if probs else None, summary.token),
             )  # fmt: skip
+            lengths = [len(decoder.tokenizer.encode(p)) for p in batch]
             for i, r in enumerate(results):
+                summary.add(lengths[r.prompt_index], len(r.tokens))
                 if stream and i == 0:
                     out.line()
                     continue
@@ -341,10 +266,11 @@ def text_record(r: TextResult, first: int, settings: dict[str, Any]) -> dict[str
         "stop_string": r.stop_string,
         "token_ids": r.tokens,
         "settings": settings,
+        **logprob_fields(r.logprobs, r.prompt_logprobs),
     }
 
 
-def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: int) -> None:
+def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: int, summary: RunSummary) -> None:
     """A prompt given as token ids: the new ids stream; their text follows when there is a tokenizer."""
     config = decoder.config
     tokenizer = decoder.tokenizer
@@ -376,15 +302,19 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
         result = generate(
             decoder.model, torch.tensor([prompt] * n), processors=chain, sampler=decoder.sampler,
             max_new_tokens=config.max_new_tokens, eos_token_id=decoder.eos_token_id, seed=seeds,
-            on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None),
+            on_token=_callbacks(stream_ids, progress.step, probs.step if probs else None, summary.token),
+            logprobs=config.logprobs, logprobs_mode=config.logprobs_mode,
         )  # fmt: skip
         progress.batch_done(n)
     finally:
         progress.close()
     record = settings_record(config, decoder)
     rows = result.rows()
+    token_logprobs = result.token_logprobs() or [None] * len(rows)
+    prompt_lps = sequence_logprobs(decoder.model, [prompt], top=config.prompt_logprobs) if config.prompt_logprobs is not None else [None]
     records = []
     for i, new in enumerate(rows):
+        summary.add(len(prompt), len(new))
         content = [t for t in new if t != decoder.eos_token_id]
         text = continuation_text(tokenizer, prompt, content) if tokenizer is not None else None
         if not (stream and i == 0):
@@ -405,6 +335,7 @@ def run_tokens(decoder: Decoder, out: Output, writer: JsonlWriter | None, seed: 
             "finish_reason": result.finish_reasons[i],
             "token_ids": new,
             "settings": record,
+            **logprob_fields(token_logprobs[i], prompt_lps[0]),
         })  # fmt: skip
     if writer is not None:
         writer.write(records)

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 
 from decodekit.engine.chains import ChainSource, grammar_reason
+from decodekit.engine.logprobs import SlotLogprobs
 from decodekit.engine.request import Request, RequestOutput, eos_list, refused, validate_request
 from decodekit.engine.runner import SlotRunner, WaveRunner
 from decodekit.engine.text import RequestText
 from decodekit.errors import ConfigError, DecodekitError
 from decodekit.loop import run_chain
 from decodekit.random import RowRandom, row_seeds
+from decodekit.scoring import sequence_logprobs
 from decodekit.tokenization import Tokenizer, check_vocab, continuation_text
 
 # on_text(index, piece): a piece of request ``index``'s text, as soon as it is certain.
@@ -135,6 +137,7 @@ class Engine:
         self.eos = torch.full((S, max(len(self.eos_default), 1)), -1, dtype=torch.long, device=device)
         self.low: int | None = None  # first history column in use, None when no slot is occupied
         self.texts = False  # whether some occupied slot streams text or has stop strings
+        self.lp = SlotLogprobs(S, device)  # the logprobs of the slots that ask for them
 
     # ------------------------------------------------------------------ submitting
 
@@ -228,6 +231,10 @@ class Engine:
         processed = run_chain(self.chains.chain, history, self.logits, self.steps)
         token = self.chains.sample(history, processed, self.rng)  # [S]
         token = torch.where(self.occupied, token, -1)
+        if self.lp.active:
+            self.lp.record(self.logits, processed, token, self.chains.sampler, history)
+        else:
+            self.lp.skip()
         self._append(token)
         self.feed = token.clamp(min=0)  # what each slot feeds to the next step
         self.generated += self.occupied.long()
@@ -269,6 +276,7 @@ class Engine:
             self.hist[slot, self.col - len(ids) : self.col] = ids
             self.feed[slot] = ids[-1]
             self._set_eos(slot, item.request)
+            self.lp.admit(slot, item.request.logprobs, item.request.logprobs_mode)
             text = None
             if self.tokenizer is not None and (item.request.stop or self.on_text is not None):
                 stop = [item.request.stop] if isinstance(item.request.stop, str) else list(item.request.stop)
@@ -365,6 +373,8 @@ class Engine:
                 if piece:
                     self.on_text(live.index, piece)
         reason = grammar_reason(reason, self.chains.complete(slot, tokens))
+        logprobs, prompt_logprobs = self.lp.take(slot, tokens), self._prompt_logprobs(live)
+        self.lp.release(slot)
         self.live[slot] = None
         self.occupied[slot] = False
         self.hist[slot] = -1
@@ -374,7 +384,12 @@ class Engine:
             id=live.request.id if live.request.id is not None else live.index, index=live.index,
             prompt=live.request.prompt, prompt_ids=live.prompt_ids, tokens=tokens, text=text,
             finish_reason=reason, stop_string=stop_string, seed=live.seed, cropped=live.cropped,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
+
+    def _prompt_logprobs(self, live: _Live) -> Any:
+        n = live.request.prompt_logprobs
+        return None if n is None else sequence_logprobs(self.model, [live.prompt_ids], top=n)[0]
 
     def _compact(self) -> None:
         """Keep the occupied slots first, so the model computes only them (slot refilling)."""
@@ -403,6 +418,7 @@ class Engine:
         for name in ("hist", "feed", "occupied", "generated", "max_new", "eos", "logits"):
             setattr(self, name, getattr(self, name)[perm])
         self.chains.reorder(perm)
+        self.lp.move(src, dst)
         self.rng = self.rng.select(perm)
         self.live[dst], self.live[src] = self.live[src], None
         self._recount()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decodekit.errors import ConfigError
+from decodekit.logprobs import TokenLogprobs, check_logprobs
 from decodekit.random import SEED_LIMIT
 
 FINISH_REASONS = ("length", "eos", "stop", "error")
@@ -35,6 +36,12 @@ class Request:
         stop: stop strings: the request ends when its text holds one (trimmed from the text).
         eos_token_id: id(s) that end the request (default: the engine's, from the tokenizer).
         id: any label that comes back with the result (default: the submission number).
+        logprobs: per new token, its log-probability and the ``logprobs`` most likely tokens'
+            (0 to 20); ``None``: none.
+        logprobs_mode: ``"raw"`` (the model's distribution) or ``"processed"`` (after this
+            request's processors).
+        prompt_logprobs: the prompt tokens' raw log-probabilities (after the first), with this
+            many alternatives each; ``None``: none.
     """
 
     prompt: str | None = None
@@ -45,6 +52,9 @@ class Request:
     stop: Sequence[str] = ()
     eos_token_id: int | Sequence[int] | None = None
     id: Any = None
+    logprobs: int | None = None
+    logprobs_mode: str = "raw"
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -62,6 +72,8 @@ class RequestOutput:
         stop_string: the stop string that ended it, if one did.
         seed: the seed its stream used.
         error: why it was refused, one line naming the setting.
+        logprobs: the new tokens' :class:`~decodekit.logprobs.TokenLogprobs` (``logprobs`` asked).
+        prompt_logprobs: the prompt's (``prompt_logprobs`` asked).
     """
 
     id: Any
@@ -75,6 +87,8 @@ class RequestOutput:
     seed: int | None = None
     cropped: int = 0
     error: str | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 def validate_request(request: Request, *, has_tokenizer: bool) -> None:
@@ -105,6 +119,8 @@ def validate_request(request: Request, *, has_tokenizer: bool) -> None:
         raise ConfigError("stop: expected a list of strings")
     if stop and not has_tokenizer:
         raise ConfigError("stop: stop strings need a tokenizer; give the engine one")
+    check_logprobs(request.logprobs, request.logprobs_mode)
+    check_logprobs(request.prompt_logprobs, name="prompt_logprobs")
     if not isinstance(request.settings, Mapping):
         raise ConfigError(f"settings: expected a mapping of setting names to values, got {type(request.settings).__name__}")
 

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +23,7 @@ from decodekit.engine import Engine, Request, RequestOutput
 from decodekit.errors import ConfigError
 from decodekit.jobs.io import JobFolder, Unparsed, read_rows, scan_input
 from decodekit.jobs.spec import JobConfig, job_signature, row_key, row_seed
+from decodekit.logprobs import logprob_fields
 
 
 @dataclass
@@ -34,19 +35,24 @@ class ModelSpec:
     dtype: str = "float32"
     backend: str = "auto"
     pack_weights: bool | None = None
+    weights: str = "float32"  # float32 | bf16 | int8 (decodekit.models.weights)
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
 
     def label(self) -> str:
-        """The model as a job's signature names it: ``default`` or the checkpoint's absolute path."""
-        return self.source if self.source == "default" else str(Path(self.source).resolve())
+        """The model as a job's signature names it: ``default`` or the checkpoint's absolute path,
+        with ``[weights=bf16]`` / ``[weights=int8]`` after it for a reduced weight format (so a job
+        is not resumed in another format)."""
+        name = self.source if self.source == "default" else str(Path(self.source).resolve())
+        return name if self.weights == "float32" else f"{name} [weights={self.weights}]"
 
     def load(self) -> tuple[Any, Any, str]:
         """``(model, tokenizer or None, the model's name for the output rows)``."""
-        from decodekit.cli.run import make_tokenizer
+        from decodekit.cli.decoder import make_tokenizer
         from decodekit.models import load_model
 
         model, extras = load_model(
-            self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights
+            self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights,
+            weights=self.weights,
         )  # fmt: skip
         tokenizer = make_tokenizer(self.tokenizer, extras, needed=False)
         return model, tokenizer, str(extras.source)
@@ -61,6 +67,8 @@ class Decoding:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     eos_token_id: int | None = None
+    logprobs: int | None = None  # per-token logprobs in each output row (job.logprobs), n alternatives
+    logprobs_mode: str = "raw"
 
 
 # ------------------------------------------------------------------------------ rows
@@ -100,6 +108,8 @@ def row_request(row: Any, number: int, decoding: Decoding) -> Request:
         stop=decoding.stop if stop is None else stop,
         eos_token_id=decoding.eos_token_id,
         id=number,
+        logprobs=decoding.logprobs,
+        logprobs_mode=decoding.logprobs_mode,
     )
 
 
@@ -115,6 +125,7 @@ def result_record(out: RequestOutput, row_id: Any, request: Request, model_name:
         "cropped": out.cropped,
         "settings": dict(request.settings),
         "model": model_name,
+        **logprob_fields(out.logprobs),
     }
 
 
@@ -176,6 +187,8 @@ def open_job(job: JobConfig, decoding: Decoding, model_name: str) -> JobFolder:
     assert job.input is not None and job.output is not None
     extra = {"max_new_tokens": decoding.max_new_tokens, "stop": decoding.stop, "eos_token_id": decoding.eos_token_id,
              "format": job.output_format}  # fmt: skip
+    if decoding.logprobs is not None:  # only then: folders of jobs without logprobs keep their signature
+        extra["logprobs"] = [decoding.logprobs, decoding.logprobs_mode]
     signature = job_signature(model=model_name, settings=decoding.settings, seed=decoding.seed, input_path=job.input, extra=extra)
     return JobFolder.open(job.output, signature, job.output_format)
 
@@ -214,7 +227,7 @@ def run_job(
     ``model`` names what to load (a :class:`ModelSpec`, or a ``load_model`` source);
     ``loaded=(model, tokenizer, name)`` passes a model already in memory instead (local runner only).
     """
-    decoding = decoding or Decoding()
+    decoding = replace(decoding or Decoding(), logprobs=job.logprobs, logprobs_mode=job.logprobs_mode)
     spec = ModelSpec(source=model) if isinstance(model, str) else model
     if job.runner == "ray":
         from decodekit.jobs.ray_runner import run_ray

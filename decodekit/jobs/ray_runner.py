@@ -88,6 +88,17 @@ def commit_entry(folder: JobFolder, entry: dict[str, Any]) -> tuple[int, int]:
     return len(entry["keys"]), len(fresh)
 
 
+def check_room(settings: Any, cpus: float) -> None:
+    """Refuse an actor pool that leaves Ray Data's read tasks no CPU: the job would wait forever."""
+    taken = settings.actors * settings.num_cpus
+    if taken > cpus - 1:
+        raise ConfigError(
+            f"job.ray.actors={settings.actors} x job.ray.num_cpus={settings.num_cpus:g} takes {taken:g} of the cluster's "
+            f"{cpus:g} CPUs; the input's read tasks need 1 free, so the job would never start: use fewer actors or "
+            "a fraction of a CPU each (job.ray.num_cpus=0.5)"
+        )
+
+
 def run_ray(job: JobConfig, spec: ModelSpec, decoding: Decoding, *, stream: TextIO | None = None) -> JobFolder:
     """Run (or resume) ``job`` on Ray: the local runner's folder, made by ``job.ray.actors`` actors."""
     ray = _ray()
@@ -102,6 +113,7 @@ def run_ray(job: JobConfig, spec: ModelSpec, decoding: Decoding, *, stream: Text
     if started:
         ray.init(address=settings.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
+        check_room(settings, ray.cluster_resources().get("CPU", 0.0))
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines among the progress lines
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False

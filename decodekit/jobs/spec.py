@@ -46,17 +46,16 @@ class JobConfig(BaseModel):
     format: Optional[Literal["jsonl", "parquet"]] = Field(None, description="output parts; null = the input's format")
     part_size: int = Field(256, ge=1, description="rows per committed part")
     slots: int = Field(16, ge=1, description="requests the engine decodes together")
-    logprobs: bool = Field(False, description="per-token logprobs in the output (not supported yet)")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="per-token logprobs in each output row, n alternatives each")
+    logprobs_mode: Literal["raw", "processed"] = Field("raw", description="raw | processed (after the row's processors)")
     progress_every: float = Field(10.0, ge=0, description="seconds between progress lines on stderr (0: every part)")
     ray: RayConfig = Field(default_factory=RayConfig, description="the Ray runner's settings")
 
     def check(self) -> None:
-        """Refuse, in one line, a job that cannot run: no input or output, logprobs, a bad input name."""
+        """Refuse, in one line, a job that cannot run: no input or output, a bad input name."""
         if self.input is None or self.output is None:
             missing = "job.input" if self.input is None else "job.output"
             raise ConfigError(f"{missing}: is required for a job (job.input=FILE job.output=FOLDER)")
-        if self.logprobs:
-            raise ConfigError("job.logprobs=true: per-token logprobs are not supported by jobs yet; drop it")
         input_format(self.input)
         if not Path(self.input).is_file():
             raise ConfigError(f"job.input={self.input!r}: no such file")

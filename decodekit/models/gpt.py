@@ -91,7 +91,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, T, C]
-        mask: torch.Tensor | None,  # [B, 1, T, S] bool, True = may attend; None = plain causal
+        mask: torch.Tensor | None,  # [B, 1, T, S]: bool (True = may attend) or additive; None = plain causal
         cache: KVCache | SlotCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -148,7 +148,8 @@ def _contiguous_embedding(module: nn.Module, state: dict[str, Any], prefix: str,
     if weight is None or isinstance(weight, nn.Parameter) or weight.is_contiguous():
         return
     weight = weight.contiguous()
-    for name in (key, prefix + "lm_head.weight"):
+    tied = module.lm_head.weight is module.transformer.wte.weight  # not after convert_weights
+    for name in (key, prefix + "lm_head.weight") if tied else (key,):
         if name in state:
             state[name] = weight
 
@@ -214,7 +215,8 @@ class GPT(nn.Module):
         if weight.stride() != (1, weight.shape[0]):
             weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
             self.transformer.wte.weight = weight
-        self.lm_head.weight = weight
+        if isinstance(self.lm_head, nn.Linear):  # a head converted to bf16 / int8 keeps its own copy
+            self.lm_head.weight = weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -287,7 +289,9 @@ class GPT(nn.Module):
         :class:`SlotCache`, ``T`` is 1, ``position_ids`` are the rows' lengths, and the cache
         makes the mask itself (``attention_mask`` may be ``None``).
         """
-        mask = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S]
+        allowed = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S] bool
+        # additive once per step: given the bool mask, attention would convert it in every layer
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
         pos = position_ids.clamp(min=0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]

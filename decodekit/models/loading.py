@@ -50,6 +50,7 @@ from decodekit.models.checkpoints import (
 )
 from decodekit.models.hf_folders import Backend, load_hf_folder, require_hf_folder
 from decodekit.models.protocol import CausalLM
+from decodekit.models.weights import check_weights, convert_model_weights
 
 __all__ = ["ModelExtras", "load_model", "resolve_device", "resolve_dtype", "find_latest_checkpoint"]
 
@@ -97,6 +98,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     backend: Backend = "auto",
     pack_weights: bool | None = None,
+    weights: str = "float32",
 ) -> tuple[CausalLM, ModelExtras]:
     """Load a model and what its checkpoint says about itself.
 
@@ -113,21 +115,26 @@ def load_model(
             (:mod:`decodekit.models.packing`: faster decoding, a second copy of those weights in
             memory). ``None`` keeps the model's default: on for the native GPT, off for
             Hugging Face models through the adapter.
+        weights: how the projections' weights are stored on CPU (:mod:`decodekit.models.weights`):
+            ``"float32"`` (exact, the default), ``"bf16"`` or ``"int8"`` (per-channel scales);
+            the latter two need ``dtype="float32"`` and make the model inference-only.
 
     Returns:
         ``(model, extras)``: a model in eval mode following
         :class:`~decodekit.models.protocol.CausalLM`, and :class:`ModelExtras`.
 
     Raises:
-        ConfigError: a bad ``device``, ``dtype`` or ``backend``.
+        ConfigError: a bad ``device``, ``dtype``, ``backend`` or ``weights``.
         ModelLoadError: a missing file, an unknown name, an unrecognised or unsafe
             checkpoint, or weights that do not fit their config.
     """
     if pack_weights is not None and not isinstance(pack_weights, bool):
         raise ConfigError(f"pack_weights={pack_weights!r} is not allowed: must be true, false or null")
+    check_weights(weights)
     model, extras = _load(source, device, dtype, backend)
     if pack_weights is not None:
         model.pack_weights(pack_weights)
+    convert_model_weights(model, weights)
     return model, extras
 
 

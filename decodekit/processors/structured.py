@@ -1,23 +1,24 @@
 """Structured output: force each row's new tokens into a JSON schema, a regex, a grammar or a choice.
 
 vLLM's ``StructuredOutputsParams(json=, regex=, choice=, grammar=)`` and llama.cpp's
-``--grammar`` / ``--json-schema``, on the grammar backend of :mod:`decodekit.grammar` (llguidance).
+``--grammar`` / ``--json-schema``, on a grammar backend of :mod:`decodekit.grammar` (llguidance by
+default, or xgrammar).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.errors import ConfigError
-from decodekit.grammar import KINDS, GrammarBackend, read_spec
+from decodekit.grammar import BACKENDS, DEFAULT_BACKEND, KINDS, backend, read_spec
 from decodekit.processors.base import NEG_INF, BuildContext, LogitsProcessor
 from decodekit.processors.rows import prompt_lengths
 
-Spec = tuple[str, Any]  # (kind, value read by read_spec)
+Spec = tuple[str, Any, str]  # (kind, value read by read_spec, backend name)
 
 
 class Structured(LogitsProcessor):
@@ -33,6 +34,8 @@ class Structured(LogitsProcessor):
     allowed tokens were all removed before this processor gets them back at logit 0 (its
     distribution stays valid and within the grammar). Takes one spec per row (``None``: that row is free); ``reorder`` and
     ``assign`` copy matcher state. A grammar no token can start is a :class:`ConfigError`.
+    ``structured_backend`` picks the grammar backend (``llguidance``, the default, or
+    ``xgrammar``), per row too: each row's mask is filled by its own.
     :meth:`complete` says whether a row's tokens form a whole sentence of its grammar
     (``finish_reason="incomplete"`` when not).
     """
@@ -41,9 +44,9 @@ class Structured(LogitsProcessor):
     order = 45  # after the penalties (they remove nothing), before bans and truncation
     negative_padding = True
     row_fields = ("_prompt_lengths",)
-    row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None}
+    row_params = {"json_schema": None, "regex": None, "grammar": None, "choice": None, "structured_backend": None}
     # per-row specs need a tokenizer the conformance kit does not have: checked there instead
-    row_checks_elsewhere = "tests/test_structured.py::test_per_row_specs_in_a_batch_and_per_request_in_the_engine"
+    row_checks_elsewhere = "tests/test_structured_settings.py::test_per_row_specs_in_a_batch_and_per_request_in_the_engine"
     test_params = [  # grammars that accept the empty output: every vocabulary size can end at once
         lambda v: {"regex": "[ab]*c?", "tokenizer": _letters(v)},
         lambda v: {"grammar": 'start: ("a" | "bc" | "{")*', "tokenizer": _letters(v)},
@@ -55,6 +58,9 @@ class Structured(LogitsProcessor):
         regex: str | None = Field(default=None, description="a regular expression the whole output matches")
         grammar: str | None = Field(default=None, description="a Lark or GBNF grammar (inline or @file)")
         choice: list[str] | None = Field(default=None, description="the output is exactly one of these strings")
+        structured_backend: Literal["llguidance", "xgrammar"] | None = Field(
+            default=None, description="the grammar backend: llguidance (default), or xgrammar (its own extra)"
+        )
 
     def __init__(
         self,
@@ -62,32 +68,38 @@ class Structured(LogitsProcessor):
         regex: Any = None,
         grammar: Any = None,
         choice: Any = None,
+        structured_backend: Any = None,
         *,
         tokenizer: Any,
         eos_token_id: int | list[int] | None = None,
         vocab_size: int | None = None,
     ) -> None:
-        values = {"json_schema": json_schema, "regex": regex, "grammar": grammar, "choice": choice}
+        values = {"json_schema": json_schema, "regex": regex, "grammar": grammar, "choice": choice,
+                  "structured_backend": structured_backend}  # fmt: skip
         per_row = [k for k, v in values.items() if _is_rows(k, v)]
         if per_row:
             n = {len(values[k]) for k in per_row}
             if len(n) > 1:
                 raise ConfigError(f"{self.name}: {', '.join(per_row)} give different numbers of per-row values")
             self.rows = n.pop()
-            rows = [{k: (values[k][i] if k in per_row else values[k]) for k in KINDS} for i in range(self.rows)]
+            rows = [{k: (values[k][i] if k in per_row else values[k]) for k in values} for i in range(self.rows)]
             self._specs: list[Spec | None] | None = [_spec(r, f"row {i}: ") for i, r in enumerate(rows)]
             self._spec: Spec | None = None
         else:
             self._specs, self._spec = None, _spec(values)
             if self._spec is None:
-                raise ConfigError(f"{self.name}: set one of json_schema, regex, grammar, choice")
+                given = "" if structured_backend is None else f" (structured_backend={structured_backend} alone is not enough)"
+                raise ConfigError(f"{self.name}: set one of json_schema, regex, grammar, choice{given}")
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if eos is None:
             raise ConfigError("structured output needs an end-of-sequence token, and none is known (set eos_token_id)")
         self.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
         self.vocab_size = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
-        self._backend = GrammarBackend()
-        self._vocabulary = self._backend.vocabulary(tokenizer, self.vocab_size, self.eos_token_id)
+        self._backends: dict[str, Any] = {}  # name -> (backend, vocabulary), for the backends rows use
+        for spec in self._specs if self._specs is not None else [self._spec]:
+            if spec is not None and spec[2] not in self._backends:
+                b = backend(spec[2])
+                self._backends[spec[2]] = (b, b.vocabulary(tokenizer, self.vocab_size, self.eos_token_id))
         self._fresh: dict[str, Any] = {}
         for i, spec in enumerate(self._specs if self._specs is not None else [self._spec]):
             if spec is not None:
@@ -113,12 +125,14 @@ class Structured(LogitsProcessor):
         """The pristine matcher of ``spec`` (compiled once), checked to have a first token."""
         key = json.dumps(spec, sort_keys=True)
         if key not in self._fresh:
+            kind, value, name = spec
+            b, vocabulary = self._backends[name]
             try:
-                matcher = self._backend.matcher(self._vocabulary, *spec)
+                matcher = b.matcher(vocabulary, kind, value)
             except ConfigError as e:
                 raise ConfigError(f"{where}{e}") from None
             masks = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
-            self._backend.fill_masks([(matcher, 0)], masks)
+            b.fill_masks([(matcher, 0)], masks)
             allowed = _unpack(masks, self.vocab_size)[0]
             allowed[self.eos_token_id] = False
             if not bool(allowed.any()) and not matcher.is_accepting():
@@ -170,7 +184,8 @@ class Structured(LogitsProcessor):
             self._masks = torch.empty((batch, (vocab + 31) // 32), dtype=torch.int32)
         self._masks.fill_(-1)  # free rows: every token
         assert self._matchers is not None
-        self._backend.fill_masks([(m, b) for b, m in enumerate(self._matchers) if m is not None], self._masks)
+        for name, pairs in self._by_backend([(m, b) for b, m in enumerate(self._matchers) if m is not None]):
+            self._backends[name][0].fill_masks(pairs, self._masks)
         allowed = _unpack(self._masks.to(logits.device, non_blocking=True), vocab)  # [B, V]
         dead = ~allowed.any(dim=-1, keepdim=True)  # a grammar with no way on: only EOS (no sync)
         allowed = allowed | (dead & self._eos_mask(vocab, logits.device))
@@ -197,7 +212,7 @@ class Structured(LogitsProcessor):
         if width <= 0:
             return
         tail = input_ids[:, max(input_ids.shape[1] - width, 0) :].cpu().tolist()
-        pairs = []
+        pairs, rows = [], []
         for b, matcher in enumerate(self._matchers):  # matchers are per row by nature (like text)
             new = generated[b] - self._consumed[b]
             if matcher is None or new <= 0:
@@ -208,9 +223,22 @@ class Structured(LogitsProcessor):
             tokens = [t for t in tail[b][len(tail[b]) - new :] if t >= 0]
             if len(tokens) == 1:
                 pairs.append((matcher, tokens[0]))
+                rows.append(b)
             elif tokens:
                 matcher.consume_tokens(tokens)
-        self._backend.consume(pairs)
+        for name, group in self._by_backend(pairs, rows):
+            self._backends[name][0].consume(group)
+
+    def _by_backend(self, pairs: list[tuple[Any, int]], rows: list[int] | None = None) -> list[tuple[str, list[tuple[Any, int]]]]:
+        """``pairs`` grouped by their row's backend (the row is ``pairs[i][1]``, or ``rows[i]``)."""
+        if self._specs is None:
+            return [(self._spec[2], pairs)] if pairs and self._spec is not None else []
+        groups: dict[str, list[tuple[Any, int]]] = {}
+        for i, pair in enumerate(pairs):
+            spec = self._specs[pair[1] if rows is None else rows[i]]
+            assert spec is not None
+            groups.setdefault(spec[2], []).append(pair)
+        return list(groups.items())
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows taken as ``[index]``: each row's matcher is copied (a row may be taken twice)."""
@@ -236,6 +264,7 @@ class Structured(LogitsProcessor):
             self.begin(torch.full((self.rows, 1), -1, dtype=torch.long))
         assert self._matchers is not None and self._prompt_lengths is not None and other._prompt_lengths is not None
         self._fresh.update(other._fresh)
+        self._backends.update(other._backends)
         lengths = self._prompt_lengths.clone()
         for j, r in enumerate(rows.tolist()):  # at admission, not per step
             self._specs[r] = other.spec_of(j)
@@ -250,6 +279,7 @@ class Structured(LogitsProcessor):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._fresh = dict(self._fresh)
+        new._backends = dict(self._backends)
         new._specs = None if self._specs is None else list(self._specs)
         new._matchers = None if self._matchers is None else [None if m is None else m.deep_copy() for m in self._matchers]
         new._consumed = list(self._consumed)
@@ -273,8 +303,11 @@ def _spec(values: dict[str, Any], where: str = "") -> Spec | None:
         raise ConfigError(f"{where}set only one of json_schema, regex, grammar, choice (got {', '.join(given)})")
     if not given:
         return None
+    name = DEFAULT_BACKEND if values.get("structured_backend") is None else values["structured_backend"]
+    if name not in BACKENDS:
+        raise ConfigError(f"{where}structured_backend={name!r} is not allowed: one of {', '.join(BACKENDS)}")
     try:
-        return given[0], read_spec(given[0], values[given[0]])
+        return given[0], read_spec(given[0], values[given[0]]), name
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
 

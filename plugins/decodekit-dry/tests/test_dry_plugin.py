@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import decodekit
@@ -153,15 +153,17 @@ def per_row_dry_cases(draw: st.DrawFn) -> list[dict]:
     rows = []
     for _ in range(draw(st.integers(1, 4))):
         case = draw(dry_cases())
-        rows.append({**case, "tokens": [t % vocab for t in case["rows"][0]], "breakers": [[t % vocab for t in b] for b in case["breakers"]]})
+        rows.append({**case, "vocab": vocab, "tokens": [t % vocab for t in case["rows"][0]],
+                     "breakers": [[t % vocab for t in b] for b in case["breakers"]]})  # fmt: skip
     return rows
 
 
 @settings(max_examples=100, deadline=None)
 @given(rows=per_row_dry_cases())
+@example(rows=[{"rows": [[0, 0]], "vocab": 2, "multiplier": 0.5, "base": 1.0, "allowed": 0, "last_n": -1, "breakers": [[1]],
+                "tokens": [0, 0]}])  # a breaker id that no row holds  # fmt: skip
 def test_per_row_settings_match_the_literal_port_row_by_row_through_left_padding(rows) -> None:
-    # every id drawn, breakers' too: a breaker id past the logits is refused (a one-line error)
-    vocab = max(max([*r["tokens"], *(t for b in r["breakers"] for t in b)]) for r in rows) + 1
+    vocab = rows[0]["vocab"]  # breakers may name ids no row holds
     width = max(len(r["tokens"]) for r in rows)
     ids = torch.tensor([[-1] * (width - len(r["tokens"])) + r["tokens"] for r in rows])  # left-padded with -1
     logits = torch.linspace(-1.0, 1.0, vocab).repeat(len(rows), 1)

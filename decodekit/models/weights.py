@@ -1,0 +1,214 @@
+"""Weight formats for CPU decoding: float32 (exact), bfloat16, and int8 with per-channel scales.
+
+Decoding one token reads every weight once, so at small batches a step costs about the bytes of
+its weights: bfloat16 halves them, int8 quarters them. :func:`convert_weights` swaps a model's
+projections (``nn.Linear``, and transformers' ``Conv1D`` of GPT-2) for :class:`BF16Linear` or
+:class:`Int8Linear`, in place; everything else (embedding lookups, LayerNorm, attention, the
+residual stream, the key/value cache) stays in the model's dtype, and the logits come back in
+float32. The output head is converted too (it is the largest matrix of a small model: 31% of
+GPT-2 124M's weights); a tied input embedding keeps its float32 table for the lookup, so the
+head gets its own converted copy.
+
+- ``bf16``: weights rounded to bfloat16 (8 bits of mantissa), multiplied through oneDNN's
+  prepacked bfloat16 kernels (AVX512-BF16 / AMX where the CPU has them) with float32
+  accumulation; activations are rounded to bfloat16 on the way in.
+- ``int8``: symmetric int8 per output channel (``w ~ q * scale``, ``q`` in ``[-127, 127]``,
+  ``scale = max|w_row| / 127``), multiplied by ``torch._weight_int8pack_mm`` as gpt-fast does
+  (weight-only: the int8 weights are widened inside the kernel; activations are rounded to
+  bfloat16 on the way in: with float32 inputs that kernel is over ten times slower on torch 2.13,
+  5.4 ms against 0.45 for a ``[3072, 768]`` weight and one row, one thread).
+
+Both use their kernels for a decoding step's few rows (up to ``max_rows``); a prefill's many
+rows multiply by the weight widened to float32 for the call, which is faster there.
+
+The error each format makes is measured in ``docs/models.md`` and bounded in
+``tests/test_weights.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from decodekit.errors import ConfigError
+
+__all__ = [
+    "WEIGHTS",
+    "BF16Linear",
+    "Int8Linear",
+    "WeightFormat",
+    "check_weights",
+    "compare_logits",
+    "convert_model_weights",
+    "convert_weights",
+]
+
+WeightFormat = Literal["float32", "bf16", "int8"]
+WEIGHTS: tuple[str, ...] = ("float32", "bf16", "int8")
+
+
+def check_weights(weights: object) -> str:
+    """``weights`` itself if it names a format, else one :class:`ConfigError` line."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r} is not allowed: expected one of {', '.join(WEIGHTS)}")
+    return weights  # type: ignore[return-value]
+
+
+def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [N, K], bias [N] or None)`` of a linear projection, or ``None`` for anything else.
+
+    ``nn.Linear`` (and its subclasses, decodekit's packing ``Linear`` among them) stores
+    ``[out, in]``; transformers' ``Conv1D`` (GPT-2) stores the transpose, ``[in, out]``.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+        return module.weight.detach().t(), None if module.bias is None else module.bias.detach()
+    return None
+
+
+class _Converted(nn.Module):
+    """What both converted projections share: the sizes, a float32 bias, the row threshold.
+
+    The reduced-precision kernels win where a step reads each weight for a few rows (decoding);
+    above :attr:`max_rows` rows (a prefill) the weight is widened to float32 for that call and
+    multiplied by MKL, which is then faster (measured on the 2-core AVX512-BF16 machine, one
+    thread, ``[3072, 768]``: 64 rows in 3.9-4.3 ms that way against 5.0 bf16 and 8.1 int8).
+    """
+
+    max_rows: int = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= self.max_rows and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = self._few_rows(x2).to(dtype)
+            if self.bias is not None:
+                y = y.add_(self.bias.to(dtype))
+        else:
+            y = F.linear(x2, self.dequantized().to(dtype), None if self.bias is None else self.bias.to(dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class BF16Linear(_Converted):
+    """A projection with bfloat16 weights (oneDNN-prepacked on CPU), float32 in and out.
+
+    Up to :attr:`max_rows` rows, the input is rounded to bfloat16 and multiplied by the
+    prepacked weight (float32 accumulation); the result is widened back.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
+        self._pack: torch.Tensor | None = None
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pack is None:
+            try:
+                self._pack = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+            except (RuntimeError, AttributeError):  # a build without oneDNN's bfloat16 path
+                self._pack = self.weight
+        if self._pack is self.weight:
+            return F.linear(x.to(torch.bfloat16), self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self._pack, None, "none", [], "")
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` this layer multiplies by."""
+        return self.weight.float()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]  # .to(): the pack is stale
+        self._pack = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, object]:  # copies and pickles leave the pack behind
+        return {**self.__dict__, "_pack": None}
+
+
+class Int8Linear(_Converted):
+    """A projection with int8 weights and a scale per output channel, float32 in and out.
+
+    Up to :attr:`max_rows` rows, ``torch._weight_int8pack_mm`` multiplies (its fast CPU path
+    takes bfloat16 activations: the input is rounded to bfloat16, the int8 weights widened
+    inside the kernel, float32 accumulation, the result rounded to bfloat16 and widened back).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [N]
+        self.register_buffer("weight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale_bf16)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` this layer multiplies by (``q * scale``)."""
+        return self.weight.float() * self.scale[:, None]
+
+
+FORMATS = {"bf16": BF16Linear, "int8": Int8Linear}
+
+
+def convert_weights(model: nn.Module, weights: str) -> nn.Module:
+    """Store ``model``'s projections in the format ``weights`` names, in place; returns ``model``.
+
+    ``"float32"`` changes nothing. ``"bf16"`` and ``"int8"`` replace every ``nn.Linear`` and
+    ``Conv1D`` (the output head included) with :class:`BF16Linear` / :class:`Int8Linear`, made
+    from the current weights; the model is then for inference only (the new layers hold buffers,
+    not parameters). A model whose weights are already in a reduced dtype is refused: convert
+    from float32.
+    """
+    check_weights(weights)
+    if weights == "float32":
+        return model
+    make = FORMATS[weights]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            found = _projection(child)
+            if found is None:
+                continue
+            weight, bias = found
+            if weight.dtype != torch.float32:
+                raise ConfigError(
+                    f"weights={weights!r} converts float32 weights; this model's are {weight.dtype} (use dtype=float32)"
+                )
+            setattr(parent, name, make(weight, bias))
+    return model
+
+
+def convert_model_weights(model: object, weights: str) -> object:
+    """:func:`convert_weights` for a loaded model: a ``torch.nn`` model itself, or the module
+    inside an adapter (``HFCausalLM.model``); returns ``model``."""
+    if check_weights(weights) == "float32":
+        return model
+    module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"weights={weights!r}: {type(model).__name__} holds no torch module to convert")
+    convert_weights(module, weights)
+    return model
+
+
+def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How far ``logits`` are from ``reference`` (same shape, ``[..., V]``): the largest absolute
+    difference, the relative error ``||logits - reference|| / ||reference||`` (Frobenius), and
+    the fraction of positions whose argmax agrees (``top1``)."""
+    reference, logits = reference.float(), logits.float()
+    diff = logits - reference
+    return {
+        "max_abs": diff.abs().max().item(),
+        "relative": (diff.norm() / reference.norm()).item(),
+        "top1": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+    }
