@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from decodekit import hookspecs
 from decodekit.errors import ConfigError, PluginError
 from decodekit.processors.base import BuildContext, ProcessorChain
-from decodekit.validation import validate
+from decodekit.validation import field_model, validate
 
 ENTRY_POINT_GROUP = "decodekit"
 DISABLE_AUTOLOAD_ENV = "DECODEKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -62,7 +62,8 @@ class Registry:
     samplers: dict[str, Component] = field(default_factory=dict)
     strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
     strategy_plugins: dict[str, str] = field(default_factory=dict)
-    owners: dict[str, Component] = field(default_factory=dict)  # setting name -> component
+    owners: dict[str, Component] = field(default_factory=dict)  # setting name -> component (the first, if shared)
+    sharers: dict[str, list[Component]] = field(default_factory=dict)  # shared setting -> every component taking it
 
     # --- filling --------------------------------------------------------------------------
 
@@ -82,6 +83,8 @@ class Registry:
             raise PluginError(f"plugin {plugin}: {kind} {name!r} has order={order!r}; expected an integer")
         component = Component(name, kind, cls, params, plugin, order)
         for setting in component.settings:
+            if setting in self.owners and _shared(setting, component, self.owners[setting]):
+                continue
             if setting in self.owners or setting in ("sampler", "strategy"):
                 other = self.owners.get(setting)
                 who = f"{other.kind} {other.name!r} of plugin {other.plugin}" if other else "decodekit itself"
@@ -89,7 +92,9 @@ class Registry:
                     f"setting {setting!r} of {kind} {name!r} (plugin {plugin}) is already used by {who}"
                 )
         for setting in component.settings:
-            self.owners[setting] = component
+            self.owners.setdefault(setting, component)
+            if setting in getattr(cls, "shared_settings", ()):
+                self.sharers.setdefault(setting, []).append(component)
         table[name] = component
         return component
 
@@ -125,14 +130,29 @@ class Registry:
     # --- building -------------------------------------------------------------------------
 
     def split(self, settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Group flat settings by the component that owns them; ``None`` values are left out."""
+        """Group flat settings by the component that owns them; ``None`` values are left out.
+
+        A shared setting (``penalty_last_n``) goes to every component taking it that another of
+        its settings puts in the chain; given alone, it is validated and changes nothing.
+        """
         grouped: dict[str, dict[str, Any]] = {}
+        shared: dict[str, Any] = {}
         for key, value in settings.items():
             owner = self.owners.get(key)
             if owner is None:
                 raise ConfigError(f"{key}: not a known setting{_suggest(key, self.owners)}; known: {', '.join(self.settings)}")
-            if value is not None:
+            if value is None:
+                continue
+            if key in self.sharers:
+                shared[key] = value
+            else:
                 grouped.setdefault(f"{owner.kind}:{owner.name}", {})[key] = value
+        for key, value in shared.items():
+            takers = [f"{c.kind}:{c.name}" for c in self.sharers[key] if f"{c.kind}:{c.name}" in grouped]
+            if not takers:
+                validate(field_model(self.owners[key].params, key), **{key: value})
+            for taker in takers:
+                grouped[taker][key] = value
         return grouped
 
     def build_chain(
@@ -195,6 +215,14 @@ class Registry:
                 raise ConfigError(f"{', '.join(group)}: setting(s) of sampler {other!r}, but sampler={name!r}")
         params = validate(component.params, **own)
         return component.cls.from_params(params, context or BuildContext())
+
+
+def _shared(setting: str, new: Component, owner: Component) -> bool:
+    """Whether both components declare ``setting`` shared, with the same type, default and bounds."""
+    if setting not in getattr(new.cls, "shared_settings", ()) or setting not in getattr(owner.cls, "shared_settings", ()):
+        return False
+    a, b = new.params.model_fields[setting], owner.params.model_fields[setting]
+    return (a.annotation, a.default, a.metadata) == (b.annotation, b.default, b.metadata)
 
 
 def _suggest(name: str, known: Mapping[str, Any]) -> str:

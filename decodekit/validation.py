@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from decodekit.errors import ConfigError
 
@@ -93,3 +94,11 @@ def token_sequences(value: list[Any]) -> list[Any]:
         if isinstance(item, list) and any(i < 0 for i in item):
             raise ValueError("token ids must be >= 0")
     return value
+
+
+@functools.cache
+def field_model(params: type[BaseModel], name: str) -> type[BaseModel]:
+    """A model of ``params``'s field ``name`` alone: one setting checked without the others (its
+    type and bounds; not ``params``'s validators)."""
+    f = params.model_fields[name]
+    return create_model(f"{params.__qualname__}.{name}", __config__=ConfigDict(extra="forbid"), **{name: (f.annotation, f)})

@@ -1,5 +1,6 @@
 """Built-in logits processors, one module per family."""
 
+from decodekit.processors.allowed import AllowedTokenIds, PrefixAllowedTokens
 from decodekit.processors.bans import BadWords, LogitBias, MinNewTokens
 from decodekit.processors.base import BanSkippedWarning, BuildContext, LogitsProcessor, ProcessorChain
 from decodekit.processors.guidance import BagOfWords, EosLengthPenalty
@@ -14,6 +15,8 @@ BUILTIN_PROCESSORS = [
     PresencePenalty,
     FrequencyPenalty,
     NoRepeatNGram,
+    AllowedTokenIds,
+    PrefixAllowedTokens,
     Structured,
     BadWords,
     LogitBias,
@@ -31,6 +34,7 @@ BUILTIN_PROCESSORS = [
 ]
 
 __all__ = [
+    "AllowedTokenIds",
     "BUILTIN_PROCESSORS",
     "BadWords",
     "BanSkippedWarning",
@@ -45,6 +49,7 @@ __all__ = [
     "MinNewTokens",
     "MinP",
     "NoRepeatNGram",
+    "PrefixAllowedTokens",
     "PresencePenalty",
     "ProcessorChain",
     "RepetitionPenalty",

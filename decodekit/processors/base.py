@@ -35,6 +35,9 @@ scalars runs on any batch.
 - ``active``: False when every row is off (known from host values, no sync); a chain skips inactive
   processors. ``assign`` recomputes it (one host sync, at admission, not per step); ``reorder``
   keeps it.
+- ``shared_settings``: ``Params`` fields that other processors declare too, identically (the
+  penalties' ``penalty_last_n``). The registry lets each of them own the name, and a value given
+  as a setting reaches every one of them that is in the chain (it adds none to the chain).
 - ``negative_padding``: the processor reads ``input_ids`` and ignores negative ids there (rows may
   be left-padded with ``-1``): they are never counted as present, never part of an n-gram. Positive
   pad ids given by users of ``generate`` keep their meaning (counted, as transformers does). A
@@ -53,7 +56,7 @@ from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
 from decodekit.processors.rows import column, common_shape, float_rows, int_rows, is_row_list, pad_to, row_values
-from decodekit.validation import validate
+from decodekit.validation import field_model, validate
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,6 +90,7 @@ class LogitsProcessor:
     row_test_values: ClassVar[dict[str, list[Any]]] = {}  # per-row setting -> values the kit gives rows (off first)
     row_padding: ClassVar[dict[str, Any]] = {}  # padded row_fields -> their fill value (assign re-pads)
     negative_padding: ClassVar[bool] = False  # reads input_ids and ignores negative (padding) ids
+    shared_settings: ClassVar[tuple[str, ...]] = ()  # settings other processors take too (penalty_last_n)
     active: bool = True  # False when every row is off: a chain skips the processor
     rows: int | None = None  # the batch size when built with per-row values
 
@@ -138,8 +142,12 @@ class LogitsProcessor:
     def init_setting(self, name: str, value: Any, kind: type = float) -> None:
         """Set ``self.<name>`` from a scalar or from per-row values, each validated by ``Params``."""
 
+        # the whole Params (its validators too) where the others have defaults, else the field alone
+        others_required = any(f.is_required() for n, f in self.Params.model_fields.items() if n != name)
+        model = field_model(self.Params, name) if others_required else self.Params
+
         def check(v: Any) -> Any:
-            return kind(getattr(validate(self.Params, **{name: v}), name))
+            return kind(getattr(validate(model, **{name: v}), name))
 
         if not is_row_list(value):
             setattr(self, name, check(value))

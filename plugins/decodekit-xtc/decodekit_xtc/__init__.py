@@ -1,5 +1,5 @@
 """decodekit-xtc: XTC, Exclude Top Choices, for decodekit (settings ``xtc_probability``,
-``xtc_threshold``, ``xtc_seed``)."""
+``xtc_threshold``, ``xtc_seed``, ``xtc_min_keep``)."""
 
 from decodekit_xtc.xtc import XTC
 

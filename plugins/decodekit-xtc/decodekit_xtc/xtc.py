@@ -14,6 +14,7 @@ from decodekit.random import hash32
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_FLOATS = ("xtc_probability", "xtc_threshold")
 
 
 class XTC(LogitsProcessor):
@@ -26,7 +27,9 @@ class XTC(LogitsProcessor):
     token that was "good enough". A threshold above 0.5 therefore never acts. Typical: probability
     0.5, threshold 0.1. XTC was proposed by p-e-w (text-generation-webui #6335); semantics of
     llama.cpp's ``llama_sampler_xtc``, except that tokens tied with the least likely one in ``A``
-    are all kept (llama.cpp keeps one of them, chosen by its sort).
+    are all kept (llama.cpp keeps one of them, chosen by its sort). ``xtc_min_keep = m``
+    (llama.cpp's ``min_keep``, default 0): a step that would leave fewer than ``m`` tokens
+    (counting every token not ``-inf``) removes nothing.
 
     The draw: processors get no random generator, so ``u`` is a hash of ``xtc_seed`` and of the
     row's tokens from the last prompt token on (each row's prompt length comes from ``begin``;
@@ -41,24 +44,26 @@ class XTC(LogitsProcessor):
     name = "xtc"
     order = 950  # after the other truncation filters
     negative_padding = True
-    row_fields = ("xtc_probability", "xtc_threshold", "xtc_seed", "_prompt_lengths")
-    row_params = {"xtc_probability": 0.0, "xtc_threshold": 0.1, "xtc_seed": 0}
+    row_fields = ("xtc_probability", "xtc_threshold", "xtc_seed", "xtc_min_keep", "_prompt_lengths")
+    row_params = {"xtc_probability": 0.0, "xtc_threshold": 0.1, "xtc_seed": 0, "xtc_min_keep": 0}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         xtc_probability: float = Field(default=0.0, ge=0.0, le=1.0, description="chance per step to act; 0 = off")
         xtc_threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="probability that makes a top choice")
         xtc_seed: int = Field(default=0, ge=0, le=_MASK32, description="seed of the per-step draws")
+        xtc_min_keep: int = Field(default=0, ge=0, description="act only if at least this many tokens stay")
 
-    def __init__(self, xtc_probability: Any, xtc_threshold: Any = 0.1, xtc_seed: Any = 0) -> None:
+    def __init__(self, xtc_probability: Any, xtc_threshold: Any = 0.1, xtc_seed: Any = 0, xtc_min_keep: Any = 0) -> None:
         self.init_setting("xtc_probability", xtc_probability)
         self.init_setting("xtc_threshold", xtc_threshold)
         self.init_setting("xtc_seed", xtc_seed, int)
+        self.init_setting("xtc_min_keep", xtc_min_keep, int)
         if self.rows is not None:  # a scalar setting next to per-row ones: one value per row
-            for name in ("xtc_probability", "xtc_threshold", "xtc_seed"):
+            for name in ("xtc_probability", "xtc_threshold", "xtc_seed", "xtc_min_keep"):
                 value = getattr(self, name)
                 if not isinstance(value, torch.Tensor):
-                    self.init_setting(name, [value] * self.rows, int if name == "xtc_seed" else float)
+                    self.init_setting(name, [value] * self.rows, float if name in _FLOATS else int)
         self._prompt_lengths: torch.Tensor | None = None
         self.active = self.any_row_on()
 
@@ -99,5 +104,8 @@ class XTC(LogitsProcessor):
         top = (probs >= self.value("xtc_threshold", logits)) & (x > NEG_INF)  # [B, V], the top choices
         least = torch.where(top, x, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
         draws = self.draws(input_ids).to(logits.device)[:, None]  # [B, 1]
+        removed = top & (x > least)  # [B, V]
+        left = (x > NEG_INF).sum(dim=-1, keepdim=True) - removed.sum(dim=-1, keepdim=True)  # [B, 1]
         act = (top.sum(dim=-1, keepdim=True) >= 2) & (draws <= self.value("xtc_probability", logits))  # [B, 1]
-        return logits.masked_fill(top & (x > least) & act, NEG_INF)
+        act = act & (left >= self.value("xtc_min_keep", logits))
+        return logits.masked_fill(removed & act, NEG_INF)
