@@ -89,9 +89,8 @@ def settings_help(registry: Registry) -> str:
     lines.append("  tokenizer.path         str                            tokenizer.json or folder (tokenizer=json / tokenizer=hf)")
     lines.append("")
     lines.append("Processor settings (null = off; set one to put its processor in the chain), in chain order:")
-    for name in registry.default_order():
-        lines.extend(_setting_lines(registry.processors[name]))
-    sampler_lines = [line for c in registry.samplers.values() for line in _setting_lines(c)]
+    lines.extend(_setting_lines(*(registry.processors[name] for name in registry.default_order())))
+    sampler_lines = _setting_lines(*registry.samplers.values())
     if sampler_lines:
         lines.append("")
         lines.append("Sampler settings (for the sampler that owns them):")
@@ -102,11 +101,18 @@ def settings_help(registry: Registry) -> str:
     return "\n".join(lines)
 
 
-def _setting_lines(component: Component) -> list[str]:
+def _setting_lines(*components: Component) -> list[str]:
+    """One line per setting; a setting several components share (``penalty_last_n``) once, naming them all."""
+    fields: dict[str, tuple[FieldInfo, list[str], str]] = {}
+    for component in components:
+        for name, info in component.params.model_fields.items():
+            owners = fields.setdefault(name, (info, [], component.plugin))[1]
+            if name != component.name:
+                owners.append(component.name)
     out = []
-    for name, info in component.params.model_fields.items():
-        owner = "" if name == component.name else f"[{component.name}] "
-        origin = "" if component.plugin == "decodekit" else f" ({_plugin(component.plugin)})"
+    for name, (info, owners, plugin) in fields.items():
+        owner = f"[{', '.join(owners)}] " if owners else ""
+        origin = "" if plugin == "decodekit" else f" ({_plugin(plugin)})"
         out.append(f"  {name:<22} {describe_field(info):<30} {owner}{info.description or ''}{origin}")
     return out
 
