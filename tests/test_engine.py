@@ -273,6 +273,7 @@ def test_a_setting_without_per_row_values_is_refused_for_that_request(default) -
     by_id = {o.id: o for o in outputs}
     assert "guide" in by_id["bw"].error and "per-row" in by_id["bw"].error
     assert "top_p" in by_id["range"].error
+    assert not any(out.error.startswith("row ") for out in by_id.values() if out.error)  # a request is not a row
     assert "no_such_setting" in by_id["unknown"].error
     assert "min_new_tokens" in by_id["min-new-own-eos"].error
     assert by_id["fine"].finish_reason == "length" and len(by_id["fine"].tokens) == 4

@@ -136,7 +136,12 @@ def eos_list(eos: int | Sequence[int] | None, setting: str) -> list[int]:
 
 
 def refused(request: Any, index: int, reason: str) -> RequestOutput:
-    """The result of a request refused at submission: ``finish_reason="error"`` and why."""
+    """The result of a request refused at submission: ``finish_reason="error"`` and why.
+
+    A request's settings are checked as a chain of its own, one row, so a ``row 0: `` that
+    names that row is dropped: it means nothing to the caller.
+    """
+    reason = reason[len("row 0: "):] if reason.startswith("row 0: ") else reason
     rid = getattr(request, "id", None)
     return RequestOutput(
         id=rid if rid is not None else index, index=index, prompt=getattr(request, "prompt", None),
