@@ -4,7 +4,7 @@ What per-token logprobs cost on top of decoding, on each side, in one run on the
 
 - decodekit: ``decodekit.generate`` without logprobs, with ``logprobs=5`` (raw: the model's
   log-softmax) and with ``logprobs=5, logprobs_mode="processed"`` (after the chain); greedy, or
-  top-p 0.9 with ``Multinomial`` (processed mode then applies the fused top-p filter for the record);
+  top-p 0.9 with ``Multinomial`` (drawn without sorting; processed mode then finds the nucleus for the record);
 - transformers: ``generate`` without scores, and with what its users do for the same figures:
   ``output_logits=True`` (raw) or ``output_scores=True`` (processed), ``return_dict_in_generate``,
   then ``compute_transition_scores(normalize_logits=True)`` and a top-5 of the log-softmax of every
@@ -81,11 +81,21 @@ def check(hf: Any, native: Any, ids: torch.Tensor) -> str:
 
 def op_section(args: Any, step_ms: float, batch: int) -> str:
     """The logprobs op alone on ``[batch, 50257]`` logits, against a GPT-2 124M decode step."""
-    from decodekit.logprobs import step_logprobs
+    from decodekit.logprobs import nucleus_logprobs, step_logprobs
+    from decodekit.processors import TopP
+    from decodekit.samplers.rejection import NucleusMultinomial
 
     logits = torch.randn(batch, common.VOCAB, generator=torch.Generator().manual_seed(1)) * 3
     token = logits.argmax(-1)
     timed = {f"step_logprobs top-{k}": (lambda k=k: step_logprobs(logits, token, k)) for k in (0, 5, 20)}
+    # processed logprobs under top-p 0.9, where the sampler drew without sorting: the nucleus found
+    # for the record (one sort) and the top-5 from its bounds; on flat logits (as the random
+    # model's) and on peaked ones
+    nucleus = NucleusMultinomial(TopP(0.9)).nucleus
+    for x in (logits / 30, logits):
+        share = float((TopP(0.9)(None, x) > float("-inf")).float().mean())
+        name = f"top-p 0.9 processed top-5 (nucleus {share:.0%} of the vocabulary)"
+        timed[name] = lambda x=x: nucleus_logprobs(x, token, 5, *nucleus(x, token))
     times = common.round_robin(timed, repeats=max(args.repeats, 9), warmup=1, calls=50)
     rows = [[name, f"{t.median * 1e3:.3f}", f"{t.median * 1e3 / step_ms:.2%}"] for name, t in times.items()]
     return (f"The op alone ({batch} x {common.VOCAB} logits, median of {max(args.repeats, 9)} samples of 50 calls), "

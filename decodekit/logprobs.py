@@ -48,6 +48,26 @@ def step_logprobs(logits: torch.Tensor, token: torch.Tensor, n: int) -> tuple[to
     return (chosen, *top_logprobs(logits, lse, n))
 
 
+def nucleus_logprobs(
+    logits: torch.Tensor, token: torch.Tensor, n: int, floor: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`step_logprobs` of ``logits`` cut to a top-p nucleus, from its bounds, never written out.
+
+    ``floor``, ``lse`` (``[B, 1]``, from :func:`~decodekit.processors.truncation.nucleus_bounds`):
+    the nucleus keeps ``logits >= floor`` and ``lse`` is its log-mass. The same values as
+    ``step_logprobs(torch.where(logits >= floor, logits, -inf), token, n)`` up to rounding, without
+    the ``[B, V]`` tensor whose ``-inf`` entries make ``exp`` and ``logsumexp`` slow on CPU.
+    """
+    picked = logits.gather(-1, token.clamp(min=0)[:, None])  # [B, 1]
+    chosen = torch.where(picked >= floor, picked - lse, float("-inf")).squeeze(-1)
+    if not n:
+        empty = logits.new_empty((logits.shape[0], 0))
+        return chosen, empty, empty.long()
+    values, ids = blocked_topk(logits, n) if logits.device.type == "cpu" else logits.topk(n, dim=-1)
+    kept = (values >= floor) & (values > float("-inf"))  # a floor of -inf (p = 1) keeps finite ones
+    return chosen, torch.where(kept, values - lse, float("-inf")), ids.masked_fill(~kept, -1)
+
+
 def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [..., n], ids [..., n])``: the ``n`` largest ``logits - lse`` over the last dim."""
     if not n:
@@ -94,8 +114,13 @@ class LogprobsRecorder:
         self.values: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
 
-    def record(self, raw: torch.Tensor, processed: torch.Tensor, token: torch.Tensor) -> None:
-        chosen, values, ids = step_logprobs(raw if self.mode == "raw" else processed, token, self.n)
+    def record(self, raw: torch.Tensor, processed: torch.Tensor, token: torch.Tensor, nucleus: Any = None) -> None:
+        """One step; ``nucleus``: ``(floor, lse)`` of a top-p nucleus the sampler drew from, which
+        ``processed`` has not been cut to (see :func:`nucleus_logprobs`)."""
+        if self.mode == "processed" and nucleus is not None:
+            chosen, values, ids = nucleus_logprobs(processed, token, self.n, *nucleus)
+        else:
+            chosen, values, ids = step_logprobs(raw if self.mode == "raw" else processed, token, self.n)
         self.chosen.append(chosen)
         self.values.append(values)
         self.ids.append(ids)

@@ -234,7 +234,8 @@ def generate(
     rng = RowRandom(row_seeds(seed, batch, device))
     chain, sampler = fuse(chain, sampler)  # e.g. top-p then multinomial: drawn without a sort
     processed_logprobs = logprobs is not None and logprobs_mode == "processed"
-    record = getattr(sampler, "recorded_filter", None) if output_scores or processed_logprobs else None
+    nucleus = getattr(sampler, "nucleus", None) if processed_logprobs and not output_scores else None  # top-p's bounds
+    record = getattr(sampler, "recorded_filter", None) if output_scores or (processed_logprobs and not nucleus) else None
     recorder = LogprobsRecorder(logprobs, logprobs_mode) if logprobs is not None else None
 
     # Buffers for the whole run; the loop works on growing views of them.
@@ -273,11 +274,12 @@ def generate(
         token = _sample(sampler, history, processed, rng, step)  # [B]
         if record is not None:  # a filter fused into the sampler, applied for the record only
             processed = record(history, processed)
+        cut = nucleus(processed, token) if nucleus is not None else None  # its bounds, for logprobs
         token = torch.where(finished, torch.full_like(token, pad), token)
         seq[:, end] = token
         lengths += (~finished).long()
         if recorder is not None:
-            recorder.record(raw, processed, token)
+            recorder.record(raw, processed, token, cut)
         if output_scores:
             scores.append(processed)
             chosen.append(torch.log_softmax(processed, dim=-1).gather(-1, token[:, None]).squeeze(-1))

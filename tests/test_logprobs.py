@@ -80,6 +80,31 @@ def test_processed_logprobs_follow_the_chain_the_tokens_were_drawn_from(model) -
     assert torch.equal(out.top_ids[finite], ids[finite])
 
 
+@pytest.mark.parametrize("scale", [0.05, 2.0, 8.0])
+def test_nucleus_logprobs_equal_those_of_the_cut_logits(scale: float) -> None:
+    from decodekit.logprobs import nucleus_logprobs, step_logprobs
+    from decodekit.samplers.rejection import NucleusMultinomial
+
+    logits = torch.randn(6, 2000, generator=torch.Generator().manual_seed(5)) * scale
+    logits[0, :300] = float("-inf")
+    top_p = torch.tensor([0.9, 0.9, 0.3, 1.0, 0.0, 0.99])
+    sampler = NucleusMultinomial(TopP(top_p))
+    cut = TopP(top_p)(None, logits)
+    token = torch.multinomial(cut.softmax(-1), 1).squeeze(-1)  # a token of each nucleus
+    expected = step_logprobs(cut, token, 5)
+    got = nucleus_logprobs(logits, token, 5, *sampler.nucleus(logits, token))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=2e-6)  # -inf where fewer than 5 are kept
+    assert torch.equal(got[2], expected[2])
+    # a token rounding left under the floor is still the row's: its logprob is finite, its mass counted
+    outside = cut[1].eq(float("-inf")).nonzero()[0]
+    token[1] = outside.item()
+    floor, lse = sampler.nucleus(logits, token)
+    assert floor[1, 0] == logits[1, outside] and nucleus_logprobs(logits, token, 0, floor, lse)[0][1] > float("-inf")
+    whole_floor, whole_lse = sampler.nucleus(logits, token, whole=torch.tensor([True] * 6))
+    torch.testing.assert_close(whole_lse, torch.logsumexp(logits, -1, keepdim=True))  # whole rows: the raw distribution
+
+
 def test_token_logprobs_are_cut_at_each_rows_length_and_sum_to_the_total(model) -> None:
     out = generate(model, PROMPTS, sampler=Multinomial(), max_new_tokens=12, eos_token_id=[7, 9, 13], seed=0, logprobs=0)
     rows = out.token_logprobs()
@@ -136,6 +161,7 @@ def test_engine_gives_each_request_its_own_n_and_mode_as_alone(model) -> None:
         Request(prompt_ids=[4, 40], settings={"min_p": 0.1}, seed=6, max_new_tokens=4, logprobs=2),
         Request(prompt_ids=[2, 3], seed=7, max_new_tokens=50, logprobs=2),
         Request(prompt_ids=[6], seed=8, settings={"top_k": 3}, max_new_tokens=55, logprobs=4, logprobs_mode="processed"),
+        Request(prompt_ids=[1, 2], settings={"top_p": 0.5}, seed=9, max_new_tokens=8, logprobs=2),  # raw beside processed top-p
     ]  # fmt: skip
     engine = Engine(model, max_slots=3, eos_token_id=eos)
     outs = engine.generate(requests)  # slots refill as requests end

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from decodekit.logprobs import TokenLogprobs, step_logprobs
+from decodekit.logprobs import TokenLogprobs, nucleus_logprobs, step_logprobs
 
 
 class SlotLogprobs:
@@ -85,10 +85,12 @@ class SlotLogprobs:
 
     def record(self, raw: torch.Tensor, processed: torch.Tensor, token: torch.Tensor, sampler: Any, history: torch.Tensor) -> None:
         """One step's logprobs of every slot (``raw``, ``processed``: ``[S, V]``; ``token``: ``[S]``)."""
-        if "processed" in self.modes:
-            record = getattr(sampler, "recorded_filter", None)  # a filter the sampler fused: applied for the record
-            if record is not None and getattr(record, "active", True):  # not when every row's top-p is off
-                processed = record(history, processed)
+        record = getattr(sampler, "recorded_filter", None) if "processed" in self.modes else None  # fused into it
+        if not getattr(record, "active", True):  # every row's top-p is off
+            record = None
+        nucleus = getattr(sampler, "nucleus", None) if record is not None else None  # top-p: its bounds
+        if record is not None and nucleus is None:  # any other fused filter: applied for the record
+            processed = record(history, processed)
         if self.modes == {"raw"}:
             source = raw
         elif self.modes == {"processed"}:
@@ -96,7 +98,10 @@ class SlotLogprobs:
         else:
             source = torch.where(self.raw_rows[:, None], raw, processed)
         self._fit(min(self.start[s] for s, n in enumerate(self.n) if n is not None))
-        chosen, values, ids = step_logprobs(source, token, self.k)
+        if nucleus is None:
+            chosen, values, ids = step_logprobs(source, token, self.k)
+        else:
+            chosen, values, ids = nucleus_logprobs(source, token, self.k, *nucleus(source, token, self.raw_rows))
         col = self.step - self.base
         self.chosen[:, col] = chosen
         self.values[:, col, : self.k] = values

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor
+from decodekit.processors.sorting import sort_with_order
 from decodekit.processors.truncation import _keep_top_n, _min_keep
 
 
@@ -106,7 +107,7 @@ class TypicalP(_Cutoff):
         logp = torch.log_softmax(x, dim=-1)
         entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
         distance = (-logp - entropy).abs()  # +inf for removed tokens
-        ascending, order = torch.sort(distance, dim=-1)
+        ascending, order = sort_with_order(distance)
         cum = x.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
         last = (cum < mass).sum(dim=-1, keepdim=True).clamp(max=x.shape[-1] - 1)
         threshold = ascending.gather(-1, last)

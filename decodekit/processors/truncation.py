@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor
 from decodekit.processors.rows import column
+from decodekit.processors.sorting import sort_values
 
 
 def _keep_top_n(logits: torch.Tensor, remove: torch.Tensor, n: int) -> torch.Tensor:
@@ -134,13 +135,58 @@ class TopP(LogitsProcessor):
 
     def _nucleus(self, logits: torch.Tensor, tail: float | torch.Tensor) -> torch.Tensor:
         """Remove tokens whose ascending cumulative mass is ``<= tail`` (``1 - p``)."""
-        v = logits.shape[-1]
-        ascending = torch.sort(logits, dim=-1).values  # [B, V]
-        cum = ascending.float().softmax(dim=-1).cumsum(dim=-1)
-        n_removed = (cum <= tail).sum(dim=-1, keepdim=True)
-        n_removed = n_removed.clamp(max=max(v - self.min_tokens_to_keep, 0))
-        threshold = ascending.gather(-1, n_removed)  # smallest kept logit, [B, 1]
-        return torch.where(logits < threshold, NEG_INF, logits)
+        floor, _ = nucleus_bounds(logits, tail, self.min_tokens_to_keep)
+        return torch.where(logits < floor.to(logits.dtype), NEG_INF, logits)
+
+
+BLOCK = 256  # tokens per block of :func:`nucleus_bounds`' cumulative sums
+
+
+def nucleus_bounds(logits: torch.Tensor, tail: float | torch.Tensor, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(floor, lse)``, both ``[B, 1]``: each row's top-p nucleus, found without writing it out.
+
+    The nucleus is :class:`TopP`'s: sorted ascending, the tokens whose cumulative mass is at most
+    ``tail`` (``1 - p``; a float or ``[B, 1]``) are removed, at most ``V - min_keep`` of them, and
+    every token tied with the smallest kept stays. ``floor`` is the smallest kept logit (a row
+    keeps exactly ``logits >= floor``; where ``tail`` is 0, ``p = 1``, the smallest logit: all kept);
+    ``lse`` is the log of the kept mass, ``log sum exp`` over the kept logits: the normaliser of
+    the processed log-softmax.
+
+    One sort (:func:`~decodekit.processors.sorting.sort_values`) and one ``exp``; the cumulative
+    mass is never summed over the whole vocabulary: sums of blocks of ``BLOCK`` tokens, their
+    running total, and a running total within the one block where the mass crosses ``tail``.
+    """
+    x = logits.float()
+    b, v = x.shape
+    ascending = sort_values(x)  # [B, V]
+    top = ascending[:, -1:]  # [B, 1] the largest logit (finite: every row keeps a token)
+    pad = (-v) % BLOCK
+    mass = x.new_empty(b, pad + v)  # [B, nb * BLOCK]: zeros in front, then exp(x - top) ascending
+    mass[:, :pad] = 0.0
+    torch.sub(ascending, top, out=mass[:, pad:]).exp_()
+    blocks = mass.view(b, -1, BLOCK)  # [B, nb, BLOCK]
+    sums = blocks.sum(-1)  # [B, nb]
+    running = sums.cumsum(-1)  # [B, nb] the mass up to each block's end
+    tail = torch.as_tensor(tail, dtype=x.dtype, device=x.device).expand(b, 1)
+    cut = (tail * running[:, -1:]).masked_fill_(tail == 0, -1.0)  # [B, 1]; p = 1 removes none, keeps all
+    j = torch.searchsorted(running, cut, right=True).clamp_(max=sums.shape[1] - 1)  # the block crossing the cut
+    before = torch.where(j > 0, running.gather(-1, (j - 1).clamp(min=0)), 0.0)
+    within = _block(blocks, j).cumsum(-1).add_(before)  # [B, BLOCK] running mass inside block j
+    removed = j * BLOCK + torch.searchsorted(within, cut, right=True) - pad  # tokens at or under the cut
+    removed = removed.clamp_(min=0, max=max(v - min_keep, 0))
+    floor = ascending.gather(-1, removed)  # [B, 1]
+    # the kept mass: every token >= floor (ties before the cut included), summed from the top
+    first = torch.searchsorted(ascending, floor) + pad  # [B, 1] position of the first kept token
+    jf, offset = first // BLOCK, first % BLOCK
+    above = sums.flip(-1).cumsum(-1).flip(-1)  # [B, nb] the mass from each block to the end
+    after = torch.where(jf + 1 < sums.shape[1], above.gather(-1, (jf + 1).clamp(max=sums.shape[1] - 1)), 0.0)
+    part = _block(blocks, jf).masked_fill(torch.arange(BLOCK, device=x.device) < offset, 0.0).sum(-1, keepdim=True)
+    return floor, top + (after + part).log()
+
+
+def _block(blocks: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Block ``j[r]`` of each row ``r``: ``[B, nb, BLOCK]``, ``[B, 1]`` -> ``[B, BLOCK]``."""
+    return blocks.gather(1, j[..., None].expand(-1, 1, blocks.shape[-1])).squeeze(1)
 
 
 class TopKTopP(LogitsProcessor):

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from decodekit.processors.base import ProcessorChain
-from decodekit.processors.truncation import TopK, TopP
+from decodekit.processors.rows import column
+from decodekit.processors.truncation import TopK, TopP, nucleus_bounds
 from decodekit.random import RowRandom
 from decodekit.samplers.base import Multinomial, Sampler, sample_probs
 
@@ -62,6 +63,24 @@ class NucleusMultinomial(Sampler):
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
         return sample_top_p(logits, self.recorded_filter.top_p, rng)
+
+    def nucleus(self, logits: torch.Tensor, token: torch.Tensor, whole: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(floor, lse)`` ``[B, 1]`` of the nucleus each row's ``token`` was drawn from (see
+        :func:`~decodekit.processors.truncation.nucleus_bounds`), for processed logprobs without
+        a cut ``[B, V]`` tensor. Rows where ``whole`` is set take the whole distribution. The
+        drawn token is always in it: where rounding put it under the floor, the floor is lowered
+        to it and its mass added.
+        """
+        p = self.recorded_filter.top_p
+        if isinstance(p, torch.Tensor):
+            p = column(p, logits, torch.float64)  # [B, 1]
+        tail = torch.full_like(logits[:, :1], 1.0, dtype=torch.float64) - p
+        if whole is not None:
+            tail = tail.masked_fill(whole[:, None], 0.0)
+        floor, lse = nucleus_bounds(logits, tail.float())
+        picked = logits.gather(-1, token.clamp(min=0)[:, None]).float()
+        under = picked < floor
+        return torch.where(under, picked, floor), torch.where(under, torch.logaddexp(lse, picked), lse)
 
     def reorder(self, index: torch.Tensor) -> None:
         reorder = getattr(self.recorded_filter, "reorder", None)
