@@ -65,7 +65,7 @@ def decodekit_models(f32: Path) -> dict[str, Any]:
 
     models = {"decodekit float32": load_model(f32, device="cpu")[0]}
     if "weights" in inspect.signature(load_model).parameters:
-        for weights in ("bf16", "int8"):
+        for weights in ("bf16", "int8", "w8a8"):
             models[f"decodekit {weights}"] = load_model(f32, device="cpu", weights=weights)[0]
     return models
 

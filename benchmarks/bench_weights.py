@@ -28,7 +28,7 @@ import torch
 
 import common
 
-FORMATS = ("float32", "bf16", "int8")
+FORMATS = ("float32", "bf16", "int8", "w8a8")
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -203,7 +203,7 @@ BAD = [
     (["prompt_tokens=[1,true]"], ["prompt_tokens=[1, True] is not allowed"]),
     (["seed=4294967296"], ["seed=4294967296 is not allowed", "must be < 4294967296"]),
     (["overwrite=true", "append=true"], ["overwrite=true and append=true: give one"]),
-    (["model.weights=int4"], ["model.weights='int4' is not allowed", "'float32', 'bf16' or 'int8'"]),
+    (["model.weights=int4"], ["model.weights='int4' is not allowed", "'float32', 'bf16', 'int8' or 'w8a8'"]),
 ]
 
 

@@ -110,7 +110,7 @@ class DefaultModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["default"]
     pack_weights: Optional[bool] = None
-    weights: Literal["float32", "bf16", "int8"] = "float32"
+    weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
 
 
 class CheckpointModel(BaseModel):
@@ -119,7 +119,7 @@ class CheckpointModel(BaseModel):
     path: Optional[str] = None
     backend: Literal["auto", "native", "hf"] = "auto"
     pack_weights: Optional[bool] = None
-    weights: Literal["float32", "bf16", "int8"] = "float32"
+    weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
 
 
 class GGUFModel(BaseModel):
@@ -127,6 +127,7 @@ class GGUFModel(BaseModel):
     name: Literal["gguf"]
     path: Optional[str] = None
     pack_weights: Optional[bool] = None
+    weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
 
 
 class ByteTokenizerConfig(BaseModel):

@@ -35,7 +35,7 @@ class ModelSpec:
     dtype: str = "float32"
     backend: str = "auto"
     pack_weights: bool | None = None
-    weights: str = "float32"  # float32 | bf16 | int8 (decodekit.models.weights)
+    weights: str = "float32"  # float32 | bf16 | int8 | w8a8 (decodekit.models.weights)
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
 
     def label(self) -> str:

@@ -118,8 +118,9 @@ def load_model(
             memory). ``None`` keeps the model's default: on for the native GPT, off for
             Hugging Face models through the adapter.
         weights: how the projections' weights are stored on CPU (:mod:`decodekit.models.weights`):
-            ``"float32"`` (exact, the default), ``"bf16"`` or ``"int8"`` (per-channel scales);
-            the latter two need ``dtype="float32"`` and make the model inference-only.
+            ``"float32"`` (exact, the default), ``"bf16"``, ``"int8"`` (per-channel scales) or
+            ``"w8a8"`` (int8 weights and activations); all but float32 need ``dtype="float32"``
+            and make the model inference-only.
 
     Returns:
         ``(model, extras)``: a model in eval mode following
