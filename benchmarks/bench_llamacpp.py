@@ -60,7 +60,7 @@ def bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
 
 
 def decodekit_models(f32: Path) -> dict[str, Any]:
-    """decodekit's contenders: float32 from the F32 file, and bf16 / int8 where load_model has ``weights``."""
+    """decodekit's contenders: float32 from the F32 file, and bf16 / int8 / w8a8 where load_model has ``weights``."""
     from decodekit.models import load_model
 
     models = {"decodekit float32": load_model(f32, device="cpu")[0]}
@@ -71,10 +71,11 @@ def decodekit_models(f32: Path) -> dict[str, Any]:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per token at batch 1: every weight once, the position table excepted (one row)."""
+    """Bytes read per token at batch 1: every weight once, the position and token tables excepted
+    (one row each; a tied float32 head is counted under its own name, a converted head is its own copy)."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "wpe" not in name and t.data_ptr() not in seen:
+        if "wpe" not in name and "wte" not in name and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
