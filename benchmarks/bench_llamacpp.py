@@ -32,6 +32,7 @@ import common
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_TYPES = ("F32", "F16", "Q8_0")
 MODES = ("greedy", "top_p")
+PEERS = (("float32", "F32"), ("bf16", "F16"), ("int8", "Q8_0"), ("w8a8", "Q8_0"))  # the ratios printed
 
 
 def gguf_files(folder: Path, seed: int) -> dict[str, Path]:
@@ -144,6 +145,8 @@ def main() -> None:
     theirs = {(k, b): LlamaCpp(files[k], batch=b, length=length, threads=1) for k in LLAMA_TYPES for b in batches}
     ids = torch.randint(0, 50256, (max(batches), args.prompt), generator=torch.Generator().manual_seed(1))
 
+    # each format against the llama.cpp type of its size
+    pairs = [(f"decodekit {a}", f"llama.cpp {b}") for a, b in PEERS if f"decodekit {a}" in ours]
     rows, checks, speeds = [], architecture_checks(args.folder, LlamaCpp), {}
     for threads in thread_counts:
         for runner in theirs.values():
@@ -173,9 +176,8 @@ def main() -> None:
                 speeds[threads, batch, mode] = tps
                 line = ", ".join(f"{k} {v:.1f}" for k, v in tps.items())
                 print(f"threads {threads}, batch {batch}, {mode}: tok/s {line}", flush=True)
-                ref = tps["decodekit float32"]
                 rows.append([threads, batch, mode, *(f"{v:.1f}" for v in tps.values()),
-                             *(f"{ref / tps[f'llama.cpp {k}']:.2f}x" for k in LLAMA_TYPES)])  # fmt: skip
+                             *(f"{tps[ours_k] / tps[theirs_k]:.2f}x" for ours_k, theirs_k in pairs)])  # fmt: skip
                 if mode == "greedy":
                     for key in outputs:
                         if key.startswith("llama.cpp"):
@@ -184,7 +186,8 @@ def main() -> None:
     print("\n".join(checks))
 
     names = [*ours, *(f"llama.cpp {k}" for k in LLAMA_TYPES)]
-    header = ["threads", "batch", "mode", *(f"{k} tok/s" for k in names), *(f"float32 / llama.cpp {k}" for k in LLAMA_TYPES)]
+    header = ["threads", "batch", "mode", *(f"{k} tok/s" for k in names),
+              *(f"{a.removeprefix('decodekit ')} / {b.removeprefix('llama.cpp ')}" for a, b in pairs)]  # fmt: skip
     sizes = {k: model_bytes(m) for k, m in ours.items()} | {f"llama.cpp {k}": file_bytes(files[k]) for k in LLAMA_TYPES}
     bound_rows = []
     for threads in thread_counts:
