@@ -54,6 +54,8 @@ __all__ = [
     "convert_weights",
 ]
 
+_TINY = torch.finfo(torch.float32).tiny
+
 WeightFormat = Literal["float32", "bf16", "int8", "w8a8"]
 WEIGHTS: tuple[str, ...] = ("float32", "bf16", "int8", "w8a8")
 
@@ -188,14 +190,16 @@ class W8A8Linear(_Converted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
         if x.device.type != "cpu" or torch.compiler.is_compiling() or x.numel() == 0:
             return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features).float()
-        step = x2.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127  # [M, 1]
+        # as few calls as it takes: at one row each costs about as much as its arithmetic
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        step = x2.abs().amax(dim=-1, keepdim=True).div_(127).clamp_(min=_TINY)  # [M, 1]
         q = torch.div(x2, step).round_().to(torch.int8)
         y = torch._int_mm(q, self.weight.t()).float().mul_(step).mul_(self.scale)  # [M, N]
         if self.bias is not None:
             y = y.add_(self.bias)
-        return y.to(dtype).view(*shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight ``[N, K]`` (``q * scale``); activations are rounded on the CPU path only."""
