@@ -95,6 +95,8 @@ def test_rows_requests_and_job_rows_may_each_use_another_backend(default, tmp_pa
         ({"json_schema": "{not json"}, "^json_schema: not valid JSON"),
         ({"json_schema": "@/no/such/file.json"}, r"^json_schema=@/no/such/file.json: cannot read"),
         ({"choice": []}, r"^choice=\[\] is not allowed"),
+        ({"json_schema": "false"}, r"^json_schema=false matches no JSON value, so no output can match"),
+        ({"json_schema": False}, r"^json_schema=false matches no JSON value"),
         ({"regex": "a", "choice": ["a"]}, "^set only one of json_schema, regex, grammar, choice"),
     ],
 )
@@ -103,6 +105,17 @@ def test_bad_specs_are_one_line_errors(settings, message, backend) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         build_chain({**settings, "structured_backend": backend}, context=context)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("schema", ["true", True])
+def test_a_true_schema_allows_any_json(default, backend, schema) -> None:
+    model, tok = default
+    chain = build_chain({"json_schema": schema, "structured_backend": backend},
+                        context=BuildContext(tokenizer=tok, eos_token_id=tok.eos_token_id, vocab_size=model.vocab_size))  # fmt: skip
+    (result,) = generate_text(model, tok, ["Data: "], processors=chain, sampler=Multinomial(), max_new_tokens=60, seed=2)
+    if result.finish_reason == "eos":  # a whole value: it parses
+        json.loads(result.text)
+    assert result.text.strip(), result
 
 
 @pytest.mark.parametrize(("backend", "extra"), [("llguidance", "grammar"), ("xgrammar", "xgrammar")])

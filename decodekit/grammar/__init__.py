@@ -59,8 +59,8 @@ def read_spec(kind: str, value: Any) -> Any:
         if any(not isinstance(c, str) or not c for c in value):
             raise ConfigError(f"choice={list(value)!r} is not allowed: every choice must be a non-empty string")
         return list(value)
-    if kind == "json_schema" and isinstance(value, dict):
-        return value
+    if kind == "json_schema" and isinstance(value, (dict, bool)):
+        return _schema(value)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{kind}={value!r} is not allowed: give the {kind} as text or as @file")
     if value.startswith("@"):
@@ -69,15 +69,23 @@ def read_spec(kind: str, value: Any) -> Any:
             value = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{kind}={value}: cannot read {path} ({type(e).__name__}: {e})") from None
-    if kind == "json_schema":
-        try:
-            schema = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"json_schema: not valid JSON ({e})") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ConfigError(f"json_schema: a schema is a JSON object, got {type(schema).__name__}")
-        return schema
-    return value
+    if kind != "json_schema":
+        return value
+    try:
+        schema = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"json_schema: not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ConfigError(f"json_schema: a schema is a JSON object, got {type(schema).__name__}")
+    return _schema(schema)
+
+
+def _schema(schema: dict[str, Any] | bool) -> dict[str, Any]:
+    """A schema object: ``true`` is ``{}`` (any JSON); ``false`` (nothing matches) is refused."""
+    if schema is False:
+        raise ConfigError("json_schema=false matches no JSON value, so no output can match; give a schema object "
+                          "(true or {} allows any JSON)")
+    return {} if schema is True else schema
 
 
 def choice_lark(choices: list[str]) -> str:

@@ -54,7 +54,7 @@ class Structured(LogitsProcessor):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        json_schema: dict[str, Any] | str | None = Field(default=None, description="a JSON schema (inline or @file.json)")
+        json_schema: dict[str, Any] | bool | str | None = Field(default=None, description="a JSON schema (inline or @file.json)")
         regex: str | None = Field(default=None, description="a regular expression the whole output matches")
         grammar: str | None = Field(default=None, description="a Lark or GBNF grammar (inline or @file)")
         choice: list[str] | None = Field(default=None, description="the output is exactly one of these strings")
