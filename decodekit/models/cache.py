@@ -10,6 +10,7 @@ and ``advance``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -136,3 +137,13 @@ class SlotCache:
 
     def advance(self, T: int) -> None:
         self.lengths += T
+
+
+def empty_cache(model: Any, batch_size: int, max_length: int, heads: int, head_dim: int) -> KVCache:
+    """An empty :class:`KVCache` ``[n_layer, B, heads, max_length, head_dim]`` in ``model``'s device
+    and dtype; ``max_length`` beyond the model's ``config.block_size`` is one line."""
+    if max_length > model.config.block_size:
+        raise ConfigError(f"max_length={max_length} exceeds the model's block_size={model.config.block_size}")
+    shape = (model.config.n_layer, batch_size, heads, max_length, head_dim)
+    k = torch.zeros(shape, device=model.device, dtype=model.dtype)
+    return KVCache(k=k, v=torch.zeros_like(k), length=0)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
-from decodekit.models.cache import KVCache, SlotCache
+from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.packing import Linear, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -264,14 +264,8 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch_size`` rows and ``max_length`` positions."""
-        if max_length > self.config.block_size:
-            raise ConfigError(
-                f"max_length={max_length} exceeds the model's block_size={self.config.block_size}"
-            )
         c = self.config
-        shape = (c.n_layer, batch_size, c.n_head, max_length, c.n_embd // c.n_head)
-        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        return KVCache(k=k, v=torch.zeros_like(k), length=0)
+        return empty_cache(self, batch_size, max_length, c.n_head, c.n_embd // c.n_head)
 
     @torch.no_grad()
     def step(

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
-from decodekit.models.cache import KVCache, SlotCache
+from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.gpt import GPT
 from decodekit.models.packing import Linear, pack_weights
 
@@ -234,11 +234,7 @@ class Llama(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty :class:`KVCache` ``[n_layer, B, n_kv_head, max_length, head_dim]``."""
-        if max_length > self.config.block_size:
-            raise ConfigError(f"max_length={max_length} exceeds the model's block_size={self.config.block_size}")
-        c = self.config
-        k = torch.zeros((c.n_layer, batch_size, c.n_kv_head, max_length, c.head_dim), device=self.device, dtype=self.dtype)
-        return KVCache(k=k, v=torch.zeros_like(k), length=0)
+        return empty_cache(self, batch_size, max_length, self.config.n_kv_head, self.config.head_dim)
 
     @torch.no_grad()
     def step(
