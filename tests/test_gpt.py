@@ -158,6 +158,22 @@ def test_packed_weights_give_the_plain_weights_logits_and_follow_weight_changes(
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
+def test_one_row_takes_the_plain_weight_and_two_rows_the_packed_one() -> None:
+    from decodekit.models.packing import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    layer.min_macs = 0  # the row count decides, not the size
+    with torch.no_grad():
+        one = torch.randn(1, 1, 64)
+        assert torch.equal(layer(one), torch.nn.functional.linear(one, layer.weight, layer.bias))  # exactly: plain
+        assert getattr(layer, "_pack", None) is None
+        two = torch.randn(2, 64)
+        torch.testing.assert_close(layer(two), torch.nn.functional.linear(two, layer.weight, layer.bias))
+    if torch.backends.mkldnn.is_available():
+        assert layer._pack is not None
+
+
 def test_a_failing_packed_call_falls_back_to_the_plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     from decodekit.models.packing import Linear
 

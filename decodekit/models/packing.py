@@ -1,7 +1,8 @@
 """Prepacked weights for CPU decoding: a drop-in ``nn.Linear`` and a switch for whole models.
 
-On x86 CPUs, oneDNN's prepacked (blocked) weights multiply several times faster than the plain
-row-major weights that ``F.linear`` hands to MKL, for the skinny products of decoding (1-64 rows).
+On x86 CPUs, oneDNN's prepacked (blocked) weights multiply faster than the plain row-major
+weights that ``F.linear`` hands to MKL, for the skinny products of decoding (2-64 rows); a
+single row is faster plain.
 :class:`Linear` keeps a packed copy next to its weight and uses it when it pays;
 :func:`pack_weights` turns it on or off for every linear layer of a model, its own or any
 ``torch.nn`` model's (the ``nn.Linear`` layers of a Hugging Face model, for instance).
@@ -31,12 +32,15 @@ class Linear(nn.Linear):
 
     oneDNN's prepacked (blocked) weights are what ``torch.compile`` uses on CPU after freezing;
     here they are made on the first call and kept next to the weight (re-made if the weight is
-    changed or moved). On a 2-core x86 machine, one thread, GPT-2 124M's 48 block matrices take
-    11-19 ms per decoding step at batch 1-8 instead of 20-47 ms with the plain weights, and a
-    256-token prefill 229 ms instead of 500. Small products (under :attr:`min_macs`
-    multiply-adds) keep the plain path, where oneDNN's fixed cost per call would dominate. The
-    price is a second copy of the weights in memory; :func:`pack_weights` turns it off.
-    Results equal ``F.linear``'s to float rounding.
+    changed or moved). They pay from two rows up: on a 2-core x86 machine, one thread, GPT-2
+    124M's 48 block matrices (340 MB, read from memory) take 39 ms per decoding step at batch 8
+    packed against 62 ms plain, and a 256-token prefill 229 ms instead of 500. A single row (a
+    batch-1 decoding step) is a matrix-vector product, which MKL streams faster from the plain
+    row-major weight: 25.7 ms against 28.6 packed (16.4 against 18.3 with two threads; GPT-2 124M
+    decodes at 24.1 tok/s that way against 20.7), so one row takes the plain path, as do small
+    products (under :attr:`min_macs` multiply-adds), where oneDNN's fixed cost per call would
+    dominate. The price is a second copy of the weights in memory; :func:`pack_weights` turns it
+    off. Results equal ``F.linear``'s to float rounding (one row: exactly).
     """
 
     packing: bool = True
@@ -49,6 +53,7 @@ class Linear(nn.Linear):
             self.packing
             and not torch.compiler.is_compiling()  # torch.compile packs weights its own way
             and x.numel() * self.out_features >= self.min_macs
+            and x.numel() > self.in_features  # two rows or more; one row streams faster plain
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
