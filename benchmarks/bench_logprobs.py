@@ -126,7 +126,7 @@ def main() -> None:
         for side in ("decodekit", "transformers"):
             base = times[f"{side} none"]
             ms = base.median / n * 1e3
-            if side == "decodekit" and mode == "greedy":
+            if side == "decodekit" and (mode == "greedy" or not step_ms):  # greedy's step when it ran
                 step_ms = ms
             for lp in ("raw", "processed"):
                 t = times[f"{side} {lp}"]

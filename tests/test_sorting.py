@@ -90,3 +90,24 @@ def test_nucleus_bounds_are_the_filters_nucleus(scale: float) -> None:
     expected = TopP(p.squeeze(-1))(None, x)
     assert torch.equal(torch.where(x < floor, NEG_INF, x), expected)
     torch.testing.assert_close(lse, torch.logsumexp(expected, dim=-1, keepdim=True), rtol=0, atol=2e-6)
+
+
+def test_a_workspace_reuses_its_buffers_and_changes_no_result() -> None:
+    import copy
+    import pickle
+
+    from decodekit.processors.sorting import Workspace
+    from decodekit.processors.truncation import nucleus_bounds
+
+    workspace = Workspace()
+    for seed in range(3):
+        x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sort_values(x, workspace), torch.sort(x, dim=-1).values)
+        with_ws, without = nucleus_bounds(x, 0.1, 1, workspace), nucleus_bounds(x, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(with_ws, without))
+    first = workspace.buffer("sorted", (4, 1000), torch.float32, torch.device("cpu"))
+    assert sort_values(torch.randn(4, 1000), workspace).data_ptr() == first.data_ptr()  # the same buffer, again
+    top_p = TopP(0.9)
+    top_p(None, torch.randn(2, 300))
+    for clone in (copy.deepcopy(top_p), pickle.loads(pickle.dumps(top_p))):
+        assert clone._workspace._buffers == {}  # copies start empty

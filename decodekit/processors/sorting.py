@@ -10,6 +10,9 @@ bfloat16, autograd, inside ``torch.compile``) ``torch.sort`` runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,11 +26,40 @@ def _on_numpy(x: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def sort_values(x: torch.Tensor) -> torch.Tensor:
-    """``torch.sort(x, dim=-1).values``: ascending along the last dimension."""
+def sort_values(x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    """``torch.sort(x, dim=-1).values``: ascending along the last dimension. With a
+    ``workspace``, on CPU the result is its buffer, sorted in place (nothing allocated)."""
     if not _on_numpy(x):
         return torch.sort(x, dim=-1).values
-    return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)))
+    if workspace is None:
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)))
+    out = workspace.buffer("sorted", x.shape, x.dtype, x.device)
+    np.copyto(out.numpy(), x.numpy())
+    out.numpy().sort(axis=-1)
+    return out
+
+
+class Workspace:
+    """Buffers kept from one decoding step to the next, so that a step's sort and sums allocate
+    nothing (a fresh ``[B, V]`` array each step costs page faults: in a decoding loop, about as
+    much as the arithmetic). Per user of it (a filter, a sampler); copies and pickles start empty.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor kept under ``name`` for this shape, dtype and device."""
+        key = (name, tuple(shape), dtype, device)
+        found = self._buffers.get(key)
+        if found is None:
+            if len(self._buffers) >= 8:  # shapes change (another batch size): keep the newest only
+                self._buffers.clear()
+            found = self._buffers[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return found
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_buffers": {}}
 
 
 def sort_with_order(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor
 from decodekit.processors.rows import column
-from decodekit.processors.sorting import sort_values
+from decodekit.processors.sorting import Workspace, sort_values
 
 
 def _keep_top_n(logits: torch.Tensor, remove: torch.Tensor, n: int) -> torch.Tensor:
@@ -111,6 +111,7 @@ class TopP(LogitsProcessor):
         self.init_setting("top_p", top_p)
         self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
         self.active = self.any_row_on()
+        self._workspace = Workspace()  # the sort's buffers, kept from step to step
 
     def any_row_on(self) -> bool:
         p = self.top_p
@@ -135,14 +136,16 @@ class TopP(LogitsProcessor):
 
     def _nucleus(self, logits: torch.Tensor, tail: float | torch.Tensor) -> torch.Tensor:
         """Remove tokens whose ascending cumulative mass is ``<= tail`` (``1 - p``)."""
-        floor, _ = nucleus_bounds(logits, tail, self.min_tokens_to_keep)
+        floor, _ = nucleus_bounds(logits, tail, self.min_tokens_to_keep, self._workspace)
         return torch.where(logits < floor.to(logits.dtype), NEG_INF, logits)
 
 
 BLOCK = 256  # tokens per block of :func:`nucleus_bounds`' cumulative sums
 
 
-def nucleus_bounds(logits: torch.Tensor, tail: float | torch.Tensor, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus_bounds(
+    logits: torch.Tensor, tail: float | torch.Tensor, min_keep: int = 1, workspace: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(floor, lse)``, both ``[B, 1]``: each row's top-p nucleus, found without writing it out.
 
     The nucleus is :class:`TopP`'s: sorted ascending, the tokens whose cumulative mass is at most
@@ -155,13 +158,16 @@ def nucleus_bounds(logits: torch.Tensor, tail: float | torch.Tensor, min_keep: i
     One sort (:func:`~decodekit.processors.sorting.sort_values`) and one ``exp``; the cumulative
     mass is never summed over the whole vocabulary: sums of blocks of ``BLOCK`` tokens, their
     running total, and a running total within the one block where the mass crosses ``tail``.
+    A ``workspace`` (:class:`~decodekit.processors.sorting.Workspace`) keeps the two ``[B, V]``
+    buffers from one call to the next.
     """
     x = logits.float()
     b, v = x.shape
-    ascending = sort_values(x)  # [B, V]
+    ascending = sort_values(x, workspace)  # [B, V]
     top = ascending[:, -1:]  # [B, 1] the largest logit (finite: every row keeps a token)
     pad = (-v) % BLOCK
-    mass = x.new_empty(b, pad + v)  # [B, nb * BLOCK]: zeros in front, then exp(x - top) ascending
+    shape = (b, pad + v)  # [B, nb * BLOCK]: zeros in front, then exp(x - top) ascending
+    mass = x.new_empty(shape) if workspace is None else workspace.buffer("mass", shape, x.dtype, x.device)
     mass[:, :pad] = 0.0
     torch.sub(ascending, top, out=mass[:, pad:]).exp_()
     blocks = mass.view(b, -1, BLOCK)  # [B, nb, BLOCK]

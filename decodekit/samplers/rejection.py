@@ -31,6 +31,7 @@ import torch
 
 from decodekit.processors.base import ProcessorChain
 from decodekit.processors.rows import column
+from decodekit.processors.sorting import Workspace
 from decodekit.processors.truncation import TopK, TopP, nucleus_bounds
 from decodekit.random import RowRandom
 from decodekit.samplers.base import Multinomial, Sampler, sample_probs
@@ -60,6 +61,7 @@ class NucleusMultinomial(Sampler):
 
     def __init__(self, top_p: TopP) -> None:
         self.recorded_filter = top_p
+        self._workspace = Workspace()  # the record's sort buffers, kept from step to step
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, rng: RowRandom) -> torch.Tensor:
         return sample_top_p(logits, self.recorded_filter.top_p, rng)
@@ -77,7 +79,7 @@ class NucleusMultinomial(Sampler):
         tail = torch.full_like(logits[:, :1], 1.0, dtype=torch.float64) - p
         if whole is not None:
             tail = tail.masked_fill(whole[:, None], 0.0)
-        floor, lse = nucleus_bounds(logits, tail.float())
+        floor, lse = nucleus_bounds(logits, tail.float(), workspace=self._workspace)
         picked = logits.gather(-1, token.clamp(min=0)[:, None]).float()
         under = picked < floor
         return torch.where(under, picked, floor), torch.where(under, torch.logaddexp(lse, picked), lse)
