@@ -193,13 +193,8 @@ class Llama(nn.Module):
 
     # ---------------------------------------------------------------- protocol attributes
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_context(self) -> int:
-        return self.config.block_size
+    vocab_size = GPT.vocab_size  # both read the config, whose fields are named alike
+    max_context = GPT.max_context
 
     @property
     def device(self) -> torch.device:

@@ -34,6 +34,7 @@ The error each format makes is measured in ``docs/models.md`` and bounded in
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -99,7 +100,7 @@ class _Converted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= self.max_rows and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if 0 < x2.shape[0] <= self.max_rows and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._few_rows(x2).to(dtype)
             if self.bias is not None:
                 y = y.add_(self.bias.to(dtype))
@@ -181,25 +182,19 @@ class W8A8Linear(_Converted):
     and inside ``torch.compile``, the weight is widened for the call.
     """
 
+    max_rows = sys.maxsize  # the kernel for every call on CPU, however many rows
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight, bias)
         q, scale = _per_channel_int8(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
-        if x.device.type != "cpu" or torch.compiler.is_compiling() or x.numel() == 0:
-            return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        # as few calls as it takes: at one row each costs about as much as its arithmetic
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        step = x2.abs().amax(dim=-1, keepdim=True).div_(127).clamp_(min=_TINY)  # [M, 1]
-        q = torch.div(x2, step).round_().to(torch.int8)
-        y = torch._int_mm(q, self.weight.t()).float().mul_(step).mul_(self.scale)  # [M, N]
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
+        x = x.float()
+        step = x.abs().amax(dim=-1, keepdim=True).div_(127).clamp_(min=_TINY)  # [M, 1]
+        q = torch.div(x, step).round_().to(torch.int8)
+        return torch._int_mm(q, self.weight.t()).float().mul_(step).mul_(self.scale)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight ``[N, K]`` (``q * scale``); activations are rounded on the CPU path only."""
@@ -209,7 +204,7 @@ class W8A8Linear(_Converted):
 def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [N, K] int8, scale [N])``: symmetric, ``scale = max|w_row| / 127``, ``q = round(w / scale)``."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [N]
+    scale = w.abs().amax(dim=1).clamp(min=_TINY) / 127  # [N]
     return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous(), scale
 
 
