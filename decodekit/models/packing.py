@@ -37,7 +37,8 @@ class Linear(nn.Linear):
     packed against 62 ms plain, and a 256-token prefill 229 ms instead of 500. A single row (a
     batch-1 decoding step) is a matrix-vector product, which MKL streams faster from the plain
     row-major weight: 25.7 ms against 28.6 packed (16.4 against 18.3 with two threads; GPT-2 124M
-    decodes at 24.1 tok/s that way against 20.7), so one row takes the plain path, as do small
+    decodes at 23.2 tok/s that way against 22.1, 41.3 against 36.0 with two, the two paths
+    interleaved in one process), so one row takes the plain path, as do small
     products (under :attr:`min_macs` multiply-adds), where oneDNN's fixed cost per call would
     dominate. The price is a second copy of the weights in memory; :func:`pack_weights` turns it
     off. Results equal ``F.linear``'s to float rounding (one row: exactly).
