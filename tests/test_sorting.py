@@ -111,3 +111,49 @@ def test_a_workspace_reuses_its_buffers_and_changes_no_result() -> None:
     top_p(None, torch.randn(2, 300))
     for clone in (copy.deepcopy(top_p), pickle.loads(pickle.dumps(top_p))):
         assert clone._workspace._buffers == {}  # copies start empty
+
+
+def check_bins_against_sort(x: torch.Tensor, tail: torch.Tensor, min_keep: int = 1) -> bool:
+    """The binned nucleus equals the sorted one where it answers; whether it answered."""
+    from decodekit.processors.sorting import nucleus_by_bins
+    from decodekit.processors.truncation import nucleus_by_sort
+
+    binned = nucleus_by_bins(x, tail, min_keep)
+    if binned is None:
+        return False
+    floor, lse = binned
+    expected_floor, expected_lse = nucleus_by_sort(x, tail, min_keep)
+    assert torch.equal(floor, expected_floor)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=2e-6 * (1 + expected_lse.abs().max().item()))
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(x=logits(dtypes=(torch.float32,), vocab=st.integers(1, 400)), data=st.data())
+def test_the_binned_nucleus_equals_the_sorted_one(x: torch.Tensor, data: st.DataObject) -> None:
+    tails = st.sampled_from([0.0, 1e-6, 0.05, 0.1, 0.5, 0.7, 0.95])
+    tail = torch.tensor([[data.draw(tails)] for _ in range(x.shape[0])], dtype=torch.float64)
+    check_bins_against_sort(x, tail, data.draw(st.sampled_from([1, 1, 3])))
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 1.0, 5.0, 30.0])
+def test_the_binned_nucleus_answers_on_a_real_vocabulary(scale: float) -> None:
+    x = torch.randn(8, 50257, generator=torch.Generator().manual_seed(5)) * scale
+    x[3, :500] = NEG_INF
+    x[4, 100:140] = x[4].max()  # ties at the top
+    x[5, ::7] = x[5, 3]  # many ties inside
+    tail = torch.tensor([[0.1], [0.0], [0.5], [0.05], [0.9], [0.1], [1e-7], [0.3]], dtype=torch.float64)
+    assert check_bins_against_sort(x, tail)  # answered, and equal to the sort
+    check_bins_against_sort(x, tail, min_keep=5)  # equal where it answers (a nucleus under 5 tokens is left to the sort)
+
+
+def test_the_binned_nucleus_declines_what_it_cannot_decide() -> None:
+    from decodekit.processors.sorting import nucleus_by_bins
+
+    x = torch.randn(2, 1000)
+    tail = torch.full((2, 1), 0.1, dtype=torch.float64)
+    assert nucleus_by_bins(x.double(), tail) is None  # float32 only
+    assert nucleus_by_bins(torch.where(x > 2, float("inf"), x), tail) is None  # +inf at the top
+    same = torch.zeros(2, 1000)  # every logit in one bin: more candidates than it sorts
+    assert nucleus_by_bins(same, tail) is None
+    assert nucleus_by_bins(x, torch.ones(2, 1, dtype=torch.float64)) is None  # p = 0: the whole top bin removed

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.processors.base import NEG_INF, LogitsProcessor
 from decodekit.processors.rows import column
-from decodekit.processors.sorting import Workspace, sort_values
+from decodekit.processors.sorting import Workspace, nucleus_by_bins, sort_values
 
 
 def _keep_top_n(logits: torch.Tensor, remove: torch.Tensor, n: int) -> torch.Tensor:
@@ -155,13 +155,25 @@ def nucleus_bounds(
     ``lse`` is the log of the kept mass, ``log sum exp`` over the kept logits: the normaliser of
     the processed log-softmax.
 
-    One sort (:func:`~decodekit.processors.sorting.sort_values`) and one ``exp``; the cumulative
-    mass is never summed over the whole vocabulary: sums of blocks of ``BLOCK`` tokens, their
-    running total, and a running total within the one block where the mass crosses ``tail``.
-    A ``workspace`` (:class:`~decodekit.processors.sorting.Workspace`) keeps the two ``[B, V]``
+    On CPU, :func:`~decodekit.processors.sorting.nucleus_by_bins` finds it sorting only the logits
+    near each row's cut. Elsewhere (or where it declines), :func:`nucleus_by_sort`: one sort
+    (:func:`~decodekit.processors.sorting.sort_values`) and one ``exp``; the cumulative mass is
+    never summed over the whole vocabulary: sums of blocks of ``BLOCK`` tokens, their running
+    total, and a running total within the one block where the mass crosses ``tail``. A
+    ``workspace`` (:class:`~decodekit.processors.sorting.Workspace`) keeps its two ``[B, V]``
     buffers from one call to the next.
     """
     x = logits.float()
+    binned = nucleus_by_bins(x, torch.as_tensor(tail, dtype=torch.float64).expand(x.shape[0], 1), min_keep, workspace)
+    if binned is not None:  # on CPU: only the logits near each row's cut are sorted
+        return binned
+    return nucleus_by_sort(x, tail, min_keep, workspace)
+
+
+def nucleus_by_sort(
+    x: torch.Tensor, tail: float | torch.Tensor, min_keep: int = 1, workspace: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nucleus_bounds` by sorting each whole row of float32 ``x``: on any device."""
     b, v = x.shape
     ascending = sort_values(x, workspace)  # [B, V]
     top = ascending[:, -1:]  # [B, 1] the largest logit (finite: every row keeps a token)
