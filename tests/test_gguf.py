@@ -171,3 +171,22 @@ def test_export_tool_writes_the_embedded_model_that_loads_back_exactly(tmp_path:
     ids = torch.randint(0, 257, (2, 30))
     assert torch.equal(model(ids), source(ids))
     assert extras.tokenizer == {"kind": "gguf", "path": str(tmp_path / "default.gguf")}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-tied"])
+def test_loaded_float32_weights_are_column_major_and_saved_contiguous(tmp_path: Path, arch: str) -> None:
+    from safetensors.torch import save_file
+
+    from decodekit import generate
+    from decodekit.models.packing import Linear
+
+    source = MODELS[arch]()
+    model, _ = load_model(write_gguf(source, tmp_path / "m.gguf"), device="cpu")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)  # [in, out] storage
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())  # the same values
+    save_file({k: v.clone() for k, v in state.items()}, str(tmp_path / "m.safetensors"))  # writers take it
+    prompt = torch.tensor([[1, 5, 9, 200, 7]])  # one row: each step multiplies by column-major weights
+    assert generate(model, prompt, max_new_tokens=12).sequences.tolist() == generate(source, prompt, max_new_tokens=12).sequences.tolist()

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from decodekit.errors import ModelLoadError
 from decodekit.models.gpt import GPT, GPTConfig
+from decodekit.models.packing import column_major
 from decodekit.models.protocol import CausalLM
 
 __all__ = [
@@ -298,9 +299,10 @@ def _no_init() -> Iterator[None]:
 
 
 def ready_for_decoding(model: CausalLM, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """A torch module moved to ``device`` and ``dtype``, in eval mode, without gradients."""
+    """A torch module moved to ``device`` and ``dtype``, in eval mode, without gradients; float32
+    linear weights on CPU column-major (:func:`~decodekit.models.packing.column_major`)."""
     if isinstance(model, torch.nn.Module):
-        model = model.to(device=device, dtype=dtype).eval()
+        model = column_major(model.to(device=device, dtype=dtype).eval())  # faster batch-1 steps on CPU
         model.requires_grad_(False)
     return model
 

