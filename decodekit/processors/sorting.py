@@ -6,6 +6,11 @@ tokens at batch 8 (2-core AVX-512 machine): values 1.7 ms against 19 ms, values 
 5.9 ms against 17 ms. The sorted values are the same whoever sorts; the order of tied values may
 differ, which no filter here depends on (each keeps tie groups whole). Elsewhere (GPU, float16 /
 bfloat16, autograd, inside ``torch.compile``) ``torch.sort`` runs.
+
+:func:`nucleus_by_bins` finds a top-p nucleus sorting only the logits near each row's cut: on
+GPT-2's vocabulary at batch 8, 1.4 ms against 9.1 ms for the sort-based
+:func:`~decodekit.processors.truncation.nucleus_by_sort` (one thread, a 2-core AMD EPYC whose
+numpy sort of ``[8, 50257]`` takes 8 ms).
 """
 
 from __future__ import annotations
@@ -102,27 +107,14 @@ def nucleus_by_bins(
     top = a.max(axis=1, keepdims=True)  # [B, 1]
     if not np.isfinite(top).all():
         return None
-    low = np.maximum(a.min(axis=1, keepdims=True), top - SPAN)
-    scale = (BINS / np.maximum(top - low, np.float32(1e-30))).astype(np.float32)
-    workspace = workspace or Workspace()
-    d, mass, bin_of = (workspace.buffer(name, (b, v), dtype, x.device)
-                       for name, dtype in (("d", torch.float32), ("mass", torch.float32), ("bin", torch.int64)))  # fmt: skip
-    dn, mn = d.numpy(), mass.numpy()
-    np.subtract(top, a, out=dn)  # >= 0 (inf for -inf logits)
-    np.negative(dn, out=mn)
-    np.exp(mn, out=mn)  # each token's probability times the row's normaliser
-    with np.errstate(over="ignore"):  # far below the top: the last bin
-        np.multiply(dn, scale, out=dn)
-    d.clamp_(max=BINS - 1)  # (torch: 4x numpy's minimum here)
-    bin_of.copy_(d)  # [B, V] bin 0 holds the top; larger bins, smaller logits
-    per_bin = torch.zeros(b, BINS).scatter_add_(1, bin_of, mass).numpy().astype(np.float64)
+    per_bin, bin_of = _bin_masses(a, top, workspace or Workspace())  # [B, BINS] float64, [B, V]
     smaller = per_bin[:, ::-1].cumsum(axis=1)[:, ::-1] - per_bin  # [B, BINS] mass of the bins below each
     total = smaller[:, :1] + per_bin[:, :1]
     t = tail.double().numpy().reshape(b, 1)
     all_kept = t[:, 0] == 0  # p = 1 removes nothing
     cut = t[:, 0] * total[:, 0]  # [B]
     crossing = np.where(all_kept, -1, np.minimum((smaller > cut[:, None]).sum(axis=1), BINS - 1))  # [B] the bin where the mass crosses
-    where = np.flatnonzero(bin_of.numpy() == crossing[:, None])  # the crossing bins' logits, row by row
+    where = np.flatnonzero(bin_of == crossing[:, None])  # the crossing bins' logits, row by row
     if where.size > MAX_CANDIDATES * a.size:
         return None
     rows = where // v
@@ -146,6 +138,27 @@ def nucleus_by_bins(
         return None
     lse = top[:, 0] + np.log(kept).astype(np.float32)
     return torch.from_numpy(floor[:, None].astype(np.float32)), torch.from_numpy(lse[:, None])
+
+
+def _bin_masses(a: np.ndarray, top: np.ndarray, workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's logits ``a`` in ``BINS`` equal bins of value from its ``top`` down to its smallest
+    (at most ``SPAN`` below; bin 0 holds the top, the last everything further down): the
+    probability mass of each bin (times the row's normaliser) ``[B, BINS]``, and each logit's bin."""
+    b, v = a.shape
+    low = np.maximum(a.min(axis=1, keepdims=True), top - SPAN)
+    scale = (BINS / np.maximum(top - low, np.float32(1e-30))).astype(np.float32)
+    d, mass, bin_of = (workspace.buffer(name, (b, v), dtype, torch.device("cpu"))
+                       for name, dtype in (("d", torch.float32), ("mass", torch.float32), ("bin", torch.int64)))  # fmt: skip
+    dn, mn = d.numpy(), mass.numpy()
+    np.subtract(top, a, out=dn)  # >= 0 (inf for -inf logits)
+    np.negative(dn, out=mn)
+    np.exp(mn, out=mn)  # each token's probability times the row's normaliser
+    with np.errstate(over="ignore"):  # far below the top: the last bin
+        np.multiply(dn, scale, out=dn)
+    d.clamp_(max=BINS - 1)  # (torch: 4x numpy's minimum here)
+    bin_of.copy_(d)
+    per_bin = torch.zeros(b, BINS).scatter_add_(1, bin_of, mass).numpy().astype(np.float64)
+    return per_bin, bin_of.numpy()
 
 
 def _sorted_by_row(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
