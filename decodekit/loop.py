@@ -20,6 +20,7 @@ from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows
 from decodekit.random import RowRandom, row_seeds
 from decodekit.samplers.base import Greedy
 from decodekit.samplers.rejection import fuse
+from decodekit.stepping import PREFILL_CHUNK, DynamicSteps, StaticSteps, positions, prefill
 
 # A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
 StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]
@@ -137,30 +138,6 @@ def crop_to_context(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[
     return ids, mask
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids from a left-padded mask: ``cumsum(mask) - 1``, 0 on padding. ``[B, T]``."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-PREFILL_CHUNK = 256  # prompt positions per forward pass in the prefill
-
-
-def prefill(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, cache_length: int, *, chunk: int = PREFILL_CHUNK
-) -> tuple[torch.Tensor, Any]:
-    """Run the prompt through a fresh cache; returns next-token logits ``[B, V]`` and the cache.
-
-    Long prompts go through in chunks of ``chunk`` positions, each attending to the cache so far:
-    the same logits, with the temporaries of one chunk instead of the whole prompt at its peak.
-    """
-    cache = model.new_cache(ids.shape[0], cache_length)
-    pos = positions(mask)
-    for start in range(0, ids.shape[1], chunk):
-        end = min(start + chunk, ids.shape[1])
-        logits, cache = model.step(ids[:, start:end], position_ids=pos[:, start:end], attention_mask=mask[:, :end], cache=cache)
-    return logits, cache
-
-
 def generate(
     model: Any,
     input_ids: Any,
@@ -178,6 +155,7 @@ def generate(
     check_every: int | None = None,
     logprobs: int | None = None,
     logprobs_mode: str = "raw",
+    static_cache: bool = False,
 ) -> GenerateOutput:
     """Decode up to ``max_new_tokens`` tokens after each row of ``input_ids``.
 
@@ -203,6 +181,9 @@ def generate(
         logprobs_mode: ``"raw"`` (the model's log-softmax) or ``"processed"`` (after the
             processor chain). A sampler that drives its own loop (beam search) gives ``"raw"``
             only: the returned sequences are scored by one forward pass after the search.
+        static_cache: steps of fixed shapes over a cache of the whole run's length (native GPT
+            and Llama; the run must fit the model's context), captured once as a CUDA graph on
+            CUDA; the same tokens as the default (see :mod:`decodekit.stepping`).
 
     Returns:
         :class:`GenerateOutput`.
@@ -216,7 +197,11 @@ def generate(
     check_logprobs(logprobs, logprobs_mode)
     chain = as_chain(processors)
     sampler = Greedy() if sampler is None else sampler
+    if not isinstance(static_cache, bool):
+        raise ConfigError(f"static_cache={static_cache!r} is not allowed: must be true or false")
     if getattr(sampler, "drives_loop", False):
+        if static_cache:
+            raise ConfigError(f"static_cache=True: {processor_name(sampler)} drives its own loop, over a cache of its own")
         if logprobs is not None and logprobs_mode != "raw":
             raise ConfigError(f"logprobs_mode={logprobs_mode!r}: {processor_name(sampler)} drives its own loop; it gives raw logprobs only")
         out = sampler.generate(
@@ -254,9 +239,11 @@ def generate(
     window_ids, window_mask = crop_to_context(model, ids, mask)
     context = getattr(model, "max_context", None)
     cache_length = prompt_len + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
+    if static_cache and context is not None and window_ids.shape[1] + max_new_tokens > context:
+        raise ConfigError(f"static_cache=True: the prompt ({window_ids.shape[1]} tokens) and max_new_tokens={max_new_tokens} "
+                          f"exceed the model's context of {context}; lower max_new_tokens or use the default cache")  # fmt: skip
     logits, cache = prefill(model, window_ids, window_mask, cache_length)  # logits: [B, V]
-    cached = window_ids.shape[1]
-    next_pos = positions(window_mask)[:, -1:] + 1  # [B, 1] position of the next token
+    stepper = (StaticSteps if static_cache else DynamicSteps)(model, cache, full_mask, window_mask, context)
     chain.begin(ids)
     if hasattr(sampler, "begin"):
         sampler.begin(ids)
@@ -300,18 +287,7 @@ def generate(
         if (steps % check_every == 0) and bool(finished.all()):
             break
 
-        # Next forward pass: one new position per row; slide the window when the cache is full.
-        if context is not None and cached + 1 > context:
-            keep = max(context // 2, 1)
-            window_mask = full_mask[:, end + 1 - keep : end + 1]
-            logits, cache = prefill(model, seq[:, end + 1 - keep : end + 1], window_mask, context)
-            cached = keep
-            next_pos = positions(window_mask)[:, -1:] + 1
-        else:
-            attn = full_mask[:, end + 1 - (cached + 1) : end + 1]  # [B, cached + 1]
-            logits, cache = model.step(token[:, None], position_ids=next_pos, attention_mask=attn, cache=cache)
-            cached += 1
-            next_pos = next_pos + 1
+        logits = stepper(token, seq, end)  # the next forward pass: one new position per row
 
     if bool(bad):
         raise InvalidLogitsError("invalid logits (NaN, +inf or a row with no token left) appeared during decoding; "
