@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # pages whose ```python blocks run here, in order, sharing one namespace per page
 # (docs/plugins.md has its own test; docs/cli.md shows shell sessions)
-PAGES = ["processors.md", "loop.md", "default_model.md", "models.md", "engine.md", "jobs.md", "structured.md", "logprobs.md"]
+PAGES = ["processors.md", "loop.md", "default_model.md", "models.md", "engine.md", "jobs.md", "structured.md", "logprobs.md", "gpu.md"]
 
 
 def python_blocks(page: Path) -> list[str]:
