@@ -20,7 +20,7 @@ from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows
 from decodekit.random import RowRandom, row_seeds
 from decodekit.samplers.base import Greedy
 from decodekit.samplers.rejection import fuse
-from decodekit.stepping import PREFILL_CHUNK, DynamicSteps, StaticSteps, positions, prefill
+from decodekit.stepping import DynamicSteps, StaticSteps, prefill
 
 # A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
 StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]

@@ -189,7 +189,7 @@ def test_top_p_sampling_only_draws_from_the_nucleus(model: GPT) -> None:
 
 
 def test_chunked_prefill_gives_the_same_logits(model: GPT) -> None:
-    from decodekit.loop import prefill
+    from decodekit.stepping import prefill
 
     ids = torch.randint(0, 50, (3, 23))
     mask = torch.ones_like(ids, dtype=torch.bool)

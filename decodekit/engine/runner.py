@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from decodekit.loop import positions, prefill
+from decodekit.stepping import positions, prefill
 
 
 class SlotRunner:

@@ -343,7 +343,8 @@ class _Runner:
     one position per step for every beam (reordered first), sliding the window at the context limit."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, beams: int, max_new_tokens: int) -> None:
-        from decodekit.loop import crop_to_context, prefill
+        from decodekit.loop import crop_to_context
+        from decodekit.stepping import prefill
 
         self.model = model
         B, T0 = ids.shape
@@ -362,7 +363,7 @@ class _Runner:
 
     def advance(self, seq: torch.Tensor, end: int, source: torch.Tensor) -> None:
         """Beams now descend from rows ``source``; run the token each placed at ``end``."""
-        from decodekit.loop import positions, prefill
+        from decodekit.stepping import positions, prefill
 
         if self.context is not None and self.cached + 1 > self.context:
             keep = max(self.context // 2, 1)
