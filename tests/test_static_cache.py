@@ -94,3 +94,27 @@ def test_a_model_without_slot_caches_is_refused_by_name() -> None:
 
     with pytest.raises(ConfigError, match="needs a native model .*Plain has no slot cache"):
         generate(Plain(tiny_gpt()), PROMPT, max_new_tokens=3, static_cache=True)
+
+
+def test_a_static_step_is_one_graph_that_never_recompiles() -> None:
+    """What a CUDA graph needs, checked on CPU: ``torch.compile(fullgraph=True)`` traces the step
+    whole (no graph break: no host value read), once for every step (no recompile)."""
+    from decodekit.stepping import StaticSteps, prefill
+
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(1)
+        return gm.forward
+
+    model, mask = tiny_llama(), MASK.bool()
+    full = torch.ones(3, 5 + 8, dtype=torch.bool)
+    full[:, :5] = mask
+    eager, traced = (StaticSteps(model, prefill(model, PROMPT, mask, 13)[1], full, mask) for _ in range(2))
+    step = torch.compile(traced._step, fullgraph=True, backend=counting)
+    for token in ([4, 8, 1], [2, 2, 9], [0, 6, 3], [7, 5, 5]):
+        eager.token.copy_(torch.tensor(token)[:, None])
+        traced.token.copy_(torch.tensor(token)[:, None])
+        torch.testing.assert_close(step(), eager._step(), rtol=0, atol=1e-6)
+    assert graphs == [1] and traced.cache.lengths.tolist() == [9, 9, 9] and traced.pos[:, 0].tolist() == [7, 9, 6]
+    torch._dynamo.reset()
