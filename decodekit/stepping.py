@@ -55,9 +55,20 @@ class DynamicSteps:
         self.cached = window_mask.shape[1]  # positions in the cache
         self.next_pos = positions(window_mask)[:, -1:] + 1  # [B, 1] position of the next token
 
+    def _slides(self) -> bool:
+        """Whether the next step re-prefills the window (the cache is full)."""
+        return self.context is not None and self.cached + 1 > self.context
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows now continue rows ``index`` ``[B]`` (beam search): the cache (unless the next step
+        prefills the window again anyway) and the positions follow them."""
+        if not self._slides():
+            self.cache = self.model.reorder_cache(self.cache, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
     def __call__(self, token: torch.Tensor, seq: torch.Tensor, end: int) -> torch.Tensor:
         """Logits after ``token`` ``[B]``, just written at ``seq[:, end]``."""
-        if self.context is not None and self.cached + 1 > self.context:
+        if self._slides():
             keep = max(self.context // 2, 1)
             window_mask = self.full_mask[:, end + 1 - keep : end + 1]
             logits, self.cache = prefill(self.model, seq[:, end + 1 - keep : end + 1], window_mask, self.context)

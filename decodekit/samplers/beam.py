@@ -340,44 +340,28 @@ class BeamSearch(Sampler):
 
 class _Runner:
     """The model side of beam search: prefill each prompt once, copy its cache to the beams, then
-    one position per step for every beam (reordered first), sliding the window at the context limit."""
+    one position per step for every beam (reordered first), sliding the window at the context limit
+    (:class:`~decodekit.stepping.DynamicSteps`, as :func:`decodekit.generate` steps)."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, beams: int, max_new_tokens: int) -> None:
         from decodekit.loop import crop_to_context
-        from decodekit.stepping import prefill
+        from decodekit.stepping import DynamicSteps, prefill
 
-        self.model = model
         B, T0 = ids.shape
         expand = torch.arange(B, device=ids.device).repeat_interleave(beams)
         window_ids, window_mask = crop_to_context(model, ids, mask)
-        self.context = getattr(model, "max_context", None)
-        length = T0 + max_new_tokens
-        if self.context is not None:
-            length = min(self.context, window_ids.shape[1] + max_new_tokens)
+        context = getattr(model, "max_context", None)
+        length = T0 + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
         logits, cache = prefill(model, window_ids, window_mask, length)
-        self.cache = model.reorder_cache(cache, expand)
         self.logits = logits.index_select(0, expand)  # [rows, V]
-        self.mask = torch.ones((B * beams, T0 + max_new_tokens), dtype=torch.bool, device=ids.device)
-        self.mask[:, :T0] = mask.index_select(0, expand)
-        self.cached = window_ids.shape[1]
+        full_mask = torch.ones((B * beams, T0 + max_new_tokens), dtype=torch.bool, device=ids.device)
+        full_mask[:, :T0] = mask.index_select(0, expand)
+        self.steps = DynamicSteps(model, model.reorder_cache(cache, expand), full_mask, window_mask.index_select(0, expand), context)
 
     def advance(self, seq: torch.Tensor, end: int, source: torch.Tensor) -> None:
         """Beams now descend from rows ``source``; run the token each placed at ``end``."""
-        from decodekit.stepping import positions, prefill
-
-        if self.context is not None and self.cached + 1 > self.context:
-            keep = max(self.context // 2, 1)
-            window = slice(end + 1 - keep, end + 1)
-            self.logits, self.cache = prefill(self.model, seq[:, window], self.mask[:, window], self.context)
-            self.cached = keep
-            return
-        self.cache = self.model.reorder_cache(self.cache, source)
-        attn = self.mask[:, end + 1 - (self.cached + 1) : end + 1]  # [rows, cached + 1]
-        pos = positions(attn)[:, -1:]
-        self.logits, self.cache = self.model.step(
-            seq[:, end : end + 1], position_ids=pos, attention_mask=attn, cache=self.cache
-        )
-        self.cached += 1
+        self.steps.reorder(source)
+        self.logits = self.steps(seq[:, end], seq, end)
 
 
 def _extend(seq: torch.Tensor, beam: torch.Tensor, token: torch.Tensor, end: int) -> torch.Tensor:
