@@ -7,7 +7,6 @@ row has stopped or after ``max_new_tokens``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows
 from decodekit.random import RowRandom, row_seeds
 from decodekit.samplers.base import Greedy
 from decodekit.samplers.rejection import fuse
-from decodekit.stepping import DynamicSteps, StaticSteps, prefill
+from decodekit.stepping import DynamicSteps, StaticSteps, prefill_prompt
 
 # A stopping criterion: (sequences [B, T], number of new tokens so far) -> [B] bool, True = stop the row.
 StoppingCriterion = Callable[[torch.Tensor, int], torch.Tensor]
@@ -125,19 +124,6 @@ def prepare_inputs(
     return ids, mask
 
 
-def crop_to_context(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the last ``model.max_context`` positions of a prompt that alone is too long (warns)."""
-    context = getattr(model, "max_context", None)
-    if context is not None and ids.shape[1] > context:
-        warnings.warn(
-            f"the prompt has {ids.shape[1]} tokens, more than the model's context of {context}; "
-            f"keeping its last {context}",
-            stacklevel=3,
-        )
-        return ids[:, -context:], mask[:, -context:]
-    return ids, mask
-
-
 def generate(
     model: Any,
     input_ids: Any,
@@ -235,15 +221,12 @@ def generate(
     scores: list[torch.Tensor] = []
     chosen: list[torch.Tensor] = []
 
-    # Prefill: the (cropped) prompt, in chunks of PREFILL_CHUNK positions.
-    window_ids, window_mask = crop_to_context(model, ids, mask)
     context = getattr(model, "max_context", None)
-    cache_length = prompt_len + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
-    if static_cache and context is not None and window_ids.shape[1] + max_new_tokens > context:
-        raise ConfigError(f"static_cache=True: the prompt ({window_ids.shape[1]} tokens) and max_new_tokens={max_new_tokens} "
+    if static_cache and context is not None and min(prompt_len, context) + max_new_tokens > context:
+        raise ConfigError(f"static_cache=True: the prompt ({min(prompt_len, context)} tokens) and max_new_tokens={max_new_tokens} "
                           f"exceed the model's context of {context}; lower max_new_tokens or use the default cache")  # fmt: skip
-    logits, cache = prefill(model, window_ids, window_mask, cache_length)  # logits: [B, V]
-    stepper = (StaticSteps if static_cache else DynamicSteps)(model, cache, full_mask, window_mask, context)
+    logits, cache, window_mask = prefill_prompt(model, ids, mask, max_new_tokens)  # logits: [B, V]
+    stepper = (StaticSteps if static_cache else DynamicSteps)(model, cache, full_mask, window_mask)
     chain.begin(ids)
     if hasattr(sampler, "begin"):
         sampler.begin(ids)

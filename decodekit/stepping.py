@@ -1,6 +1,6 @@
 """The forward passes of a decoding run: the prefill, then one new position per row and step.
 
-:func:`prefill` runs the prompt. The steps after it come from one of two steppers, each called
+:func:`prefill_prompt` runs the prompt (:func:`prefill`, cropped to the context). The steps after it come from one of two steppers, each called
 as ``stepper(token, seq, end) -> logits [B, V]`` with the tokens just chosen:
 
 - :class:`DynamicSteps` (the default): attention over the positions filled so far, so each step's
@@ -17,6 +17,7 @@ as ``stepper(token, seq, end) -> logits [B, V]`` with the tokens just chosen:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,11 +48,38 @@ def prefill(
     return logits, cache
 
 
+def crop_to_context(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the last ``model.max_context`` positions of a prompt that alone is too long (warns)."""
+    context = getattr(model, "max_context", None)
+    if context is not None and ids.shape[1] > context:
+        warnings.warn(
+            f"the prompt has {ids.shape[1]} tokens, more than the model's context of {context}; "
+            f"keeping its last {context}",
+            stacklevel=4,
+        )
+        return ids[:, -context:], mask[:, -context:]
+    return ids, mask
+
+
+def prefill_prompt(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """The prefill of a run adding ``max_new_tokens``: ``(logits [B, V], cache, window_mask)``.
+
+    The prompt is cropped to the model's context (:func:`crop_to_context`, whose mask is
+    ``window_mask``) and goes into a cache of the whole run's length, or of the context.
+    """
+    window_ids, window_mask = crop_to_context(model, ids, mask)
+    context = getattr(model, "max_context", None)
+    length = ids.shape[1] + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
+    logits, cache = prefill(model, window_ids, window_mask, length)
+    return logits, cache, window_mask
+
+
 class DynamicSteps:
     """Steps over a growing cache, sliding the window when the model's context is full."""
 
-    def __init__(self, model: Any, cache: Any, full_mask: torch.Tensor, window_mask: torch.Tensor, context: int | None) -> None:
-        self.model, self.cache, self.full_mask, self.context = model, cache, full_mask, context
+    def __init__(self, model: Any, cache: Any, full_mask: torch.Tensor, window_mask: torch.Tensor) -> None:
+        self.model, self.cache, self.full_mask = model, cache, full_mask
+        self.context: int | None = getattr(model, "max_context", None)
         self.cached = window_mask.shape[1]  # positions in the cache
         self.next_pos = positions(window_mask)[:, -1:] + 1  # [B, 1] position of the next token
 
@@ -85,11 +113,8 @@ class DynamicSteps:
 class StaticSteps:
     """Steps of fixed shapes over the whole prefilled cache; a CUDA graph on CUDA (see the module)."""
 
-    def __init__(
-        self, model: Any, cache: Any, full_mask: torch.Tensor, window_mask: torch.Tensor, context: int | None = None,
-        *, graph: bool = True,
-    ) -> None:  # fmt: skip
-        """``context`` is not used: the caller checked that the run fits it."""
+    def __init__(self, model: Any, cache: Any, full_mask: torch.Tensor, window_mask: torch.Tensor, *, graph: bool = True) -> None:
+        """The run must fit the model's context: the caller checks that."""
         from decodekit.models.cache import KVCache, SlotCache
 
         if not isinstance(cache, KVCache) or not hasattr(model, "new_slot_cache"):

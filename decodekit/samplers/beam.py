@@ -344,19 +344,15 @@ class _Runner:
     (:class:`~decodekit.stepping.DynamicSteps`, as :func:`decodekit.generate` steps)."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, beams: int, max_new_tokens: int) -> None:
-        from decodekit.loop import crop_to_context
-        from decodekit.stepping import DynamicSteps, prefill
+        from decodekit.stepping import DynamicSteps, prefill_prompt
 
         B, T0 = ids.shape
         expand = torch.arange(B, device=ids.device).repeat_interleave(beams)
-        window_ids, window_mask = crop_to_context(model, ids, mask)
-        context = getattr(model, "max_context", None)
-        length = T0 + max_new_tokens if context is None else min(context, window_ids.shape[1] + max_new_tokens)
-        logits, cache = prefill(model, window_ids, window_mask, length)
+        logits, cache, window_mask = prefill_prompt(model, ids, mask, max_new_tokens)
         self.logits = logits.index_select(0, expand)  # [rows, V]
         full_mask = torch.ones((B * beams, T0 + max_new_tokens), dtype=torch.bool, device=ids.device)
         full_mask[:, :T0] = mask.index_select(0, expand)
-        self.steps = DynamicSteps(model, model.reorder_cache(cache, expand), full_mask, window_mask.index_select(0, expand), context)
+        self.steps = DynamicSteps(model, model.reorder_cache(cache, expand), full_mask, window_mask.index_select(0, expand))
 
     def advance(self, seq: torch.Tensor, end: int, source: torch.Tensor) -> None:
         """Beams now descend from rows ``source``; run the token each placed at ``end``."""
