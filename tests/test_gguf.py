@@ -181,7 +181,7 @@ def test_loaded_float32_weights_are_column_major_and_saved_contiguous(tmp_path: 
     from decodekit.models.packing import Linear
 
     source = MODELS[arch]()
-    model, _ = load_model(write_gguf(source, tmp_path / "m.gguf"), device="cpu")
+    model, _ = load_model(write_gguf(source, tmp_path / "m.gguf"), device="cpu", kernels="library")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)  # [in, out] storage
     state = model.state_dict()

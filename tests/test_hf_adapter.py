@@ -181,7 +181,7 @@ def test_packed_weights_for_a_hugging_face_model_keep_its_logits_and_tokens(tmp_
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-    plain, _ = load_model(tmp_path, device="cpu")
+    plain, _ = load_model(tmp_path, device="cpu", kernels="library")
     packed, _ = load_model(tmp_path, device="cpu", pack_weights=True)
     assert isinstance(packed, HFCausalLM) and not any(isinstance(m, Linear) for m in plain.model.modules())
     layers = [m for m in packed.model.modules() if isinstance(m, Linear)]

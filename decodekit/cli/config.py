@@ -111,6 +111,7 @@ class DefaultModel(BaseModel):
     name: Literal["default"]
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
+    kernels: Literal["auto", "native", "library"] = "auto"
 
 
 class CheckpointModel(BaseModel):
@@ -120,6 +121,7 @@ class CheckpointModel(BaseModel):
     backend: Literal["auto", "native", "hf"] = "auto"
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
+    kernels: Literal["auto", "native", "library"] = "auto"
 
 
 class GGUFModel(BaseModel):
@@ -128,6 +130,7 @@ class GGUFModel(BaseModel):
     path: Optional[str] = None
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
+    kernels: Literal["auto", "native", "library"] = "auto"
 
 
 class ByteTokenizerConfig(BaseModel):

@@ -36,6 +36,7 @@ class ModelSpec:
     backend: str = "auto"
     pack_weights: bool | None = None
     weights: str = "float32"  # float32 | bf16 | int8 | w8a8 (decodekit.models.weights)
+    kernels: str = "auto"  # auto | native | library (decodekit.kernels)
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
 
     def label(self) -> str:
@@ -52,7 +53,7 @@ class ModelSpec:
 
         model, extras = load_model(
             self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights,
-            weights=self.weights,
+            weights=self.weights, kernels=self.kernels,
         )  # fmt: skip
         tokenizer = make_tokenizer(self.tokenizer, extras, needed=False)
         return model, tokenizer, str(extras.source)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from decodekit.errors import ConfigError, ModelLoadError
+from decodekit.kernels import check_kernels, use_kernels
 from decodekit.models.checkpoints import (
     ModelExtras,
     folder_safetensors,
@@ -101,6 +102,7 @@ def load_model(
     backend: Backend = "auto",
     pack_weights: bool | None = None,
     weights: str = "float32",
+    kernels: str = "auto",
 ) -> tuple[CausalLM, ModelExtras]:
     """Load a model and what its checkpoint says about itself.
 
@@ -121,23 +123,29 @@ def load_model(
             ``"float32"`` (exact, the default), ``"bf16"``, ``"int8"`` (per-channel scales) or
             ``"w8a8"`` (int8 weights and activations); all but float32 need ``dtype="float32"``
             and make the model inference-only.
+        kernels: which kernels a CPU decoding step's single rows take (:mod:`decodekit.kernels`):
+            ``"auto"`` (decodekit's native AVX-512 ones where they can run, built once on first
+            use; the library's otherwise), ``"native"`` (those or an error) or ``"library"``.
 
     Returns:
         ``(model, extras)``: a model in eval mode following
         :class:`~decodekit.models.protocol.CausalLM`, and :class:`ModelExtras`.
 
     Raises:
-        ConfigError: a bad ``device``, ``dtype``, ``backend`` or ``weights``.
+        ConfigError: a bad ``device``, ``dtype``, ``backend``, ``weights`` or ``kernels``
+            (``"native"`` where they cannot run).
         ModelLoadError: a missing file, an unknown name, an unrecognised or unsafe
             checkpoint, or weights that do not fit their config.
     """
     if pack_weights is not None and not isinstance(pack_weights, bool):
         raise ConfigError(f"pack_weights={pack_weights!r} is not allowed: must be true, false or null")
     check_weights(weights)
+    check_kernels(kernels)
     model, extras = _load(source, device, dtype, backend)
     if pack_weights is not None:
         model.pack_weights(pack_weights)
     convert_model_weights(model, weights)
+    use_kernels(model, kernels)
     return model, extras
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear", "column_major", "contiguous_state", "hand_out_contiguous", "pack_weights"]
+__all__ = ["Linear", "column_major", "contiguous_state", "hand_out_contiguous", "pack_weights", "row_major"]
 
 
 def _can_pack() -> bool:
@@ -45,11 +45,14 @@ class Linear(nn.Linear):
     """
 
     packing: bool = True
+    kernels: Any = None  # decodekit.kernels.NativeKernels for single rows (decodekit.kernels.use_kernels)
     # oneDNN costs ~15 us a call more than F.linear: worth it from about a million multiply-adds
     # (measured: [768, 192] at 8 rows 27 us packed against 38 plain, at 1 row 21 against 10).
     min_macs: int = 1 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.numel() == self.in_features and self._native_ok(x):
+            return self.kernels.ops.linear_f32(x.reshape(-1), self.weight, self.bias).view(x.shape[:-1] + (-1,))
         if (
             self.packing
             and not torch.compiler.is_compiling()  # torch.compile packs weights its own way
@@ -68,6 +71,15 @@ class Linear(nn.Linear):
                     self.packing = False
                     self.drop_pack()
         return F.linear(x, self.weight, self.bias)
+
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        """Whether this single row may take the native kernel (CPU float32, no autograd, not compiling)."""
+        w = self.weight
+        return (
+            x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        )  # fmt: skip
 
     def _packed(self) -> torch.Tensor | None:
         w = self.weight
@@ -136,6 +148,18 @@ def column_major(model: nn.Module) -> nn.Module:
                 and min(w.shape) > 1 and w.is_contiguous()
             ):  # fmt: skip
                 w.data = w.data.t().contiguous().t()
+    return model
+
+
+def row_major(model: nn.Module) -> nn.Module:
+    """Store each float32 CPU weight of ``model``'s :class:`Linear` layers row-major (contiguous
+    ``[out, in]``), the order the native one-row kernels read (:mod:`decodekit.kernels`); returns
+    ``model``. A tied embedding table shares its head's storage and follows it."""
+    with torch.no_grad():
+        for module in model.modules():
+            w = module.weight if isinstance(module, Linear) else None
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_contiguous():
+                w.data = w.data.contiguous()
     return model
 
 

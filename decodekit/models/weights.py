@@ -35,7 +35,7 @@ The error each format makes is measured in ``docs/models.md`` and bounded in
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ __all__ = [
     "compare_logits",
     "convert_model_weights",
     "convert_weights",
+    "converted_layers",
 ]
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -91,14 +92,28 @@ class _Converted(nn.Module):
     """
 
     max_rows: int = 16
+    kernels: Any = None  # decodekit.kernels.NativeKernels for single rows (set by use_kernels)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
+    def use_kernels(self, kernels: Any) -> None:
+        """Take ``kernels`` (:class:`decodekit.kernels.NativeKernels`, or ``None`` for the
+        library's) for single float32 rows on CPU, where this CPU runs this format's kernel."""
+        self.kernels = kernels if kernels is not None and self._runs_on(kernels) else None
+
+    def _runs_on(self, kernels: Any) -> bool:  # whether this CPU has the format's instructions
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
         shape, dtype = x.shape, x.dtype
+        if (
+            self.kernels is not None and x.numel() == self.in_features and dtype == torch.float32
+            and x.device.type == "cpu" and self.weight.device.type == "cpu" and not torch.compiler.is_compiling()
+        ):  # fmt: skip
+            return self._one_row(x.reshape(-1)).view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if 0 < x2.shape[0] <= self.max_rows and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._few_rows(x2).to(dtype)
@@ -123,6 +138,12 @@ class BF16Linear(_Converted):
         super().__init__(weight, bias)
         self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
         self._pack: torch.Tensor | None = None
+
+    def _runs_on(self, kernels: Any) -> bool:
+        return kernels.bf16
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N] float32, the bias added
+        return self.kernels.ops.linear_bf16(x, self.weight, self.bias)
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self._pack is None:
@@ -161,6 +182,9 @@ class Int8Linear(_Converted):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
 
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N]: float32 input, not rounded
+        return self.kernels.ops.linear_int8(x, self.weight, self.scale, self.bias)
+
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale_bf16)
 
@@ -189,6 +213,19 @@ class W8A8Linear(_Converted):
         q, scale = _per_channel_int8(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
+
+    def _runs_on(self, kernels: Any) -> bool:
+        return kernels.vnni
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N]: the same bits as _few_rows + bias
+        return self.kernels.ops.linear_w8a8(x, self.weight, self._row_sums(), self.scale, self.bias)
+
+    def _row_sums(self) -> torch.Tensor:
+        """``sum_k q[n, k]`` as int32 (the native kernel's correction for its unsigned input)."""
+        sums = getattr(self, "_sums", None)
+        if sums is None or sums.device != self.weight.device:
+            self._sums = sums = self.weight.sum(dim=1, dtype=torch.int32)
+        return sums
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
         x = x.float()
@@ -248,6 +285,11 @@ def convert_model_weights(model: object, weights: str) -> object:
         raise ConfigError(f"weights={weights!r}: {type(model).__name__} holds no torch module to convert")
     convert_weights(module, weights)
     return model
+
+
+def converted_layers(model: nn.Module) -> list[_Converted]:
+    """Every converted projection in ``model``."""
+    return [m for m in model.modules() if isinstance(m, _Converted)]
 
 
 def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,179 @@
+"""decodekit's native one-row CPU kernels: built once on first use, library kernels otherwise.
+
+A batch-1 decoding step on CPU is a chain of matrix-vector products, each streaming a weight
+from memory once; the library kernels behind ``F.linear`` (MKL, oneDNN) reach a fraction of the
+memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for one row in each
+weight format: float32, bfloat16 (AVX512-BF16), int8 weights, and int8 x int8 (AVX512-VNNI). They
+read each weight row in order with two accumulators and split rows over torch's thread pool.
+
+Which kernels a model's one-row products take is the ``kernels`` setting:
+
+- ``"auto"`` (the default): the native kernels where this CPU has AVX-512 (F, BW, VL, DQ) and
+  they are built or can be built (a C++ compiler and ninja; the first build takes about ten
+  seconds and is kept in the cache folder, ``$DECODEKIT_CACHE`` or ``~/.cache/decodekit``); the
+  library kernels otherwise.
+- ``"native"``: the native kernels, or one :class:`~decodekit.errors.ConfigError` line saying why
+  not.
+- ``"library"``: ``F.linear`` and the formats' library kernels only.
+
+Only single rows on CPU, in float32, outside autograd and ``torch.compile``, take them; a
+prefill, a batch and everything on a GPU go as before. Results agree with the library kernels'
+to float32 rounding (the sums run in another order), except ``int8``, whose native kernel keeps
+the input in float32 where the library one rounds it to bfloat16, and ``w8a8``, whose results
+are the same bits (integer sums, the same scales).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from decodekit.errors import ConfigError
+
+__all__ = ["KERNELS", "Kernels", "check_kernels", "native_kernels", "use_kernels"]
+
+logger = logging.getLogger("decodekit")
+
+Kernels = Literal["auto", "native", "library"]
+KERNELS: tuple[str, ...] = ("auto", "native", "library")
+
+_SOURCE = Path(__file__).with_name("cpu.cpp")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
+_NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+class NativeKernels:
+    """The loaded operators and what this CPU can run (``bf16``: AVX512-BF16, ``vnni``: AVX512-VNNI)."""
+
+    def __init__(self, ops: Any, flags: set[str]) -> None:
+        self.ops = ops
+        self.bf16 = "avx512_bf16" in flags
+        self.vnni = "avx512_vnni" in flags
+
+    def __repr__(self) -> str:
+        return f"NativeKernels(bf16={self.bf16}, vnni={self.vnni})"
+
+    # one per process: copies of a model share it, and a pickled model loads it again
+    def __copy__(self) -> NativeKernels:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NativeKernels:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _reloaded, ()
+
+
+def _reloaded() -> NativeKernels | None:
+    return native_kernels()[0]
+
+
+_loaded: NativeKernels | None = None
+_why_not: str | None = None  # set once loading has failed: the reason, and no second try
+
+
+def check_kernels(kernels: object) -> str:
+    """``kernels`` itself if it names a choice, else one :class:`ConfigError` line."""
+    if kernels not in KERNELS:
+        raise ConfigError(f"kernels={kernels!r} is not allowed: expected one of {', '.join(KERNELS)}")
+    return kernels  # type: ignore[return-value]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux names them (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_folder() -> Path:
+    """Where built kernels are kept: ``$DECODEKIT_CACHE/kernels``, else ``~/.cache/decodekit/kernels``."""
+    root = os.environ.get("DECODEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "decodekit"
+    )
+    return Path(root) / "kernels"
+
+
+def native_kernels() -> tuple[NativeKernels | None, str | None]:
+    """``(kernels, None)`` once the native kernels are loaded (built first if needed), else
+    ``(None, why not)``. Tried once per process."""
+    global _loaded, _why_not
+    if _loaded is None and _why_not is None:
+        try:
+            _loaded = _load()
+        except Exception as e:  # no compiler, no ninja, a failed build: the library kernels then
+            _why_not = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return _loaded, _why_not
+
+
+def _load() -> NativeKernels:
+    flags = cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64") or not all(f in flags for f in _NEEDED):
+        raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL, DQ), which the native kernels need")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), torch.__version__.encode(),
+                                     sys.version.encode()])).hexdigest()[:16]  # fmt: skip
+    name = f"decodekit_cpu_{key}"
+    folder = cache_folder() / name
+    library = folder / f"{name}.so"
+    if not library.is_file():
+        from torch.utils import cpp_extension
+
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"decodekit: building the native CPU kernels once (about 10 s), into {folder}", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(folder),
+                           is_python_module=False, verbose=False)  # fmt: skip
+    else:
+        torch.ops.load_library(str(library))
+    return NativeKernels(torch.ops.decodekit_cpu, flags)
+
+
+def use_kernels(model: Any, kernels: str = "auto", device: torch.device | str | None = None) -> Any:
+    """Route ``model``'s one-row CPU products through the kernels ``kernels`` names; returns ``model``.
+
+    With native kernels, every float32 :class:`~decodekit.models.packing.Linear` (plain
+    ``nn.Linear`` layers become one, unpacked) stores its weight row-major, which they read in
+    order, and every converted projection (:mod:`decodekit.models.weights`) gets them too. A model
+    on a GPU, or one that is no torch module, is left as it is.
+    """
+    from torch import nn
+
+    from decodekit.models.packing import Linear, row_major
+    from decodekit.models.weights import converted_layers
+
+    check_kernels(kernels)
+    module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, nn.Module):
+        return model
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters()) and all(
+        b.device.type == "cpu" for b in module.buffers()
+    )
+    found: NativeKernels | None = None
+    if kernels != "library" and on_cpu:
+        found, why_not = native_kernels()
+        if found is None:
+            if kernels == "native":
+                raise ConfigError(f"kernels='native' is not available here: {why_not}; use kernels=auto or library")
+            logger.info("decodekit: library CPU kernels (native ones unavailable: %s)", why_not)
+    for layer in module.modules():
+        if type(layer) is nn.Linear and found is not None:
+            layer.__class__ = Linear
+            layer.packing = False  # it was not packed before; only its one-row path changes
+        if isinstance(layer, Linear):
+            layer.kernels = found
+    for layer in converted_layers(module):
+        layer.use_kernels(found)
+    if found is not None:
+        row_major(module)
+    return model

@@ -1,0 +1,187 @@
+"""decodekit's native one-row CPU kernels (decodekit/kernels): each format's operator against the
+library's arithmetic, the model paths that take them, and the setting's errors and fallback."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import decodekit.kernels as kernels_module
+from decodekit import generate
+from decodekit.errors import ConfigError
+from decodekit.kernels import native_kernels, use_kernels
+from decodekit.models import load_model
+from decodekit.models.packing import Linear
+from decodekit.models.weights import BF16Linear, Int8Linear, W8A8Linear, convert_weights
+
+NATIVE, WHY_NOT = native_kernels()
+needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
+SHAPES = [(1, 1), (3, 5), (17, 33), (100, 64), (64, 100), (250, 768), (40, 129)]  # (N, K): tails of every width
+
+
+def _xw(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_float32_row_equals_f_linear_in_both_layouts(n: int, k: int) -> None:
+    x, w, b = _xw(n, k, 0)
+    want = F.linear(x.double(), w.double(), b.double()).float()
+    column_major = w.t().contiguous().t()
+    for weight in (w, column_major):
+        for bias in (b, None):
+            got = NATIVE.ops.linear_f32(x, weight, bias)
+            torch.testing.assert_close(got, want if bias is not None else want - b, atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.skipif(NATIVE is not None and not NATIVE.bf16, reason="this CPU lacks AVX512-BF16")
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_bf16_row_is_the_bfloat16_product_summed_in_float32(n: int, k: int) -> None:
+    x, w, b = _xw(n, k, 1)
+    layer = BF16Linear(w, b)
+    want = F.linear(x.bfloat16().double(), layer.weight.double(), b.double()).float()  # x rounded, exact sums
+    torch.testing.assert_close(NATIVE.ops.linear_bf16(x, layer.weight, layer.bias), want, atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_int8_row_is_the_int8_weights_times_float32_input(n: int, k: int) -> None:
+    x, w, b = _xw(n, k, 2)
+    layer = Int8Linear(w, b)
+    want = (F.linear(x.double(), layer.weight.double()) * layer.scale.double() + b.double()).float()
+    torch.testing.assert_close(NATIVE.ops.linear_int8(x, layer.weight, layer.scale, layer.bias), want,
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+@needs_native
+@pytest.mark.skipif(NATIVE is not None and not NATIVE.vnni, reason="this CPU lacks AVX512-VNNI")
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_w8a8_row_has_the_library_paths_exact_bits(n: int, k: int) -> None:
+    for seed in range(4):
+        x, w, b = _xw(n, k, 10 + seed)
+        x[seed % k] = 0.0 if seed == 3 else x[seed % k]
+        layer = W8A8Linear(w, b)
+        want = layer._few_rows(x[None])[0] + layer.bias
+        assert torch.equal(NATIVE.ops.linear_w8a8(x, layer.weight, layer._row_sums(), layer.scale, layer.bias), want)
+    zero = torch.zeros(k)  # an all-zero row: the smallest scale, zeros out (plus the bias)
+    assert torch.equal(NATIVE.ops.linear_w8a8(zero, layer.weight, layer._row_sums(), layer.scale, None), torch.zeros(n))
+
+
+@needs_native
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    x, w, b = _xw(1000, 768, 3)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append([NATIVE.ops.linear_f32(x, w, b), NATIVE.ops.linear_f32(x, w.t().contiguous().t(), b)])
+        assert all(torch.equal(a, c) for a, c in zip(*results))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_operators_refuse_bad_shapes_in_one_line() -> None:
+    x, w, b = _xw(8, 16, 4)
+    with pytest.raises(RuntimeError, match="x must be a contiguous Float CPU vector of 16 values"):
+        NATIVE.ops.linear_f32(torch.randn(15), w, b)
+    with pytest.raises(RuntimeError, match="b must be"):
+        NATIVE.ops.linear_f32(x, w, torch.randn(7))
+    with pytest.raises(RuntimeError, match="w must be a contiguous Char"):
+        NATIVE.ops.linear_int8(x, w, torch.ones(8), None)
+
+
+def _one_row_ops(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, int]:
+    """How many times each decodekit_cpu operator ran in a 2-token greedy run on ``ids`` (one row)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        generate(model, ids, max_new_tokens=2)
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("decodekit_cpu::"):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+@needs_native
+@pytest.mark.parametrize("weights", ["float32", "bf16", "int8", "w8a8"])
+def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(weights: str) -> None:
+    if (weights == "bf16" and not NATIVE.bf16) or (weights == "w8a8" and not NATIVE.vnni):
+        pytest.skip("this CPU lacks the format's instructions")
+    native, _ = load_model("default", device="cpu", weights=weights, kernels="native")
+    library, _ = load_model("default", device="cpu", weights=weights, kernels="library")
+    ids = torch.tensor([[5, 40, 41, 42, 99, 7]])
+    counts = _one_row_ops(native, ids)
+    op = {"float32": "linear_f32", "bf16": "linear_bf16", "int8": "linear_int8", "w8a8": "linear_w8a8"}[weights]
+    layers = sum(1 for m in native.modules() if isinstance(m, (Linear, BF16Linear, Int8Linear, W8A8Linear)))
+    # the step after the prefill: every projection once; and the prefill's head (its last position only)
+    assert counts == {f"decodekit_cpu::{op}": layers + 1}
+    assert _one_row_ops(library, ids) == {}
+    a = generate(native, ids, max_new_tokens=24)
+    b = generate(library, ids, max_new_tokens=24)
+    if weights == "int8":  # the native kernel keeps the input in float32, the library one rounds it
+        assert (a.tokens == b.tokens).float().mean() > 0.5
+    else:
+        assert torch.equal(a.tokens, b.tokens)
+    with torch.no_grad():  # a prefill (many rows) takes the library path either way
+        torch.testing.assert_close(native(ids)[0], library(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_native_float32_weights_are_row_major_and_the_state_dict_unchanged() -> None:
+    native, _ = load_model("default", device="cpu", kernels="native")
+    library, _ = load_model("default", device="cpu", kernels="library")
+    linears = [m for m in native.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.is_contiguous() and m.kernels is NATIVE for m in linears)
+    assert native.lm_head.weight is native.transformer.wte.weight  # still tied
+    a, b = native.state_dict(), library.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_native
+def test_copies_and_pickles_keep_the_native_kernels() -> None:
+    model, _ = load_model("default", device="cpu", weights="w8a8", kernels="native")
+    ids = torch.tensor([[1, 2, 3]])
+    want = generate(model, ids, max_new_tokens=8).tokens
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layers = [m for m in other.modules() if isinstance(m, W8A8Linear)]
+        assert layers and all(m.kernels is NATIVE for m in layers)
+        assert torch.equal(generate(other, ids, max_new_tokens=8).tokens, want)
+
+
+@needs_native
+def test_autograd_and_batches_take_the_library_path() -> None:
+    layer = Linear(64, 32)
+    use_kernels(layer, "native")
+    assert layer.kernels is NATIVE
+    x = torch.randn(1, 64, requires_grad=True)
+    layer(x).sum().backward()  # the native operator has no gradient: this row went through F.linear
+    torch.testing.assert_close(x.grad, layer.weight.detach().sum(0, keepdim=True))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        layer(torch.randn(3, 64))
+        layer(torch.randn(1, 1, 64))
+    names = [e.name for e in prof.events() if e.name.startswith("decodekit_cpu::")]
+    assert names == ["decodekit_cpu::linear_f32"]  # the single row only
+
+
+def test_a_bad_setting_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"kernels='fast' is not allowed: expected one of auto, native, library"):
+        load_model("default", device="cpu", kernels="fast")
+
+
+def test_where_they_cannot_run_native_says_why_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels_module, "_loaded", None)
+    monkeypatch.setattr(kernels_module, "_why_not", None)
+    monkeypatch.setattr(kernels_module, "cpu_flags", lambda: {"sse2", "avx2"})
+    with pytest.raises(ConfigError, match=r"kernels='native' is not available here: this CPU lacks AVX-512"):
+        load_model("default", device="cpu", kernels="native")
+    model, _ = load_model("default", device="cpu", kernels="auto")
+    assert all(m.kernels is None for m in model.modules() if isinstance(m, Linear))
+    assert generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4).tokens.shape == (1, 4)
