@@ -71,6 +71,16 @@ def decodekit_models(f32: Path) -> dict[str, Any]:
     return models
 
 
+def kernels_line() -> str:
+    """Which kernels decodekit's one-row products took (load_model's default, kernels=auto)."""
+    try:
+        from decodekit.kernels import native_kernels
+    except ImportError:  # a version before the native kernels
+        return "decodekit kernels: library"
+    found, why_not = native_kernels()
+    return f"decodekit kernels: {'native (decodekit/kernels)' if found else f'library ({why_not})'}"
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes read per token at batch 1: every weight once, the position and token tables excepted
     (one row each; a tied float32 head is counted under its own name, a converted head is its own copy)."""
@@ -210,7 +220,8 @@ def main() -> None:
     common.report(
         "decodekit against llama.cpp on the same GGUF weights (bench_llamacpp.py)", args, body,
         setup_lines=[f"model: GPT-2 124M shape, random weights (seed {args.seed}), GGUF F32 / F16 / Q8_0; "
-                     f"prompt {args.prompt} tokens, {n} new tokens; llama-cpp-python {llama_cpp.__version__}"],
+                     f"prompt {args.prompt} tokens, {n} new tokens; llama-cpp-python {llama_cpp.__version__}",
+                     kernels_line()],
     )  # fmt: skip
     for runner in theirs.values():
         runner.close()
