@@ -120,9 +120,9 @@ def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(we
     ids = torch.tensor([[5, 40, 41, 42, 99, 7]])
     counts = _one_row_ops(native, ids)
     op = {"float32": "linear_f32", "bf16": "linear_bf16", "int8": "linear_int8", "w8a8": "linear_w8a8"}[weights]
-    layers = sum(1 for m in native.modules() if isinstance(m, (Linear, BF16Linear, Int8Linear, W8A8Linear)))
-    # the step after the prefill: every projection once; and the prefill's head (its last position only)
-    assert counts == {f"decodekit_cpu::{op}": layers + 1}
+    # the step after the prefill: each block in one native call, then the head; the prefill's head
+    # (its last position only) is a single row too
+    assert counts == {"decodekit_cpu::gpt_block": native.config.n_layer, f"decodekit_cpu::{op}": 2}
     assert _one_row_ops(library, ids) == {}
     a = generate(native, ids, max_new_tokens=24)
     b = generate(library, ids, max_new_tokens=24)
@@ -169,6 +169,45 @@ def test_autograd_and_batches_take_the_library_path() -> None:
         layer(torch.randn(1, 1, 64))
     names = [e.name for e in prof.events() if e.name.startswith("decodekit_cpu::")]
     assert names == ["decodekit_cpu::linear_f32"]  # the single row only
+
+
+def _per_op(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose blocks run op by op (the native one-row products still on)."""
+    other = copy.deepcopy(model)
+    other._native_blocks = lambda *args: None
+    return other
+
+
+@needs_native
+@pytest.mark.parametrize("weights", ["float32", "w8a8"])
+def test_a_native_block_step_equals_the_blocks_op_by_op(weights: str) -> None:
+    if weights == "w8a8" and not NATIVE.vnni:
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    model, _ = load_model("default", device="cpu", weights=weights, kernels="native")
+    ids = torch.tensor([[0, 0, 0, 72, 101, 108, 108, 111]])  # one row, left padded
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    a = generate(model, ids, attention_mask=mask, max_new_tokens=20, output_scores=True)
+    b = generate(_per_op(model), ids, attention_mask=mask, max_new_tokens=20, output_scores=True)
+    assert torch.equal(a.tokens, b.tokens)
+    tolerance = 1e-4 if weights == "float32" else 0.2  # w8a8 rounds each input to int8: a last-bit change moves a step
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=tolerance, rtol=0)
+
+
+@needs_native
+def test_the_engine_decodes_one_slot_through_native_blocks() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.tokenization import load_tokenizer
+
+    native, extras = load_model("default", device="cpu", kernels="native")
+    library, _ = load_model("default", device="cpu", kernels="library")
+    tokenizer = load_tokenizer("auto", extras)
+    requests = [Request(prompt=p, max_new_tokens=16, id=i) for i, p in enumerate(["Once upon", "The sea", "Why"])]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = Engine(native, tokenizer, processors=[], max_slots=1).generate(requests)
+    assert sum(e.name == "decodekit_cpu::gpt_block" for e in prof.events()) >= 3 * 15 * native.config.n_layer
+    want = Engine(library, tokenizer, processors=[], max_slots=1).generate(requests)
+    assert [o.tokens for o in got] == [o.tokens for o in want]
 
 
 def test_a_bad_setting_is_one_line() -> None:

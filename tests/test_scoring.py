@@ -169,8 +169,10 @@ def test_job_rows_hold_logprobs_and_resume_exactly_once(tmp_path: Path, loaded, 
         expected = out.logprobs.to_dict()
         assert row["logprobs"]["top_ids"] == expected["top_ids"]
         assert row["logprobs"]["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-5)  # other slots, other sums
-        assert [[None if v is None else round(v, 4) for v in t] for t in row["logprobs"]["top_logprobs"]] == [
-            [None if v is None else round(v, 4) for v in t] for t in expected["top_logprobs"]]  # fmt: skip
+        got_top, want_top = row["logprobs"]["top_logprobs"], expected["top_logprobs"]
+        assert [[v is None for v in t] for t in got_top] == [[v is None for v in t] for t in want_top]
+        assert [v for t in got_top for v in t if v is not None] == pytest.approx(
+            [v for t in want_top for v in t if v is not None], abs=1e-4)  # a batch of 2 and a single row round apart
     # a run that stopped after its first part: the rerun decodes the rest, each id once, the same rows
     run_job(JobConfig(output=str(tmp_path / "out"), **config), decoding=DECODING, loaded=loaded)
     manifest = tmp_path / "out" / MANIFEST

@@ -17,7 +17,10 @@
 //       (sum * step) * scale[n]: the same rounding as decodekit.models.weights.W8A8Linear.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -25,6 +28,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -35,7 +39,7 @@ inline __mmask32 mask32(int64_t left) { return left >= 32 ? 0xFFFFFFFFu : (__mma
 inline __mmask64 mask64(int64_t left) { return left >= 64 ? ~0ull : (__mmask64)((1ull << left) - 1); }
 
 // ------------------------------------------------------------------ float32
-void f32_rows(const float* x, const float* w, float* y, int64_t K, int64_t n0, int64_t n1) {
+__attribute__((noinline)) void f32_rows(const float* x, const float* w, float* y, int64_t K, int64_t n0, int64_t n1) {
   const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const float* r = w + n * K;
@@ -77,7 +81,7 @@ void f32_cm_columns(const float* x, const float* wt, float* y, int64_t K, int64_
 }
 
 // ------------------------------------------------------------------ bfloat16
-__attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* xb, const uint16_t* w, float* y, int64_t K,
+__attribute__((target("avx512bf16"), noinline)) void bf16_rows(const uint16_t* xb, const uint16_t* w, float* y, int64_t K,
                                                      int64_t n0, int64_t n1) {
   const int64_t K64 = K / 64 * 64;
   for (int64_t n = n0; n < n1; ++n) {
@@ -97,7 +101,7 @@ __attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* xb, const u
 }
 
 // ------------------------------------------------------------------ int8 weights, float32 input
-void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
+__attribute__((noinline)) void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
   const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* r = w + n * K;
@@ -120,7 +124,7 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, in
 
 // ------------------------------------------------------------------ int8 x int8
 // VNNI multiplies unsigned by signed bytes: with u = q + 128, <q, w> = <u, w> - 128 * sum(w).
-__attribute__((target("avx512vnni"))) void w8a8_rows(const uint8_t* xu, const int8_t* w, const int32_t* wsum,
+__attribute__((target("avx512vnni"), noinline)) void w8a8_rows(const uint8_t* xu, const int8_t* w, const int32_t* wsum,
                                                      const float* scale, float step, float* y, int64_t K, int64_t n0,
                                                      int64_t n1) {
   const int64_t K128 = K / 128 * 128;
@@ -242,9 +246,100 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                   [&](float* y, int64_t n0, int64_t n1) { w8a8_rows(up, wp, sump, sp, step, y, K, n0, n1); });
 }
 
+// ------------------------------------------------------------------ one GPT block, one row
+
+using Parts = c10::List<std::optional<at::Tensor>>;
+
+at::Tensor part(const Parts& p, size_t i) { return p.get(i).has_value() ? *p.get(i) : at::Tensor(); }
+
+std::optional<at::Tensor> maybe(const Parts& p, size_t i) {
+  return p.get(i).has_value() ? p.get(i) : std::nullopt;
+}
+
+// a projection of the single row x [K] in the format `kind` names: 0 float32 [w, b], 1 bf16 [w, b],
+// 2 int8 [w, scale, b], 3 int8 x int8 [w, wsum, scale, b]
+at::Tensor project(const at::Tensor& x, int64_t kind, const Parts& p) {
+  switch (kind) {
+    case 0: return linear_f32(x, part(p, 0), maybe(p, 1));
+    case 1: return linear_bf16(x, part(p, 0), maybe(p, 1));
+    case 2: return linear_int8(x, part(p, 0), part(p, 1), maybe(p, 2));
+    case 3: return linear_w8a8(x, part(p, 0), part(p, 1), part(p, 2), maybe(p, 3));
+  }
+  TORCH_CHECK(false, "gpt_block: unknown projection kind ", kind);
+}
+
+// One query per head against positions 0 .. S-1 of the cache (the new key and value written at `pos`
+// first): softmax(q k^T / sqrt(D) + mask) v, in float32. keys/values: [H, L, D] of one row.
+void attend(const float* qkv, float* y, float* keys, float* values, int64_t H, int64_t D, int64_t head_stride,
+            int64_t pos_stride, int64_t pos, int64_t S, const float* mask) {
+  const int64_t C = H * D;
+  const float scale = 1.f / std::sqrt((float)D);
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S);
+    for (int64_t h = h0; h < h1; ++h) {
+      float* kh = keys + h * head_stride;
+      float* vh = values + h * head_stride;
+      std::copy(qkv + C + h * D, qkv + C + (h + 1) * D, kh + pos * pos_stride);
+      std::copy(qkv + 2 * C + h * D, qkv + 2 * C + (h + 1) * D, vh + pos * pos_stride);
+      const float* q = qkv + h * D;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* k = kh + s * pos_stride;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = mask16(D - d);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + d), a);
+        }
+        p[s] = _mm512_reduce_add_ps(a) * scale + (mask != nullptr ? mask[s] : 0.f);
+        top = std::max(top, p[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+      float* out = y + h * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = mask16(D - d);
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; ++s)
+          if (p[s] != 0.f) a = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_maskz_loadu_ps(m, vh + s * pos_stride + d), a);
+        _mm512_mask_storeu_ps(out + d, m, _mm512_div_ps(a, _mm512_set1_ps(total)));
+      }
+    }
+  });
+}
+
+// A pre-LayerNorm GPT block for one row x [C]: x + attn(ln_1(x)), then + mlp(ln_2(x)).
+// norms: [ln_1 weight, ln_1 bias?, ln_2 weight, ln_2 bias?]; kinds: the four projections' formats
+// (c_attn, attention c_proj, c_fc, MLP c_proj); keys / values: this layer's cache [B, H, L, D] (row 0
+// is this row's); pos: where the new key and value go; mask [S] additive (S = the positions attended).
+at::Tensor gpt_block(const at::Tensor& x, const Parts& norms, const Parts& attn, const Parts& proj, const Parts& fc,
+                     const Parts& out, at::IntArrayRef kinds, const at::Tensor& keys, const at::Tensor& values,
+                     int64_t pos, const at::Tensor& mask, int64_t n_head, double eps, bool tanh) {
+  const int64_t C = x.numel();
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
+                  keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.stride(3) == 1 &&
+                  keys.size(1) == n_head && keys.size(1) * keys.size(3) == C,
+              "gpt_block: keys and values must be float32 [B, H, L, D] caches of the same layout");
+  const int64_t S = mask.numel();
+  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && S >= pos + 1 && S <= keys.size(2) &&
+                  pos >= 0,
+              "gpt_block: mask must be a contiguous float32 row covering the new position");
+  const at::Tensor h1 = at::layer_norm(x, at::IntArrayRef{C}, maybe(norms, 0), maybe(norms, 1), eps);
+  const at::Tensor qkv = project(h1, kinds[0], attn);
+  at::Tensor a = at::empty({C}, x.options());
+  attend(qkv.data_ptr<float>(), a.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), n_head,
+         keys.size(3), keys.stride(1), keys.stride(2), pos, S, mask.data_ptr<float>());
+  const at::Tensor x1 = at::add(x, project(a, kinds[1], proj));
+  const at::Tensor h2 = at::layer_norm(x1, at::IntArrayRef{C}, maybe(norms, 2), maybe(norms, 3), eps);
+  const at::Tensor f = at::gelu(project(h2, kinds[2], fc), tanh ? "tanh" : "none");
+  return at::add(x1, project(f, kinds[3], out));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(decodekit_cpu, m) {
+  m.def("gpt_block(Tensor x, Tensor?[] norms, Tensor?[] attn, Tensor?[] proj, Tensor?[] fc, Tensor?[] out, "
+        "int[] kinds, Tensor keys, Tensor values, int pos, Tensor mask, int n_head, float eps, bool tanh) -> Tensor",
+        &gpt_block);
   m.def("linear_f32(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_f32);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor", &linear_int8);

@@ -72,6 +72,10 @@ class Linear(nn.Linear):
                     self.drop_pack()
         return F.linear(x, self.weight, self.bias)
 
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:
+        """``(kind, parts)`` for a native block (decodekit/kernels/cpu.cpp ``project``): float32."""
+        return 0, [self.weight, self.bias]
+
     def _native_ok(self, x: torch.Tensor) -> bool:
         """Whether this single row may take the native kernel (CPU float32, no autograd, not compiling)."""
         w = self.weight

@@ -145,6 +145,9 @@ class BF16Linear(_Converted):
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N] float32, the bias added
         return self.kernels.ops.linear_bf16(x, self.weight, self.bias)
 
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
+        return 1, [self.weight, self.bias]
+
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self._pack is None:
             try:
@@ -185,6 +188,9 @@ class Int8Linear(_Converted):
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N]: float32 input, not rounded
         return self.kernels.ops.linear_int8(x, self.weight, self.scale, self.bias)
 
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
+        return 2, [self.weight, self.scale, self.bias]
+
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale_bf16)
 
@@ -219,6 +225,9 @@ class W8A8Linear(_Converted):
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # [K] -> [N]: the same bits as _few_rows + bias
         return self.kernels.ops.linear_w8a8(x, self.weight, self._row_sums(), self.scale, self.bias)
+
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
+        return 3, [self.weight, self._row_sums(), self.scale, self.bias]
 
     def _row_sums(self) -> torch.Tensor:
         """``sum_k q[n, k]`` as int32 (the native kernel's correction for its unsigned input)."""
