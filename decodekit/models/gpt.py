@@ -274,9 +274,9 @@ class GPT(nn.Module):
         # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
         pos = position_ids.clamp(min=0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]
-        kernels = self._native_blocks(x, cache)
-        if kernels is not None:  # one row, one position: each block in one native call
-            x = self._native_step(kernels, x, mask, cache)
+        plan = self._native_blocks(x, cache)
+        if plan is not None:  # one row, one position: each block in one native call
+            x = self._native_step(plan, x, mask, cache)
         else:
             for i, block in enumerate(self.transformer.h):
                 x = block(x, mask, cache, i)
@@ -284,19 +284,32 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x[:, -1, :])  # [B, C]: only the last position is needed
         return self.lm_head(x).float(), cache
 
-    def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> Any:
-        """The native kernels if this step's blocks can run through them (decodekit.kernels): one
-        row and one position, float32 on CPU, every projection set to them; else ``None``."""
-        kernels = getattr(self.transformer.h[0].attn.c_attn, "kernels", None)
-        if kernels is None or x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu":
+    def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
+        """Each block's arguments for the native one-row block (decodekit.kernels) if this step
+        can take it: one row and one position, float32 on CPU, every projection set to the same
+        native kernels; else ``None``. (Submodules and tensors are read from the modules' own
+        dicts: ``nn.Module.__getattr__`` would cost some 400 lookups a step.)"""
+        if x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
-        if torch.compiler.is_compiling() or not hasattr(kernels.ops, "gpt_block"):
+        kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
+        if kernels is None or not hasattr(kernels.ops, "gpt_block"):
             return None
-        layers = [m for b in self.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return kernels if all(getattr(m, "kernels", None) is kernels for m in layers) else None
+        plan = []
+        for block in self.transformer.h:
+            parts, norms = block._modules, []
+            layers = [parts["attn"]._modules[n] for n in ("c_attn", "c_proj")]
+            layers += [parts["mlp"]._modules[n] for n in ("c_fc", "c_proj")]
+            if any(m.__dict__.get("kernels") is not kernels for m in layers):
+                return None
+            for norm in (parts["ln_1"], parts["ln_2"]):
+                norms += [norm._parameters["weight"], norm._parameters.get("bias")]
+            args = [m.native_args() for m in layers]
+            eps, tanh = parts["ln_1"].eps, parts["mlp"].approximate == "tanh"
+            plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
+        return plan
 
-    def _native_step(self, kernels: Any, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | SlotCache
-                     ) -> torch.Tensor:  # fmt: skip
+    def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, mask: torch.Tensor,
+                     cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
         """The blocks for one row at one new position (``x``: ``[1, 1, C]``), a native call each:
         the same arithmetic as :class:`Block` (LayerNorm and GELU are torch's; the projections are
         the kernels' one-row products; attention is float32 with the new key and value written first)."""
@@ -304,16 +317,10 @@ class GPT(nn.Module):
             pos, layers = cache.length, cache._layers
         else:
             pos, layers = int(cache.lengths[0]), list(zip(cache.k.unbind(0), cache.v.unbind(0)))
-        row = mask.reshape(-1)  # [S] additive
+        row, heads = mask.reshape(-1), self.config.n_head  # row: [S] additive
         y = x.reshape(-1)
-        for block, (keys, values) in zip(self.transformer.h, layers):
-            parts = [block.attn.c_attn.native_args(), block.attn.c_proj.native_args(),
-                     block.mlp.c_fc.native_args(), block.mlp.c_proj.native_args()]  # fmt: skip
-            norms = [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
-            y = kernels.ops.gpt_block(
-                y, norms, *(p for _, p in parts), [k for k, _ in parts], keys, values, pos, row,
-                self.config.n_head, block.ln_1.eps, block.mlp.approximate == "tanh",
-            )  # fmt: skip
+        for (op, norms, attn, proj, fc, out, kinds, eps, tanh), (keys, values) in zip(plan, layers):
+            y = op(y, norms, attn, proj, fc, out, kinds, keys, values, pos, row, heads, eps, tanh)
         return y.view(1, 1, -1)
 
     def new_slot_cache(self, slots: int, max_length: int) -> SlotCache:

@@ -74,7 +74,8 @@ class Linear(nn.Linear):
 
     def native_args(self) -> tuple[int, list[torch.Tensor | None]]:
         """``(kind, parts)`` for a native block (decodekit/kernels/cpu.cpp ``project``): float32."""
-        return 0, [self.weight, self.bias]
+        own = self._parameters  # not through nn.Module.__getattr__: a step asks 48 layers
+        return 0, [own["weight"], own["bias"]]
 
     def _native_ok(self, x: torch.Tensor) -> bool:
         """Whether this single row may take the native kernel (CPU float32, no autograd, not compiling)."""

@@ -146,7 +146,8 @@ class BF16Linear(_Converted):
         return self.kernels.ops.linear_bf16(x, self.weight, self.bias)
 
     def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
-        return 1, [self.weight, self.bias]
+        own = self._buffers  # not through nn.Module.__getattr__: a step asks 48 layers
+        return 1, [own["weight"], own["bias"]]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self._pack is None:
@@ -189,7 +190,8 @@ class Int8Linear(_Converted):
         return self.kernels.ops.linear_int8(x, self.weight, self.scale, self.bias)
 
     def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
-        return 2, [self.weight, self.scale, self.bias]
+        own = self._buffers
+        return 2, [own["weight"], own["scale"], own["bias"]]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale_bf16)
@@ -227,13 +229,16 @@ class W8A8Linear(_Converted):
         return self.kernels.ops.linear_w8a8(x, self.weight, self._row_sums(), self.scale, self.bias)
 
     def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
-        return 3, [self.weight, self._row_sums(), self.scale, self.bias]
+        own = self._buffers
+        return 3, [own["weight"], self._row_sums(), own["scale"], own["bias"]]
 
     def _row_sums(self) -> torch.Tensor:
         """``sum_k q[n, k]`` as int32 (the native kernel's correction for its unsigned input)."""
-        sums = getattr(self, "_sums", None)
-        if sums is None or sums.device != self.weight.device:
-            self._sums = sums = self.weight.sum(dim=1, dtype=torch.int32)
+        weight, sums = self._buffers["weight"], self.__dict__.get("_sums")
+        if sums is None or sums[0] is not weight:  # made again for a new weight (.to(), a load)
+            sums = (weight, weight.sum(dim=1, dtype=torch.int32))
+            self.__dict__["_sums"] = sums
+        return sums[1]
         return sums
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
