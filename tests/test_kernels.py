@@ -195,6 +195,28 @@ def test_a_native_block_step_equals_the_blocks_op_by_op(weights: str) -> None:
 
 
 @needs_native
+def test_a_changed_model_makes_its_native_arguments_again() -> None:
+    model, _ = load_model("default", device="cpu", kernels="native")
+    ids = torch.tensor([[72, 101, 108, 108, 111]])
+    generate(model, ids, max_new_tokens=3)  # the blocks' arguments are kept from here
+    old = model.transformer.h[1].mlp.c_fc
+    new = use_kernels(Linear(old.in_features, old.out_features), "native")
+    with torch.no_grad():
+        new.weight.copy_(old.weight * 0.5)
+        new.bias.copy_(old.bias)
+    new.requires_grad_(False)
+    model.transformer.h[1].mlp.c_fc = new  # a replaced layer
+    model.transformer.h[0].ln_2.bias = torch.nn.Parameter(torch.full_like(model.transformer.h[0].ln_2.bias, 0.1))
+    a = generate(model, ids, max_new_tokens=12, output_scores=True)
+    b = generate(_per_op(model), ids, max_new_tokens=12, output_scores=True)
+    assert torch.equal(a.tokens, b.tokens)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    use_kernels(model, "library")  # new kernels (none): no native block from the next step
+    assert _one_row_ops(model, ids) == {}
+
+
+@needs_native
 def test_the_engine_decodes_one_slot_through_native_blocks() -> None:
     from decodekit.engine import Engine, Request
     from decodekit.tokenization import load_tokenizer

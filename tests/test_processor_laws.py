@@ -148,7 +148,8 @@ def test_top_n_sigma_threshold(case: Case, n: float) -> None:
 def test_temperature_keeps_the_argmax_and_the_order(case: Case, t: float) -> None:
     x = case.logits
     out = Temperature(t)(case.input_ids, x)
-    assert torch.equal(out.argmax(-1), x.argmax(-1))
+    # the old argmax is still a maximum (dividing can underflow a denormal to zero: a tie, never a loss)
+    assert torch.equal(out.gather(-1, x.argmax(-1, keepdim=True)).squeeze(-1), out.max(-1).values)
     assert torch.equal(kept(out), kept(x))
 
 

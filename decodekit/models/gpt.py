@@ -287,26 +287,56 @@ class GPT(nn.Module):
     def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
         """Each block's arguments for the native one-row block (decodekit.kernels) if this step
         can take it: one row and one position, float32 on CPU, every projection set to the same
-        native kernels; else ``None``. (Submodules and tensors are read from the modules' own
-        dicts: ``nn.Module.__getattr__`` would cost some 400 lookups a step.)"""
+        native kernels; else ``None``.
+
+        The arguments are kept from the last step while every module, tensor and setting they
+        were read from is still the one in place (a replaced layer, a converted or moved weight,
+        new kernels make them again): checking that costs a few microseconds where reading them
+        through ``nn.Module.__getattr__`` cost some 350 a step.
+        """
         if x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
+        kept = self.__dict__.get("_native_plan")
+        if kept is not None and all(owner.get(key) is value for owner, key, value in kept[0]):
+            return kept[1]
         kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
         if kernels is None or not hasattr(kernels.ops, "gpt_block"):
             return None
+        transformer = self._modules["transformer"]
+        blocks = transformer._modules["h"]
+        read = [(self._modules, "transformer", transformer), (transformer._modules, "h", blocks)]
+
+        def take(owner: dict[str, Any], key: str) -> Any:  # a value, remembered with where it came from
+            value = owner.get(key)
+            read.append((owner, key, value))
+            return value
+
         plan = []
-        for block in self.transformer.h:
-            parts, norms = block._modules, []
-            layers = [parts["attn"]._modules[n] for n in ("c_attn", "c_proj")]
-            layers += [parts["mlp"]._modules[n] for n in ("c_fc", "c_proj")]
-            if any(m.__dict__.get("kernels") is not kernels for m in layers):
+        for i in range(len(blocks)):
+            parts = take(blocks._modules, str(i))._modules
+            attn, mlp = take(parts, "attn")._modules, take(parts, "mlp")
+            layers = [take(attn, "c_attn"), take(attn, "c_proj"), take(mlp._modules, "c_fc"), take(mlp._modules, "c_proj")]
+            if any(take(m.__dict__, "kernels") is not kernels for m in layers):
                 return None
-            for norm in (parts["ln_1"], parts["ln_2"]):
-                norms += [norm._parameters["weight"], norm._parameters.get("bias")]
+            norms, eps = [], None
+            for name in ("ln_1", "ln_2"):
+                norm = take(parts, name)
+                norms += [take(norm._parameters, "weight"), take(norm._parameters, "bias")]
+                eps = take(norm.__dict__, "eps")
             args = [m.native_args() for m in layers]
-            eps, tanh = parts["ln_1"].eps, parts["mlp"].approximate == "tanh"
+            for m in layers:  # the tensors native_args read
+                own = m._parameters if isinstance(m, Linear) else m._buffers
+                for key in own:
+                    take(own, key)
+            tanh = take(mlp.__dict__, "approximate") == "tanh"
             plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
+        self.__dict__["_native_plan"] = (read, plan)
         return plan
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
+        state = dict(self.__dict__)
+        state.pop("_native_plan", None)
+        return state
 
     def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, mask: torch.Tensor,
                      cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
