@@ -13,6 +13,7 @@ through ``lm_head``.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Literal
 
 import torch
@@ -297,8 +298,8 @@ class GPT(nn.Module):
         if x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         kept = self.__dict__.get("_native_plan")
-        if kept is not None and all(owner.get(key) is value for owner, key, value in kept[0]):
-            return kept[1]
+        if kept is not None and all(map(operator.is_, map(dict.get, kept[0], kept[1]), kept[2])):  # no Python loop
+            return kept[3]
         kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
         if kernels is None or not hasattr(kernels.ops, "gpt_block"):
             return None
@@ -330,7 +331,8 @@ class GPT(nn.Module):
                     take(own, key)
             tanh = take(mlp.__dict__, "approximate") == "tanh"
             plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
-        self.__dict__["_native_plan"] = (read, plan)
+        owners, keys, values = zip(*read)
+        self.__dict__["_native_plan"] = (owners, keys, values, plan)
         return plan
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
