@@ -232,6 +232,26 @@ def test_the_engine_decodes_one_slot_through_native_blocks() -> None:
     assert [o.tokens for o in got] == [o.tokens for o in want]
 
 
+@needs_native
+def test_a_transformers_model_takes_them_for_its_linear_layers(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    native, _ = load_model(tmp_path, device="cpu", backend="hf", kernels="native")
+    library, _ = load_model(tmp_path, device="cpu", backend="hf", kernels="library")
+    layers = [m for m in native.model.modules() if isinstance(m, Linear)]
+    assert len(layers) == 2 * 7 + 1 and all(m.kernels is NATIVE and not m.packing for m in layers)
+    ids = torch.tensor([[1, 5, 9, 20, 7]])
+    a = generate(native, ids, max_new_tokens=10, output_scores=True)
+    b = generate(library, ids, max_new_tokens=10, output_scores=True)
+    assert torch.equal(a.tokens, b.tokens)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    assert _one_row_ops(native, ids) == {"decodekit_cpu::linear_f32": len(layers) + 1}  # the prefill head, a step
+
+
 def test_a_bad_setting_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"kernels='fast' is not allowed: expected one of auto, native, library"):
         load_model("default", device="cpu", kernels="fast")
