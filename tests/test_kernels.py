@@ -252,6 +252,27 @@ def test_a_transformers_model_takes_them_for_its_linear_layers(tmp_path) -> None
     assert _one_row_ops(native, ids) == {"decodekit_cpu::linear_f32": len(layers) + 1}  # the prefill head, a step
 
 
+@needs_native
+def test_native_weights_move_to_huge_pages_with_their_values() -> None:
+    from decodekit.kernels import huge_pages_available
+
+    if not huge_pages_available():
+        pytest.skip("no transparent huge pages here")
+    library, _ = load_model("default", device="cpu", weights="bf16", kernels="library")
+    native, _ = load_model("default", device="cpu", weights="bf16", kernels="native")
+    layers = [m for m in native.modules() if isinstance(m, BF16Linear)]
+    starts = sorted(m.weight.data_ptr() for m in layers)
+    assert all(b - a < 64 + max(m.weight.numel() * 2 for m in layers) for a, b in zip(starts, starts[1:]))  # one block
+    assert all(m.weight.data_ptr() % 64 == 0 for m in layers)
+    want, got = library.state_dict(), native.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    f32, _ = load_model("default", device="cpu", kernels="native")
+    assert f32.lm_head.weight is f32.transformer.wte.weight  # the tie holds after the move
+    copied = copy.deepcopy(native)  # ordinary memory, same results
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(generate(copied, ids, max_new_tokens=8).tokens, generate(native, ids, max_new_tokens=8).tokens)
+
+
 def test_a_bad_setting_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"kernels='fast' is not allowed: expected one of auto, native, library"):
         load_model("default", device="cpu", kernels="fast")
