@@ -75,6 +75,37 @@ def test_w8a8_row_has_the_library_paths_exact_bits(n: int, k: int) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("weights", ["float32", "bf16", "int8", "w8a8"])
+def test_a_rows_result_does_not_depend_on_the_other_rows(weights: str) -> None:
+    if (weights == "bf16" and not NATIVE.bf16) or (weights == "w8a8" and not NATIVE.vnni):
+        pytest.skip("this CPU lacks the format's instructions")
+    g = torch.Generator().manual_seed(5)
+    n, k = 70, 200  # tails in every kernel
+    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    layer = {"bf16": BF16Linear, "int8": Int8Linear, "w8a8": W8A8Linear}.get(weights)
+    layer = layer(w, b) if layer else None
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if layer is None:
+            return NATIVE.ops.linear_f32(x, w, b)
+        if weights == "bf16":
+            return NATIVE.ops.linear_bf16(x, layer.weight, layer.bias)
+        if weights == "int8":
+            return NATIVE.ops.linear_int8(x, layer.weight, layer.scale, layer.bias)
+        return NATIVE.ops.linear_w8a8(x, layer.weight, layer._row_sums(), layer.scale, layer.bias)
+
+    x = torch.randn(8, k, generator=g) * torch.logspace(-3, 2, 8)[:, None]  # rows of very different scales
+    alone = torch.stack([product(row) for row in x])
+    for m in range(1, 9):
+        assert torch.equal(product(x[:m]), alone[:m])  # the same bits in a batch of any size
+    assert product(x[:3].view(1, 3, k)).shape == (1, 3, n)
+    if layer is None:
+        torch.testing.assert_close(alone, F.linear(x.double(), w.double(), b.double()).float(), atol=1e-4, rtol=1e-5)
+    elif weights == "w8a8":
+        assert torch.equal(alone, layer._few_rows(x) + layer.bias)  # the library path's bits, row by row
+
+
+@needs_native
 def test_results_do_not_depend_on_the_thread_count() -> None:
     x, w, b = _xw(1000, 768, 3)
     before = torch.get_num_threads()
@@ -91,8 +122,12 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
 @needs_native
 def test_operators_refuse_bad_shapes_in_one_line() -> None:
     x, w, b = _xw(8, 16, 4)
-    with pytest.raises(RuntimeError, match="x must be a contiguous Float CPU vector of 16 values"):
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous float32 CPU tensor \[\.\.\., 16\] of 1 to 8 rows"):
         NATIVE.ops.linear_f32(torch.randn(15), w, b)
+    with pytest.raises(RuntimeError, match="of 1 to 8 rows"):
+        NATIVE.ops.linear_f32(torch.randn(9, 16), w, b)
+    with pytest.raises(RuntimeError, match="column-major, for a single row"):
+        NATIVE.ops.linear_f32(torch.randn(2, 16), w.t().contiguous().t(), b)
     with pytest.raises(RuntimeError, match="b must be"):
         NATIVE.ops.linear_f32(x, w, torch.randn(7))
     with pytest.raises(RuntimeError, match="w must be a contiguous Char"):
@@ -121,8 +156,11 @@ def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(we
     counts = _one_row_ops(native, ids)
     op = {"float32": "linear_f32", "bf16": "linear_bf16", "int8": "linear_int8", "w8a8": "linear_w8a8"}[weights]
     # the step after the prefill: each block in one native call, then the head; the prefill's head
-    # (its last position only) is a single row too
-    assert counts == {"decodekit_cpu::gpt_block": native.config.n_layer, f"decodekit_cpu::{op}": 2}
+    # (its last position only) is a single row too, and a prefill of few rows (up to the format's
+    # native_rows) takes the native products for every projection
+    layer = native.lm_head
+    projections = 4 * native.config.n_layer if layer.native_rows >= ids.shape[1] else 0
+    assert counts == {"decodekit_cpu::gpt_block": native.config.n_layer, f"decodekit_cpu::{op}": 2 + projections}
     assert _one_row_ops(library, ids) == {}
     a = generate(native, ids, max_new_tokens=24)
     b = generate(library, ids, max_new_tokens=24)
@@ -130,8 +168,9 @@ def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(we
         assert (a.tokens == b.tokens).float().mean() > 0.5
     else:
         assert torch.equal(a.tokens, b.tokens)
-    with torch.no_grad():  # a prefill (many rows) takes the library path either way
-        torch.testing.assert_close(native(ids)[0], library(ids)[0], atol=1e-4, rtol=1e-4)
+    long = torch.arange(20, 32)[None]  # 12 rows: more than any format's native_rows
+    with torch.no_grad():  # a prefill of many rows takes the library path either way
+        torch.testing.assert_close(native(long)[0], library(long)[0], atol=1e-4, rtol=1e-4)
 
 
 @needs_native

@@ -39,21 +39,33 @@ inline __mmask32 mask32(int64_t left) { return left >= 32 ? 0xFFFFFFFFu : (__mma
 inline __mmask64 mask64(int64_t left) { return left >= 64 ? ~0ull : (__mmask64)((1ull << left) - 1); }
 
 // ------------------------------------------------------------------ float32
-__attribute__((noinline)) void f32_rows(const float* x, const float* w, float* y, int64_t K, int64_t n0, int64_t n1) {
+// Each kernel takes M rows of x (M <= kMaxRows, row stride K) against weight rows n0 .. n1-1 and
+// writes y [M, N]; every x row has its own accumulators, summed in the same order for any M, so
+// a row's result never depends on the others.
+constexpr int kMaxRows = 8;
+
+template <int M>
+__attribute__((noinline)) void f32_rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0,
+                                        int64_t n1) {
   const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const float* r = w + n * K;
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    __m512 a[M], b[M];
+    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < K32; k += 32) {
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(r + k), a);
-      b = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(r + k + 16), b);
+      const __m512 w0 = _mm512_loadu_ps(r + k), w1 = _mm512_loadu_ps(r + k + 16);
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
+        b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, b[m]);
+      }
     }
     for (; k < K; k += 16) {
-      const __mmask16 m = mask16(K - k);
-      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, r + k), a);
+      const __mmask16 t = mask16(K - k);
+      const __m512 w0 = _mm512_maskz_loadu_ps(t, r + k);
+      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + m * K + k), w0, a[m]);
     }
-    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
   }
 }
 
@@ -81,69 +93,110 @@ void f32_cm_columns(const float* x, const float* wt, float* y, int64_t K, int64_
 }
 
 // ------------------------------------------------------------------ bfloat16
-__attribute__((target("avx512bf16"), noinline)) void bf16_rows(const uint16_t* xb, const uint16_t* w, float* y, int64_t K,
-                                                     int64_t n0, int64_t n1) {
+template <int M>
+__attribute__((target("avx512bf16"), noinline)) void bf16_rows(const uint16_t* xb, const uint16_t* w, float* y,
+                                                               int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t K64 = K / 64 * 64;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* r = w + n * K;
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    __m512 a[M], b[M];
+    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < K64; k += 64) {
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(r + k));
-      b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(xb + k + 32), (__m512bh)_mm512_loadu_si512(r + k + 32));
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k), w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(xb + m * K + k), w0);
+        b[m] = _mm512_dpbf16_ps(b[m], (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32), w1);
+      }
     }
     for (; k < K; k += 32) {
-      const __mmask32 m = mask32(K - k);
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(m, xb + k), (__m512bh)_mm512_maskz_loadu_epi16(m, r + k));
+      const __mmask32 t = mask32(K - k);
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(t, r + k);
+      for (int m = 0; m < M; ++m)
+        a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(t, xb + m * K + k), w0);
     }
-    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
   }
 }
 
 // ------------------------------------------------------------------ int8 weights, float32 input
-__attribute__((noinline)) void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
+template <int M>
+__attribute__((noinline)) void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t K,
+                                         int64_t N, int64_t n0, int64_t n1) {
   const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* r = w + n * K;
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    __m512 a[M], b[M];
+    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < K32; k += 32) {
       const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
       const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 16))));
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w0, a);
-      b = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), w1, b);
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
+        b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, b[m]);
+      }
     }
     for (; k < K; k += 16) {
-      const __mmask16 m = mask16(K - k);
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r + k)));
-      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), w0, a);
+      const __mmask16 t = mask16(K - k);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(t, r + k)));
+      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + m * K + k), w0, a[m]);
     }
-    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale[n];
+    for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m])) * scale[n];
   }
 }
 
 // ------------------------------------------------------------------ int8 x int8
 // VNNI multiplies unsigned by signed bytes: with u = q + 128, <q, w> = <u, w> - 128 * sum(w).
-__attribute__((target("avx512vnni"), noinline)) void w8a8_rows(const uint8_t* xu, const int8_t* w, const int32_t* wsum,
-                                                     const float* scale, float step, float* y, int64_t K, int64_t n0,
-                                                     int64_t n1) {
+template <int M>
+__attribute__((target("avx512vnni"), noinline)) void w8a8_rows(const uint8_t* xu, const int8_t* w,
+                                                               const int32_t* wsum, const float* scale,
+                                                               const float* step, float* y, int64_t K, int64_t N,
+                                                               int64_t n0, int64_t n1) {
   const int64_t K128 = K / 128 * 128;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* r = w + n * K;
-    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    __m512i a[M], b[M];
+    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k < K128; k += 128) {
-      a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
-      b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
+      const __m512i w0 = _mm512_loadu_si512(r + k), w1 = _mm512_loadu_si512(r + k + 64);
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_dpbusd_epi32(a[m], _mm512_loadu_si512(xu + m * K + k), w0);
+        b[m] = _mm512_dpbusd_epi32(b[m], _mm512_loadu_si512(xu + m * K + k + 64), w1);
+      }
     }
     for (; k < K; k += 64) {  // zeroed lanes past K add nothing
-      const __mmask64 m = mask64(K - k);
-      a = _mm512_dpbusd_epi32(a, _mm512_maskz_loadu_epi8(m, xu + k), _mm512_maskz_loadu_epi8(m, r + k));
+      const __mmask64 t = mask64(K - k);
+      const __m512i w0 = _mm512_maskz_loadu_epi8(t, r + k);
+      for (int m = 0; m < M; ++m) a[m] = _mm512_dpbusd_epi32(a[m], _mm512_maskz_loadu_epi8(t, xu + m * K + k), w0);
     }
-    const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) - 128 * wsum[n];
-    y[n] = (float)dot * step * scale[n];
+    for (int m = 0; m < M; ++m) {
+      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(a[m], b[m])) - 128 * wsum[n];
+      y[m * N + n] = (float)dot * step[m] * scale[n];
+    }
   }
 }
+
+// one instantiation per row count: the accumulators stay in registers
+template <template <int> class Kernel, typename... Args>
+void for_rows(int64_t M, Args... args) {
+  switch (M) {
+    case 1: Kernel<1>::run(args...); break;
+    case 2: Kernel<2>::run(args...); break;
+    case 3: Kernel<3>::run(args...); break;
+    case 4: Kernel<4>::run(args...); break;
+    case 5: Kernel<5>::run(args...); break;
+    case 6: Kernel<6>::run(args...); break;
+    case 7: Kernel<7>::run(args...); break;
+    case 8: Kernel<8>::run(args...); break;
+  }
+}
+
+template <int M> struct F32 { template <typename... A> static void run(A... a) { f32_rows<M>(a...); } };
+template <int M> struct BF16 { template <typename... A> static void run(A... a) { bf16_rows<M>(a...); } };
+template <int M> struct Int8 { template <typename... A> static void run(A... a) { int8_rows<M>(a...); } };
+template <int M> struct W8A8 { template <typename... A> static void run(A... a) { w8a8_rows<M>(a...); } };
 
 // ------------------------------------------------------------------ the operators
 
@@ -157,20 +210,36 @@ void check_matrix(const at::Tensor& w, at::ScalarType type, const char* op) {
               ": w must be a contiguous ", c10::toString(type), " CPU matrix [N, K]");
 }
 
-// y [N] from a per-range kernel, with the bias added by the same task
+// the number of rows of x [..., K] (1 to kMaxRows)
+int64_t rows_of(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1 &&
+                  x.size(-1) == K && x.numel() >= K && x.numel() <= kMaxRows * K,
+              op, ": x must be a contiguous float32 CPU tensor [..., ", K, "] of 1 to ", kMaxRows, " rows");
+  return x.numel() / K;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {  // x's shape with the last size N
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// y [..., N] from a per-range kernel, with the bias added by the same task
 template <typename F>
-at::Tensor run_rows(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, const char* op, F rows) {
+at::Tensor run_rows(const at::Tensor& x, int64_t M, int64_t N, const std::optional<at::Tensor>& bias, const char* op,
+                    F rows) {
   const float* b = nullptr;
   if (bias.has_value()) {
     check_vector(*bias, at::kFloat, N, op, "b");
     b = bias->data_ptr<float>();
   }
-  at::Tensor y = at::empty({N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty(out_shape(x, N), x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     rows(yp, n0, n1);
     if (b != nullptr)
-      for (int64_t n = n0; n < n1; ++n) yp[n] += b[n];
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] += b[n];
   });
   return y;
 }
@@ -179,12 +248,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kFloat,
               "linear_f32: w must be a float32 CPU matrix [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
-  check_vector(x, at::kFloat, K, "linear_f32", "x");
+  const int64_t M = rows_of(x, K, "linear_f32");
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   if (w.is_contiguous())
-    return run_rows(x, N, b, "linear_f32", [&](float* y, int64_t n0, int64_t n1) { f32_rows(xp, wp, y, K, n0, n1); });
-  TORCH_CHECK(w.stride(0) == 1 && w.stride(1) == N, "linear_f32: w must be row-major or column-major");
+    return run_rows(x, M, N, b, "linear_f32",
+                    [&](float* y, int64_t n0, int64_t n1) { for_rows<F32>(M, xp, wp, y, K, N, n0, n1); });
+  TORCH_CHECK(w.stride(0) == 1 && w.stride(1) == N && M == 1,
+              "linear_f32: w must be row-major (or column-major, for a single row)");
   // column-major: tasks take whole 16-column groups, so that no two write the same vector
   const int64_t groups = (N + 15) / 16;
   at::Tensor y = at::empty({N}, x.options());
@@ -200,50 +271,60 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
     if (bp != nullptr)
       for (int64_t n = n0; n < n1; ++n) yp[n] += bp[n];
   });
-  return y;
+  return y.view(out_shape(x, N));
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   check_matrix(w, at::kBFloat16, "linear_bf16");
   const int64_t N = w.size(0), K = w.size(1);
-  check_vector(x, at::kFloat, K, "linear_bf16", "x");
+  const int64_t M = rows_of(x, K, "linear_bf16");
   const at::Tensor xb = x.to(at::kBFloat16);  // nearest even, as the library path rounds
   const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  return run_rows(x, N, b, "linear_bf16", [&](float* y, int64_t n0, int64_t n1) { bf16_rows(xp, wp, y, K, n0, n1); });
+  return run_rows(x, M, N, b, "linear_bf16",
+                  [&](float* y, int64_t n0, int64_t n1) { for_rows<BF16>(M, xp, wp, y, K, N, n0, n1); });
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& b) {
   check_matrix(w, at::kChar, "linear_int8");
   const int64_t N = w.size(0), K = w.size(1);
-  check_vector(x, at::kFloat, K, "linear_int8", "x");
+  const int64_t M = rows_of(x, K, "linear_int8");
   check_vector(scale, at::kFloat, N, "linear_int8", "scale");
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  return run_rows(x, N, b, "linear_int8", [&](float* y, int64_t n0, int64_t n1) { int8_rows(xp, wp, sp, y, K, n0, n1); });
+  return run_rows(x, M, N, b, "linear_int8",
+                  [&](float* y, int64_t n0, int64_t n1) { for_rows<Int8>(M, xp, wp, sp, y, K, N, n0, n1); });
 }
 
 at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& scale,
                        const std::optional<at::Tensor>& b) {
   check_matrix(w, at::kChar, "linear_w8a8");
   const int64_t N = w.size(0), K = w.size(1);
-  check_vector(x, at::kFloat, K, "linear_w8a8", "x");
+  const int64_t M = rows_of(x, K, "linear_w8a8");
   check_vector(wsum, at::kInt, N, "linear_w8a8", "wsum");
   check_vector(scale, at::kFloat, N, "linear_w8a8", "scale");
   const float* xp = x.data_ptr<float>();
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[k]));
-  const float step = std::max(amax / 127.f, FLT_MIN);
-  at::Tensor xu = at::empty({K}, x.options().dtype(at::kByte));
+  // each row's scale and int8 values, as W8A8Linear rounds them: step = max|x| / 127 (at least the
+  // smallest normal float), q = round-half-even(x / step)
+  float step[kMaxRows];
+  at::Tensor xu = at::empty({M, K}, x.options().dtype(at::kByte));
   uint8_t* up = xu.data_ptr<uint8_t>();
-  for (int64_t k = 0; k < K; ++k) up[k] = (uint8_t)((int32_t)std::nearbyint(xp[k] / step) + 128);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+    step[m] = std::max(amax / 127.f, FLT_MIN);
+    for (int64_t k = 0; k < K; ++k) up[m * K + k] = (uint8_t)((int32_t)std::nearbyint(row[k] / step[m]) + 128);
+  }
   const int8_t* wp = w.data_ptr<int8_t>();
   const int32_t* sump = wsum.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
-  return run_rows(x, N, b, "linear_w8a8",
-                  [&](float* y, int64_t n0, int64_t n1) { w8a8_rows(up, wp, sump, sp, step, y, K, n0, n1); });
+  const float* stp = step;
+  return run_rows(x, M, N, b, "linear_w8a8", [&](float* y, int64_t n0, int64_t n1) {
+    for_rows<W8A8>(M, up, wp, sump, sp, stp, y, K, N, n0, n1);
+  });
 }
 
 // ------------------------------------------------------------------ one GPT block, one row
