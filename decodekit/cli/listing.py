@@ -87,7 +87,7 @@ def settings_help(registry: Registry) -> str:
     lines.append("  model.weights          float32 | bf16 | int8 | w8a8   how projections are stored on CPU: bf16 reads 1/2 of the bytes")
     lines.append("                                                        per token, int8 and w8a8 1/4; w8a8 also rounds activations to")
     lines.append("                                                        int8: fastest, least exact (default float32, exact)")
-    lines.append("  model.kernels          auto | native | library        a CPU step's single rows through decodekit's AVX-512 kernels")
+    lines.append("  model.kernels          auto | native | library        a CPU step's few rows through decodekit's AVX-512 kernels")
     lines.append("                                                        (built once on first use) or the library's (default auto:")
     lines.append("                                                        native where they run)")
     lines.append("  tokenizer.path         str                            tokenizer.json or folder (tokenizer=json / tokenizer=hf)")

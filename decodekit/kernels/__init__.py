@@ -1,12 +1,12 @@
-"""decodekit's native one-row CPU kernels: built once on first use, library kernels otherwise.
+"""decodekit's native CPU kernels for a step's few rows: built once on first use, library kernels otherwise.
 
 A batch-1 decoding step on CPU is a chain of matrix-vector products, each streaming a weight
 from memory once; the library kernels behind ``F.linear`` (MKL, oneDNN) reach a fraction of the
-memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for one row in each
+memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for 1 to 8 rows in each
 weight format: float32, bfloat16 (AVX512-BF16), int8 weights, and int8 x int8 (AVX512-VNNI). They
 read each weight row in order with two accumulators and split rows over torch's thread pool.
 
-Which kernels a model's one-row products take is the ``kernels`` setting:
+Which kernels a model's few-row products take is the ``kernels`` setting:
 
 - ``"auto"`` (the default): the native kernels where this CPU has AVX-512 (F, BW, VL, DQ) and
   they are built or can be built (a C++ compiler and ninja; the first build takes about ten
@@ -16,11 +16,13 @@ Which kernels a model's one-row products take is the ``kernels`` setting:
   not.
 - ``"library"``: ``F.linear`` and the formats' library kernels only.
 
-Only single rows on CPU, in float32, outside autograd and ``torch.compile``, take them; a
-prefill, a batch and everything on a GPU go as before. Results agree with the library kernels'
-to float32 rounding (the sums run in another order), except ``int8``, whose native kernel keeps
-the input in float32 where the library one rounds it to bfloat16, and ``w8a8``, whose results
-are the same bits (integer sums, the same scales).
+Rows on CPU, in float32, outside autograd and ``torch.compile``, take them up to each layer's
+``native_rows`` (float32 2, bf16 4, int8 and w8a8 8: where they beat the library kernels); a longer
+prefill, larger batches and everything on a GPU go as before. Each row is summed as it would be
+alone, so its result does not depend on the batch. Results agree with the library kernels' to
+float32 rounding (the sums run in another order), except ``int8``, whose native kernel keeps the
+input in float32 where the library one rounds it to bfloat16, and ``w8a8``, whose results are the
+same bits (integer sums, the same scales).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def _load() -> NativeKernels:
 
 
 def use_kernels(model: Any, kernels: str = "auto", device: torch.device | str | None = None) -> Any:
-    """Route ``model``'s one-row CPU products through the kernels ``kernels`` names; returns ``model``.
+    """Route ``model``'s few-row CPU products through the kernels ``kernels`` names; returns ``model``.
 
     With native kernels, every float32 :class:`~decodekit.models.packing.Linear` (plain
     ``nn.Linear`` layers become one, unpacked) stores its weight row-major, which they read in
@@ -170,7 +172,7 @@ def use_kernels(model: Any, kernels: str = "auto", device: torch.device | str | 
     for layer in module.modules():
         if type(layer) is nn.Linear and found is not None:
             layer.__class__ = Linear
-            layer.packing = False  # it was not packed before; only its one-row path changes
+            layer.packing = False  # it was not packed before; only its few-row path changes
         if isinstance(layer, Linear):
             layer.kernels = found
     for layer in converted_layers(module):
@@ -194,7 +196,7 @@ def huge_pages_available() -> bool:
 
 
 def huge_pages(module: Any) -> int:
-    """Move the weights ``module``'s native one-row kernels stream into one block of memory backed
+    """Move the weights ``module``'s native kernels stream into one block of memory backed
     by 2 MB pages; returns the bytes moved (0 where Linux has no transparent huge pages).
 
     A step streams every weight once, and with 4 KB pages the CPU's prefetchers stop at each

@@ -123,7 +123,7 @@ def load_model(
             ``"float32"`` (exact, the default), ``"bf16"``, ``"int8"`` (per-channel scales) or
             ``"w8a8"`` (int8 weights and activations); all but float32 need ``dtype="float32"``
             and make the model inference-only.
-        kernels: which kernels a CPU decoding step's single rows take (:mod:`decodekit.kernels`):
+        kernels: which kernels a CPU decoding step's few rows take (:mod:`decodekit.kernels`):
             ``"auto"`` (decodekit's native AVX-512 ones where they can run, built once on first
             use; the library's otherwise), ``"native"`` (those or an error) or ``"library"``.
 
