@@ -146,6 +146,30 @@ __attribute__((noinline)) void int8_rows(const float* x, const int8_t* w, const 
   }
 }
 
+// A single row has its own loop: the widening of the int8 weights bounds it, and the general
+// kernel's M = 1 instance ran 25% slower here (GPT-2 124M step 10.9 ms against 8.4).
+__attribute__((noinline)) void int8_row(const float* x, const int8_t* w, const float* scale, float* y, int64_t K,
+                                        int64_t N, int64_t n0, int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = w + n * K;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < K32; k += 32) {
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 16))));
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w0, a);
+      b = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), w1, b);
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 t = mask16(K - k);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(t, r + k)));
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + k), w0, a);
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale[n];
+  }
+}
+
 // ------------------------------------------------------------------ int8 x int8
 // VNNI multiplies unsigned by signed bytes: with u = q + 128, <q, w> = <u, w> - 128 * sum(w).
 template <int M>
@@ -178,7 +202,66 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_rows(const uint8_t* xu
   }
 }
 
-// one instantiation per row count: the accumulators stay in registers
+__attribute__((target("avx512vnni"), noinline)) void w8a8_row(const uint8_t* xu, const int8_t* w, const int32_t* wsum,
+                                                              const float* scale, const float* step, float* y,
+                                                              int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t K128 = K / 128 * 128;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = w + n * K;
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k < K128; k += 128) {
+      a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
+      b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
+    }
+    for (; k < K; k += 64) {
+      const __mmask64 t = mask64(K - k);
+      a = _mm512_dpbusd_epi32(a, _mm512_maskz_loadu_epi8(t, xu + k), _mm512_maskz_loadu_epi8(t, r + k));
+    }
+    const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) - 128 * wsum[n];
+    y[n] = (float)dot * step[0] * scale[n];
+  }
+}
+
+__attribute__((noinline)) void f32_row(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0,
+                                       int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* r = w + n * K;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < K32; k += 32) {
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(r + k), a);
+      b = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(r + k + 16), b);
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 t = mask16(K - k);
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + k), _mm512_maskz_loadu_ps(t, r + k), a);
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  }
+}
+
+__attribute__((target("avx512bf16"), noinline)) void bf16_row(const uint16_t* xb, const uint16_t* w, float* y,
+                                                              int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t K64 = K / 64 * 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* r = w + n * K;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(r + k));
+      b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(xb + k + 32), (__m512bh)_mm512_loadu_si512(r + k + 32));
+    }
+    for (; k < K; k += 32) {
+      const __mmask32 t = mask32(K - k);
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(t, xb + k), (__m512bh)_mm512_maskz_loadu_epi16(t, r + k));
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  }
+}
+
+// one instantiation per row count (single rows: the loops above): the accumulators stay in registers
 template <template <int> class Kernel, typename... Args>
 void for_rows(int64_t M, Args... args) {
   switch (M) {
@@ -194,9 +277,13 @@ void for_rows(int64_t M, Args... args) {
 }
 
 template <int M> struct F32 { template <typename... A> static void run(A... a) { f32_rows<M>(a...); } };
+template <> struct F32<1> { template <typename... A> static void run(A... a) { f32_row(a...); } };
 template <int M> struct BF16 { template <typename... A> static void run(A... a) { bf16_rows<M>(a...); } };
+template <> struct BF16<1> { template <typename... A> static void run(A... a) { bf16_row(a...); } };
 template <int M> struct Int8 { template <typename... A> static void run(A... a) { int8_rows<M>(a...); } };
+template <> struct Int8<1> { template <typename... A> static void run(A... a) { int8_row(a...); } };
 template <int M> struct W8A8 { template <typename... A> static void run(A... a) { w8a8_rows<M>(a...); } };
+template <> struct W8A8<1> { template <typename... A> static void run(A... a) { w8a8_row(a...); } };
 
 // ------------------------------------------------------------------ the operators
 
