@@ -48,6 +48,7 @@ Kernels = Literal["auto", "native", "library"]
 KERNELS: tuple[str, ...] = ("auto", "native", "library")
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
+_HEADERS = [Path(__file__).with_name("rows.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
 _NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
@@ -124,7 +125,7 @@ def _load() -> NativeKernels:
     flags = cpu_flags()
     if platform.machine().lower() not in ("x86_64", "amd64") or not all(f in flags for f in _NEEDED):
         raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL, DQ), which the native kernels need")
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), torch.__version__.encode(),
                                      sys.version.encode()])).hexdigest()[:16]  # fmt: skip
     name = f"decodekit_cpu_{key}"
