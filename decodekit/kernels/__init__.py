@@ -143,7 +143,7 @@ def _load() -> NativeKernels:
     return NativeKernels(torch.ops.decodekit_cpu, flags)
 
 
-def use_kernels(model: Any, kernels: str = "auto", device: torch.device | str | None = None) -> Any:
+def use_kernels(model: Any, kernels: str = "auto") -> Any:
     """Route ``model``'s few-row CPU products through the kernels ``kernels`` names; returns ``model``.
 
     With native kernels, every float32 :class:`~decodekit.models.packing.Linear` (plain
