@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 _TINY = torch.finfo(torch.float32).tiny
+# decodekit.kernels' operator for each kind native_args names (cpu.cpp's project() numbers them alike)
+_NATIVE_OPS = ("linear_f32", "linear_bf16", "linear_int8", "linear_w8a8")
 
 WeightFormat = Literal["float32", "bf16", "int8", "w8a8"]
 WEIGHTS: tuple[str, ...] = ("float32", "bf16", "int8", "w8a8")
@@ -102,11 +104,16 @@ class _Converted(nn.Module):
 
     def use_kernels(self, kernels: Any) -> None:
         """Take ``kernels`` (:class:`decodekit.kernels.NativeKernels`, or ``None`` for the
-        library's) for single float32 rows on CPU, where this CPU runs this format's kernel."""
+        library's) for up to :attr:`native_rows` float32 rows on CPU, where this CPU runs this
+        format's kernel."""
         self.kernels = kernels if kernels is not None and self._runs_on(kernels) else None
 
     def _runs_on(self, kernels: Any) -> bool:  # whether this CPU has the format's instructions
         return True
+
+    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N] float32, the bias added
+        kind, parts = self.native_args()  # the operator takes x, then the block's parts in order
+        return getattr(self.kernels.ops, _NATIVE_OPS[kind])(x, *parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
         shape, dtype = x.shape, x.dtype
@@ -147,9 +154,6 @@ class BF16Linear(_Converted):
 
     def _runs_on(self, kernels: Any) -> bool:
         return kernels.bf16
-
-    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N] float32, the bias added
-        return self.kernels.ops.linear_bf16(x, self.weight, self.bias)
 
     def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
         own = self._buffers  # not through nn.Module.__getattr__: a step asks 48 layers
@@ -192,10 +196,7 @@ class Int8Linear(_Converted):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
 
-    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # float32 input, not rounded
-        return self.kernels.ops.linear_int8(x, self.weight, self.scale, self.bias)
-
-    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # native: float32 input, not rounded
         own = self._buffers
         return 2, [own["weight"], own["scale"], own["bias"]]
 
@@ -231,10 +232,7 @@ class W8A8Linear(_Converted):
     def _runs_on(self, kernels: Any) -> bool:
         return kernels.vnni
 
-    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # the same bits as _few_rows + bias
-        return self.kernels.ops.linear_w8a8(x, self.weight, self._row_sums(), self.scale, self.bias)
-
-    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # for a native block (cpu.cpp project)
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # native: the same bits as _few_rows + bias
         own = self._buffers
         return 3, [own["weight"], self._row_sums(), own["scale"], own["bias"]]
 
@@ -245,7 +243,6 @@ class W8A8Linear(_Converted):
             sums = (weight, weight.sum(dim=1, dtype=torch.int32))
             self.__dict__["_sums"] = sums
         return sums[1]
-        return sums
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
         x = x.float()
