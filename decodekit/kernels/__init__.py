@@ -17,7 +17,7 @@ Which kernels a model's few-row products take is the ``kernels`` setting:
 - ``"library"``: ``F.linear`` and the formats' library kernels only.
 
 Rows on CPU, in float32, outside autograd and ``torch.compile``, take them up to each layer's
-``native_rows`` (float32 2, bf16 4, int8 and w8a8 8: where they beat the library kernels); a longer
+``native_rows`` (float32 4, the others 8: where they beat the library kernels); a longer
 prefill, larger batches and everything on a GPU go as before. Each row is summed as it would be
 alone, so its result does not depend on the batch. Results agree with the library kernels' to
 float32 rounding (the sums run in another order), except ``int8``, whose native kernel keeps the

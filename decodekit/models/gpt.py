@@ -97,11 +97,11 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
+        qkv = self.c_attn(x)
+        if T == 1 and cache is not None and (step := _native_attention(self.c_attn, qkv, mask, cache)) is not None:
+            return self.c_proj(step(qkv, layer, self.n_head).view(B, T, C))  # cache write and attention, one call
         # q, k, v: [B, H, T, D]
-        q, k, v = (
-            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-            for t in self.c_attn(x).split(self.n_embd, dim=2)
-        )
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
         if cache is not None:
             k, v = cache.write(layer, k, v)  # [B, H, S, D]
         if mask is None:
@@ -109,6 +109,32 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _native_attention(layer: nn.Module, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | SlotCache) -> Any:
+    """The native kernels' attention for one new position per row (``qkv`` ``[B, 1, 3C]``, ``mask``
+    additive ``[B, 1, 1, S]``), as ``(qkv, layer, n_head) -> [B, C]``, where the step can take it:
+    float32 on CPU, the projections on the native kernels, no autograd; else ``None``. Each row and
+    head is summed alone, in float32, as the native one-row block does."""
+    kernels = layer.__dict__.get("kernels")
+    if (kernels is None or mask is None or mask.dtype != torch.float32 or qkv.dtype != torch.float32
+            or qkv.device.type != "cpu" or qkv.requires_grad or torch.compiler.is_compiling()):  # fmt: skip
+        return None
+    rows, positions = _cache_rows(cache)
+    flat = mask.reshape(mask.shape[0], -1)
+
+    def step(qkv: torch.Tensor, index: int, n_head: int) -> torch.Tensor:
+        keys, values = rows[index]
+        return kernels.ops.attention_step(qkv, keys, values, positions, flat, n_head)
+
+    return step
+
+
+def _cache_rows(cache: KVCache | SlotCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """Each layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
+    if isinstance(cache, KVCache):
+        return cache._layers, [cache.length] * cache.batch_size
+    return list(zip(cache.k.unbind(0), cache.v.unbind(0))), cache.lengths.tolist()
 
 
 class MLP(nn.Module):
@@ -276,7 +302,7 @@ class GPT(nn.Module):
         pos = position_ids.clamp(min=0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]
         plan = self._native_blocks(x, cache)
-        if plan is not None:  # one row, one position: each block in one native call
+        if plan is not None:  # one position per row, few rows: each block in one native call
             x = self._native_step(plan, x, mask, cache)
         else:
             for i, block in enumerate(self.transformer.h):
@@ -295,11 +321,11 @@ class GPT(nn.Module):
         new kernels make them again): checking takes about 15 us a step where reading them again
         takes about 120 (GPT-2 124M, warm; through ``nn.Module.__getattr__`` it was more).
         """
-        if x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         kept = self.__dict__.get("_native_plan")
         if kept is not None and all(map(operator.is_, map(dict.get, kept[0], kept[1]), kept[2])):  # no Python loop
-            return kept[3]
+            return kept[3] if x.shape[0] <= kept[4] else None
         kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
         if kernels is None or not hasattr(kernels.ops, "gpt_block"):
             return None
@@ -312,7 +338,7 @@ class GPT(nn.Module):
             read.append((owner, key, value))
             return value
 
-        plan = []
+        plan, rows = [], 8  # the most rows every projection takes natively (the kernels' 8 at most)
         for i in range(len(blocks)):
             parts = take(blocks._modules, str(i))._modules
             attn, mlp = take(parts, "attn")._modules, take(parts, "mlp")
@@ -325,15 +351,17 @@ class GPT(nn.Module):
                 norms += [take(norm._parameters, "weight"), take(norm._parameters, "bias")]
                 eps = take(norm.__dict__, "eps")
             args = [m.native_args() for m in layers]
-            for m in layers:  # the tensors native_args read
+            for m in layers:  # the tensors native_args read, and how many rows it takes
                 own = m._parameters if isinstance(m, Linear) else m._buffers
                 for key in own:
                     take(own, key)
+                own_rows = take(m.__dict__, "native_rows")
+                rows = min(rows, type(m).native_rows if own_rows is None else own_rows)
             tanh = take(mlp.__dict__, "approximate") == "tanh"
             plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
         owners, keys, values = zip(*read)
-        self.__dict__["_native_plan"] = (owners, keys, values, plan)
-        return plan
+        self.__dict__["_native_plan"] = (owners, keys, values, plan, rows)
+        return plan if x.shape[0] <= rows else None
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
         state = dict(self.__dict__)
@@ -342,18 +370,16 @@ class GPT(nn.Module):
 
     def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, mask: torch.Tensor,
                      cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
-        """The blocks for one row at one new position (``x``: ``[1, 1, C]``), a native call each:
-        the same arithmetic as :class:`Block` (LayerNorm and GELU are torch's; the projections are
-        the kernels' one-row products; attention is float32 with the new key and value written first)."""
-        if isinstance(cache, KVCache):
-            pos, layers = cache.length, cache._layers
-        else:
-            pos, layers = int(cache.lengths[0]), list(zip(cache.k.unbind(0), cache.v.unbind(0)))
-        row, heads = mask.reshape(-1), self.config.n_head  # row: [S] additive
-        y = x.reshape(-1)
+        """The blocks for ``B`` rows at one new position each (``x``: ``[B, 1, C]``), a native call
+        each: the same arithmetic as :class:`Block` (LayerNorm and GELU are torch's; the projections
+        are the kernels' few-row products; attention is float32 with the new key and value written first)."""
+        B, _, C = x.shape
+        layers, positions = _cache_rows(cache)
+        rows, heads = mask.reshape(B, -1), self.config.n_head  # rows: [B, S] additive
+        y = x.reshape(B, C)
         for (op, norms, attn, proj, fc, out, kinds, eps, tanh), (keys, values) in zip(plan, layers):
-            y = op(y, norms, attn, proj, fc, out, kinds, keys, values, pos, row, heads, eps, tanh)
-        return y.view(1, 1, -1)
+            y = op(y, norms, attn, proj, fc, out, kinds, keys, values, positions, rows, heads, eps, tanh)
+        return y.view(B, 1, C)
 
     def new_slot_cache(self, slots: int, max_length: int) -> SlotCache:
         """An empty :class:`SlotCache`: ``slots`` rows of up to ``max_length`` positions each."""

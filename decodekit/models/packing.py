@@ -46,9 +46,10 @@ class Linear(nn.Linear):
 
     packing: bool = True
     kernels: Any = None  # decodekit.kernels.NativeKernels for a step's few rows (decodekit.kernels.use_kernels)
-    # up to this many rows take the native kernel; more take the packed weight, faster there
-    # (GPT-2 124M, 2-core AMD EPYC: batch 2 74 tok/s native against 43, batch 4 87 against 94, batch 8 106 against 155)
-    native_rows: int = 2
+    # up to this many rows take the native kernel; more take the packed weight, faster there (GPT-2
+    # 124M, 2-core AMD EPYC, tok/s native against packed: batch 4 115 / 114 on one thread, 187 / 139 on
+    # two; batch 8 132 / 168 on one thread, 263 / 257 on two)
+    native_rows: int = 4
     # oneDNN costs ~15 us a call more than F.linear: worth it from about a million multiply-adds
     # (measured: [768, 192] at 8 rows 27 us packed against 38 plain, at 1 row 21 against 10).
     min_macs: int = 1 << 20

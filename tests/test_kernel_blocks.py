@@ -1,0 +1,140 @@
+"""decodekit's native attention step and few-row GPT blocks (decodekit/kernels): attention against a
+float64 reference with each row's key and value written at its own position, batches through the
+native blocks, and larger batches through the native attention layer by layer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from decodekit import generate
+from decodekit.kernels import native_kernels
+from decodekit.models import load_model
+
+NATIVE, WHY_NOT = native_kernels()
+pytestmark = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
+
+
+def _reference(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: list[int], mask: torch.Tensor,
+               heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Attention in float64, one row and head at a time, after writing the new keys and values."""
+    B, C = qkv.shape[0], qkv.shape[1] // 3
+    D, S = C // heads, mask.shape[1]
+    q, k, v = qkv.double().split(C, dim=1)
+    keys, values = keys.clone(), values.clone()
+    out = torch.zeros(B, C, dtype=torch.float64)
+    for b in range(B):
+        for h in range(heads):
+            cols = slice(h * D, (h + 1) * D)
+            keys[b, h, pos[b]], values[b, h, pos[b]] = k[b, cols].float(), v[b, cols].float()
+            scores = keys[b, h, :S].double() @ q[b, cols] / math.sqrt(D) + mask[b].double()
+            out[b, cols] = torch.softmax(scores, dim=0) @ values[b, h, :S].double()
+    return out.float(), keys, values
+
+
+@pytest.mark.parametrize(("heads", "dim", "span"), [(1, 16, 1), (3, 24, 17), (2, 80, 40), (12, 64, 33)])
+def test_attention_step_writes_each_row_at_its_position_and_attends_in_float32(heads: int, dim: int, span: int) -> None:
+    g = torch.Generator().manual_seed(heads * 100 + dim)
+    B, L, C = 3, span + 5, heads * dim
+    keys, values = torch.randn(B, heads, L, dim, generator=g), torch.randn(B, heads, L, dim, generator=g)
+    qkv = torch.randn(B, 3 * C, generator=g)
+    pos = [span - 1, 0, span // 2]  # each row's own length, as in the request engine's slots
+    mask = torch.zeros(B, span)
+    for b, p in enumerate(pos):
+        mask[b, p + 1 :] = float("-inf")  # later positions: another sequence's, or nothing yet
+    if span > 2:
+        mask[2, 0] = float("-inf")  # a left-padding position
+    want, want_keys, want_values = _reference(qkv, keys, values, pos, mask, heads)
+    got = NATIVE.ops.attention_step(qkv, keys, values, pos, mask, heads)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)  # only the new positions changed
+
+
+def test_attention_step_refuses_bad_arguments_in_one_line() -> None:
+    keys = torch.zeros(2, 2, 8, 4)
+    qkv, mask = torch.zeros(2, 24), torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="new position must be among the S attended"):
+        NATIVE.ops.attention_step(qkv, keys, keys.clone(), [5, 1], mask, 2)
+    with pytest.raises(RuntimeError, match="one position per row"):
+        NATIVE.ops.attention_step(qkv, keys, keys.clone(), [1], mask, 2)
+    with pytest.raises(RuntimeError, match="qkv must be a contiguous float32 CPU tensor of 2 rows of 24 values"):
+        NATIVE.ops.attention_step(torch.zeros(2, 23), keys, keys.clone(), [1, 1], mask, 2)
+    with pytest.raises(RuntimeError, match="caches of the same layout"):
+        NATIVE.ops.attention_step(qkv, keys, torch.zeros(2, 2, 7, 4), [1, 1], mask, 2)
+
+
+def test_a_nan_input_row_gives_nan_outputs_through_w8a8() -> None:
+    if not NATIVE.vnni:
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    from decodekit.models.weights import W8A8Linear
+
+    layer = W8A8Linear(torch.randn(40, 96) * 0.05, torch.zeros(40))
+    x = torch.randn(2, 96)
+    x[1, 50] = float("nan")
+    got = NATIVE.ops.linear_w8a8(x, layer.weight, layer._row_sums(), layer.scale, layer.bias)
+    assert got[1].isnan().all()  # the model's invalid-logits check then sees it
+    assert torch.equal(got[0], NATIVE.ops.linear_w8a8(x[0], layer.weight, layer._row_sums(), layer.scale, layer.bias))
+
+
+def _ops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[dict[str, int], object]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = generate(model, ids, output_scores=True, **kwargs)
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("decodekit_cpu::"):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts, out
+
+
+@pytest.mark.parametrize("weights", ["float32", "w8a8"])
+def test_a_batch_steps_through_native_blocks_with_the_layer_by_layer_bits(weights: str) -> None:
+    if weights == "w8a8" and not NATIVE.vnni:
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    model, _ = load_model("default", device="cpu", weights=weights, kernels="native")
+    ids = torch.tensor([[0, 0, 5, 40, 41, 42, 43, 44], [99, 7, 8, 9, 10, 11, 12, 13], [0, 72, 101, 108, 108, 111, 3, 4]])
+    mask = (ids != 0) | (torch.arange(8) >= 2)
+    mask[0, :2] = False
+    mask[2, 0] = False  # two rows left padded
+    counts, blocks = _ops(model, ids, attention_mask=mask, max_new_tokens=10)
+    assert counts["decodekit_cpu::gpt_block"] == 9 * model.config.n_layer  # every step after the prefill
+    layered = copy.deepcopy(model)
+    layered._native_blocks = lambda *args: None  # layer by layer: the same kernels and attention
+    counts, by_layer = _ops(layered, ids, attention_mask=mask, max_new_tokens=10)
+    assert "decodekit_cpu::gpt_block" not in counts
+    assert counts["decodekit_cpu::attention_step"] == 9 * model.config.n_layer
+    assert torch.equal(blocks.tokens, by_layer.tokens)
+    assert all(torch.equal(x, y) for x, y in zip(blocks.scores, by_layer.scores))
+
+
+def test_a_larger_batch_attends_natively_layer_by_layer_with_the_library_paths_tokens() -> None:
+    native, _ = load_model("default", device="cpu", kernels="native")
+    library, _ = load_model("default", device="cpu", kernels="library")
+    ids = torch.randint(1, 250, (6, 7), generator=torch.Generator().manual_seed(0))  # 6 rows: past float32's 4
+    counts, got = _ops(native, ids, max_new_tokens=12)
+    assert "decodekit_cpu::gpt_block" not in counts
+    assert counts["decodekit_cpu::attention_step"] == 11 * native.config.n_layer
+    counts, want = _ops(library, ids, max_new_tokens=12)
+    assert counts == {}
+    assert torch.equal(got.tokens, want.tokens)
+    for x, y in zip(got.scores, want.scores):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_the_engine_steps_its_slots_through_native_blocks_at_their_own_lengths() -> None:
+    from decodekit.engine import Engine, Request
+    from decodekit.tokenization import load_tokenizer
+
+    native, extras = load_model("default", device="cpu", kernels="native")
+    library, _ = load_model("default", device="cpu", kernels="library")
+    tokenizer = load_tokenizer("auto", extras)
+    prompts = ["Once upon a time", "The sea", "Why", "A long time ago in a land", "Hi"]
+    requests = [Request(prompt=p, max_new_tokens=6 + 3 * i, id=i) for i, p in enumerate(prompts)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = Engine(native, tokenizer, processors=[], max_slots=3).generate(requests)
+    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::gpt_block"]
+    assert rows.count(3) >= 5 * native.config.n_layer  # three slots at once, each at its own length
+    want = Engine(library, tokenizer, processors=[], max_slots=3).generate(requests)
+    assert [o.tokens for o in got] == [o.tokens for o in want]
