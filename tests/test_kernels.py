@@ -204,7 +204,7 @@ def test_autograd_and_batches_take_the_library_path() -> None:
     layer(x).sum().backward()  # the native operator has no gradient: this row went through F.linear
     torch.testing.assert_close(x.grad, layer.weight.detach().sum(0, keepdim=True))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
-        layer(torch.randn(3, 64))
+        layer(torch.randn(layer.native_rows + 1, 64))
         layer(torch.randn(1, 1, 64))
     names = [e.name for e in prof.events() if e.name.startswith("decodekit_cpu::")]
     assert names == ["decodekit_cpu::linear_f32"]  # the single row only
