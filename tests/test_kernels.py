@@ -50,14 +50,37 @@ def test_bf16_row_is_the_bfloat16_product_summed_in_float32(n: int, k: int) -> N
     torch.testing.assert_close(NATIVE.ops.linear_bf16(x, layer.weight, layer.bias), want, atol=2e-5, rtol=1e-5)
 
 
+def _int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` as the native int8 kernel rounds it: ``q = round(x / step)``, ``step = max|x| / 32767``."""
+    step = (x.abs().amax(dim=-1, keepdim=True) / 32767).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / step), step
+
+
 @needs_native
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_int8_row_is_the_int8_weights_times_float32_input(n: int, k: int) -> None:
+def test_int8_row_is_the_int8_weights_times_the_input_rounded_to_int16(n: int, k: int) -> None:
     x, w, b = _xw(n, k, 2)
     layer = Int8Linear(w, b)
-    want = (F.linear(x.double(), layer.weight.double()) * layer.scale.double() + b.double()).float()
+    q, step = _int16(x[None])
+    exact = (q.double() @ layer.weight.double().T).float()  # integer sums, exact in float64
+    want = (exact * step * layer.scale + b)[0]  # the kernel's order of float32 operations
+    assert torch.equal(NATIVE.ops.linear_int8(x, layer.weight, layer.scale, layer.bias), want)
+    close = (F.linear(x.double(), layer.weight.double()) * layer.scale.double() + b.double()).float()
+    torch.testing.assert_close(want, close, atol=1e-4, rtol=1e-4)  # near the float32 input's product
+
+
+@needs_native
+def test_int8_rows_longer_than_a_chunk_add_the_chunks_in_float32() -> None:
+    x, w, b = _xw(6, 20000, 7)  # 20000 inputs: three chunks of integer sums
+    layer = Int8Linear(w, b)
+    q, step = _int16(x[None])
+    want = ((q.double() @ layer.weight.double().T) * step.double() * layer.scale.double() + b.double()).float()[0]
     torch.testing.assert_close(NATIVE.ops.linear_int8(x, layer.weight, layer.scale, layer.bias), want,
-                               atol=2e-5, rtol=1e-5)  # fmt: skip
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    big = torch.full((1, 20000), 3.0)  # every product at its largest: no int32 lane overflows
+    weight = torch.full((6, 20000), 127, dtype=torch.int8)
+    got = NATIVE.ops.linear_int8(big, weight, torch.ones(6), None)
+    torch.testing.assert_close(got, torch.full((1, 6), 3.0 * 127 * 20000), rtol=1e-6, atol=0)
 
 
 @needs_native
@@ -164,7 +187,7 @@ def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(we
     assert _one_row_ops(library, ids) == {}
     a = generate(native, ids, max_new_tokens=24)
     b = generate(library, ids, max_new_tokens=24)
-    if weights == "int8":  # the native kernel keeps the input in float32, the library one rounds it
+    if weights == "int8":  # the native kernel rounds the input to int16, the library one to bfloat16
         assert (a.tokens == b.tokens).float().mean() > 0.5
     else:
         assert torch.equal(a.tokens, b.tokens)

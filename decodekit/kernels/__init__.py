@@ -3,7 +3,8 @@
 A batch-1 decoding step on CPU is a chain of matrix-vector products, each streaming a weight
 from memory once; the library kernels behind ``F.linear`` (MKL, oneDNN) reach a fraction of the
 memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for 1 to 8 rows in each
-weight format: float32, bfloat16 (AVX512-BF16), int8 weights, and int8 x int8 (AVX512-VNNI). They
+weight format: float32, bfloat16 (AVX512-BF16), int8 weights (int16 inputs), and int8 x int8
+(AVX512-VNNI). They
 read each weight row in order with two accumulators and split rows over torch's thread pool.
 
 Which kernels a model's few-row products take is the ``kernels`` setting:
@@ -20,9 +21,10 @@ Rows on CPU, in float32, outside autograd and ``torch.compile``, take them up to
 ``native_rows`` (float32 4, the others 8: where they beat the library kernels); a longer
 prefill, larger batches and everything on a GPU go as before. Each row is summed as it would be
 alone, so its result does not depend on the batch. Results agree with the library kernels' to
-float32 rounding (the sums run in another order), except ``int8``, whose native kernel keeps the
-input in float32 where the library one rounds it to bfloat16, and ``w8a8``, whose results are the
-same bits (integer sums, the same scales).
+float32 rounding (the sums run in another order), except ``int8``, whose native kernel rounds each
+input row to int16 with its own scale (``max|x| / 32767``: closer to the float32 product than the
+library kernel's bfloat16 input and output) and sums exactly in integers, and ``w8a8``, whose
+results are the same bits (integer sums, the same scales).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
 //
 //   linear_f32(x [..., K] f32, w [N, K] f32 (row-major; column-major for one row), b [N]?) -> [..., N]
 //   linear_bf16(x, w [N, K] bf16, b?): x rounded to bf16 (nearest even), f32 sums
-//   linear_int8(x, w [N, K] i8, scale [N] f32, b?): scale[n] * sum_k x[k] w[n, k]
+//   linear_int8(x, w [N, K] i8, scale [N] f32, b?): each row rounded to int16 with its own scale (step =
+//       max|x| / 32767), int16 x int8 into int32, then (sum * step) * scale[n]
 //   linear_w8a8(x, w [N, K] i8, wsum [N] i32, scale [N] f32, b?): each row rounded to int8 with its
 //       own scale (step = max|x| / 127), int8 x int8 into int32, then (sum * step) * scale[n]: the
 //       same rounding as decodekit.models.weights.W8A8Linear.
@@ -126,6 +127,25 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
                   [&](float* y, int64_t n0, int64_t n1) { for_rows<BF16>(M, xp, wp, y, K, N, n0, n1); });
 }
 
+// x [K] rounded to int16 with its own scale: q = round-half-even(x / step), step = max|x| / 32767 (at
+// least the smallest normal float; NaN where x holds NaN); returns step.
+float quantize_row16(const float* x, int16_t* q, int64_t K) {
+  __m512 top = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(mask16(K - k), x + k);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  const float step = nan ? NAN : std::max(_mm512_reduce_max_ps(top) / 32767.f, FLT_MIN);
+  const __m512 s = _mm512_set1_ps(step);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = mask16(K - k);
+    _mm512_mask_cvtepi32_storeu_epi16(q + k, m, _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), s)));
+  }
+  return step;
+}
+
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& b) {
   check_matrix(w, at::kChar, "linear_int8");
@@ -133,10 +153,15 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = rows_of(x, K, "linear_int8");
   check_vector(scale, at::kFloat, N, "linear_int8", "scale");
   const float* xp = x.data_ptr<float>();
+  float step[kMaxRows];
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  int16_t* qp = xq.data_ptr<int16_t>();
+  for (int64_t m = 0; m < M; ++m) step[m] = quantize_row16(xp + m * K, qp + m * K, K);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
+  const float* stp = step;
   return run_rows(x, M, N, b, "linear_int8",
-                  [&](float* y, int64_t n0, int64_t n1) { for_rows<Int8>(M, xp, wp, sp, y, K, N, n0, n1); });
+                  [&](float* y, int64_t n0, int64_t n1) { for_rows<Int8>(M, qp, wp, sp, stp, y, K, N, n0, n1); });
 }
 
 // x [K] rounded to int8 as u = q + 128 (q = round-half-even(x / step), |q| <= 127); returns step =

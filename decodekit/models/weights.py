@@ -195,7 +195,7 @@ class Int8Linear(_Converted):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
 
-    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # native: float32 input, not rounded
+    def native_args(self) -> tuple[int, list[torch.Tensor | None]]:  # native: each input row rounded to int16
         own = self._buffers
         return 2, [own["weight"], own["scale"], own["bias"]]
 
