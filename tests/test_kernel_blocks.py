@@ -1,6 +1,7 @@
-"""decodekit's native attention step and few-row GPT blocks (decodekit/kernels): attention against a
-float64 reference with each row's key and value written at its own position, batches through the
-native blocks, and larger batches through the native attention layer by layer."""
+"""decodekit's native attention step and few-row GPT and Llama blocks (decodekit/kernels): attention
+against a float64 reference with each row's key and value written at its own position, batches and
+the engine's slots through the native blocks, and larger batches through the native attention
+layer by layer."""
 
 from __future__ import annotations
 
@@ -138,3 +139,70 @@ def test_the_engine_steps_its_slots_through_native_blocks_at_their_own_lengths()
     assert rows.count(3) >= 5 * native.config.n_layer  # three slots at once, each at its own length
     want = Engine(library, tokenizer, processors=[], max_slots=3).generate(requests)
     assert [o.tokens for o in got] == [o.tokens for o in want]
+
+
+def _llama(**changes) -> torch.nn.Module:
+    from decodekit.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=300, block_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96)
+    model = Llama(LlamaConfig(**{**config, **changes})).eval()
+    for p in model.parameters():  # a trained model's scale, not torch's default init
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else torch.nn.init.normal_(p, mean=1.0, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("changes", [{}, {"rope_dim": 8, "rope_scaling": "linear", "rope_scale": 2.0}, {"n_kv_head": 4}])
+def test_a_llama_steps_through_native_blocks_with_the_library_paths_tokens(changes: dict) -> None:
+    from decodekit.kernels import use_kernels
+
+    library = _llama(**changes)
+    native = use_kernels(copy.deepcopy(library), "native")
+    ids = torch.randint(1, 299, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :2] = False  # a left-padded row: its rotary positions start later than its cache's
+    counts, got = _ops(native, ids, attention_mask=mask, max_new_tokens=16)
+    assert counts["decodekit_cpu::llama_block"] == 15 * native.config.n_layer  # every step after the prefill
+    want = generate(library, ids, attention_mask=mask, max_new_tokens=16, output_scores=True)
+    assert torch.equal(got.tokens, want.tokens)
+    for x, y in zip(got.scores, want.scores):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    with torch.no_grad():  # a changed norm makes the kept arguments again
+        native.layers[1].ffn_norm.weight = torch.nn.Parameter(native.layers[1].ffn_norm.weight * 0.5)
+        library.layers[1].ffn_norm.weight = torch.nn.Parameter(library.layers[1].ffn_norm.weight * 0.5)
+    a = generate(native, ids, attention_mask=mask, max_new_tokens=8, output_scores=True)
+    b = generate(library, ids, attention_mask=mask, max_new_tokens=8, output_scores=True)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, got.tokens[:, :8])
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_a_w8a8_llama_in_the_engines_slots_through_native_blocks() -> None:
+    if not NATIVE.vnni:
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    from decodekit.engine import Engine, Request
+    from decodekit.kernels import use_kernels
+    from decodekit.models.weights import convert_weights
+    from decodekit.tokenization import ByteTokenizer
+
+    base = convert_weights(_llama(vocab_size=257), "w8a8")
+    native, library = use_kernels(copy.deepcopy(base), "native"), use_kernels(base, "library")
+    requests = [Request(prompt=p, max_new_tokens=5 + 4 * i, id=i) for i, p in enumerate(["Once", "The sea", "Why", "Hi"])]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = Engine(native, ByteTokenizer(), processors=[], max_slots=3).generate(requests)
+    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::llama_block"]
+    assert rows.count(3) >= 3 * native.config.n_layer
+    want = Engine(library, ByteTokenizer(), processors=[], max_slots=3).generate(requests)
+    assert [o.tokens for o in got] == [o.tokens for o in want]
+
+
+def test_llama_block_refuses_bad_arguments_in_one_line() -> None:
+    keys = torch.zeros(1, 2, 8, 4)
+    x, mask, table = torch.zeros(1, 16), torch.zeros(1, 3), torch.zeros(8, 2)
+    w = torch.zeros(16, 16)
+    with pytest.raises(RuntimeError, match="2 norms, 7 projections and B positions"):
+        NATIVE.ops.llama_block(x, [torch.ones(16)] * 2, [w, None] * 6, [0] * 6, keys, keys.clone(), [2], [2], mask, 4,
+                               1e-5, table, table)  # fmt: skip
+    with pytest.raises(RuntimeError, match="a rotary position is past the tables"):
+        NATIVE.ops.llama_block(x, [torch.ones(16)] * 2, [w, None] * 7, [0] * 7, keys, keys.clone(), [2], [8], mask, 4,
+                               1e-5, table, table)  # fmt: skip

@@ -50,7 +50,7 @@ Kernels = Literal["auto", "native", "library"]
 KERNELS: tuple[str, ...] = ("auto", "native", "library")
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
-_HEADERS = [Path(__file__).with_name("rows.h")]
+_HEADERS = [Path(__file__).with_name("rows.h"), Path(__file__).with_name("blocks.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
 _NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 

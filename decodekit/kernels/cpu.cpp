@@ -1,5 +1,5 @@
 // decodekit's native CPU operators (AVX-512): y = x W^T (+ b) for a decoding step's 1 to 8 rows,
-// attention for one new position per row, and one GPT block for 1 to 8 rows.
+// and (blocks.h) attention for one new position per row and whole GPT / Llama blocks for 1 to 8 rows.
 //
 // A batch-1 decoding step is a chain of matrix-vector products that each stream a weight from
 // memory once. The row kernels (rows.h) read the weight as one sequential stream, a row at a time
@@ -18,13 +18,16 @@
 //   linear_w8a8(x, w [N, K] i8, wsum [N] i32, scale [N] f32, b?): each row rounded to int8 with its
 //       own scale (step = max|x| / 127), int8 x int8 into int32, then (sum * step) * scale[n]: the
 //       same rounding as decodekit.models.weights.W8A8Linear.
-//   attention_step(...), gpt_block(...): see below.
+//   attention_step(...), gpt_block(...), llama_block(...): see blocks.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/rms_norm.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -209,7 +212,7 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   });
 }
 
-// ------------------------------------------------------------------ one GPT block, one row
+// ------------------------------------------------------------------ the blocks' projections
 
 using Parts = c10::List<std::optional<at::Tensor>>;
 
@@ -219,139 +222,24 @@ std::optional<at::Tensor> maybe(const Parts& p, size_t i) {
   return p.get(i).has_value() ? p.get(i) : std::nullopt;
 }
 
-// a projection of the rows x [B, K] (1 to 8) in the format `kind` names: 0 float32 [w, b], 1 bf16 [w, b],
-// 2 int8 [w, scale, b], 3 int8 x int8 [w, wsum, scale, b]
-at::Tensor project(const at::Tensor& x, int64_t kind, const Parts& p) {
+// how many tensors each projection kind takes (see project)
+constexpr size_t kParts[4] = {2, 2, 3, 4};
+
+// a projection of the rows x [B, K] (1 to 8) in the format `kind` names, its tensors from p[at]:
+// 0 float32 [w, b], 1 bf16 [w, b], 2 int8 [w, scale, b], 3 int8 x int8 [w, wsum, scale, b]
+at::Tensor project(const at::Tensor& x, int64_t kind, const Parts& p, size_t at = 0) {
   switch (kind) {
-    case 0: return linear_f32(x, part(p, 0), maybe(p, 1));
-    case 1: return linear_bf16(x, part(p, 0), maybe(p, 1));
-    case 2: return linear_int8(x, part(p, 0), part(p, 1), maybe(p, 2));
-    case 3: return linear_w8a8(x, part(p, 0), part(p, 1), part(p, 2), maybe(p, 3));
+    case 0: return linear_f32(x, part(p, at), maybe(p, at + 1));
+    case 1: return linear_bf16(x, part(p, at), maybe(p, at + 1));
+    case 2: return linear_int8(x, part(p, at), part(p, at + 1), maybe(p, at + 2));
+    case 3: return linear_w8a8(x, part(p, at), part(p, at + 1), part(p, at + 2), maybe(p, at + 3));
   }
-  TORCH_CHECK(false, "gpt_block: unknown projection kind ", kind);
-}
-
-// e^x for 16 values x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, then scaled by
-// 2^n; within 2 ulp of std::exp); below -87.3 (and -inf) gives 0, NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN passes (the second operand)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 e = _mm512_set1_ps(1.9875691500e-4f);
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
-  e = _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(e, n));
-}
-
-// One query per row and head against positions 0 .. S-1 of the row's cache (the new key and value
-// written at the row's position first): softmax(q k^T / sqrt(D) + mask) v, in float32. qkv: [B, 3C]
-// (q, k, v of each row); keys / values: [B, H, L, D] strided views; mask: [B, S] additive.
-void attend(const float* qkv, float* y, float* keys, float* values, int64_t B, int64_t H, int64_t D,
-            const int64_t* strides, const int64_t* pos, int64_t S, const float* mask) {
-  const int64_t C = H * D;
-  const float scale = 1.f / std::sqrt((float)D);
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const float* row = qkv + b * 3 * C;
-      const float* add = mask + b * S;
-      float* kh = keys + b * strides[0] + h * strides[1];
-      float* vh = values + b * strides[0] + h * strides[1];
-      std::copy(row + C + h * D, row + C + (h + 1) * D, kh + pos[b] * strides[2]);
-      std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, vh + pos[b] * strides[2]);
-      const float* q = row + h * D;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* k = kh + s * strides[2];
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = mask16(D - d);
-          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + d), a);
-        }
-        p[s] = _mm512_reduce_add_ps(a) * scale + add[s];
-        top = std::max(top, p[s]);
-      }
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; s += 16) {
-        const __mmask16 m = mask16(S - s);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.data() + s), _mm512_set1_ps(top)));
-        _mm512_mask_storeu_ps(p.data() + s, m, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-      }
-      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
-      float* out = y + b * C + h * D;
-      for (int64_t d = 0; d < D; d += 64) {  // 64 columns at a time: four independent sums
-        const __mmask16 m0 = mask16(D - d), m1 = mask16(D - d - 16), m2 = mask16(D - d - 32), m3 = mask16(D - d - 48);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t s = 0; s < S; ++s) {
-          if (p[s] == 0.f) continue;  // a hidden position (whatever its row of the cache holds)
-          const __m512 w = _mm512_set1_ps(p[s]);
-          const float* v = vh + s * strides[2] + d;
-          a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m0, v), a0);
-          a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m1, v + 16), a1);
-          a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m2, v + 32), a2);
-          a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m3, v + 48), a3);
-        }
-        _mm512_mask_storeu_ps(out + d, m0, _mm512_div_ps(a0, total));
-        _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, total));
-        _mm512_mask_storeu_ps(out + d + 32, m2, _mm512_div_ps(a2, total));
-        _mm512_mask_storeu_ps(out + d + 48, m3, _mm512_div_ps(a3, total));
-      }
-    }
-  });
-}
-
-// Attention for one new position per row: qkv [B, 3C] (any leading shape with B * 3C values) ->
-// [B, C]; each row's new key and value go into keys / values [B, H, L, D] at pos[b], and row b
-// attends to its positions 0 .. S-1 under mask [B, S] (additive float32; -inf hides a position).
-at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos,
-                          const at::Tensor& mask, int64_t n_head) {
-  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
-                  keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.stride(3) == 1 &&
-                  keys.size(1) == n_head,
-              "attention_step: keys and values must be float32 [B, H, L, D] caches of the same layout");
-  const int64_t B = keys.size(0), C = n_head * keys.size(3), S = mask.size(-1);
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.numel() == B * 3 * C,
-              "attention_step: qkv must be a contiguous float32 CPU tensor of ", B, " rows of ", 3 * C, " values");
-  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && mask.numel() == B * S && S <= keys.size(2),
-              "attention_step: mask must be a contiguous float32 [B, S] with S at most the cache's length");
-  TORCH_CHECK((int64_t)pos.size() == B, "attention_step: pos must give one position per row");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "attention_step: a row's new position must be among the S attended");
-  at::Tensor y = at::empty({B, C}, qkv.options());
-  const int64_t strides[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
-  attend(qkv.data_ptr<float>(), y.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), B, n_head,
-         keys.size(3), strides, pos.data(), S, mask.data_ptr<float>());
-  return y;
-}
-
-// A pre-LayerNorm GPT block for B rows (1 to 8) at one new position each, x [B, C]: x + attn(ln_1(x)),
-// then + mlp(ln_2(x)). norms: [ln_1 weight, ln_1 bias?, ln_2 weight, ln_2 bias?]; kinds: the four
-// projections' formats (c_attn, attention c_proj, c_fc, MLP c_proj); keys / values: this layer's
-// cache [B, H, L, D]; pos: where each row's new key and value go; mask [B, S] additive. Each row's
-// arithmetic is the same whatever the other rows.
-at::Tensor gpt_block(const at::Tensor& x, const Parts& norms, const Parts& attn, const Parts& proj, const Parts& fc,
-                     const Parts& out, at::IntArrayRef kinds, const at::Tensor& keys, const at::Tensor& values,
-                     at::IntArrayRef pos, const at::Tensor& mask, int64_t n_head, double eps, bool tanh) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == keys.size(0), "gpt_block: x must be [B, C], one row per cache row");
-  const int64_t C = x.size(1);
-  const at::Tensor h1 = at::layer_norm(x, at::IntArrayRef{C}, maybe(norms, 0), maybe(norms, 1), eps);
-  const at::Tensor a = attention_step(project(h1, kinds[0], attn), keys, values, pos, mask, n_head);
-  const at::Tensor x1 = at::add(x, project(a, kinds[1], proj));
-  const at::Tensor h2 = at::layer_norm(x1, at::IntArrayRef{C}, maybe(norms, 2), maybe(norms, 3), eps);
-  const at::Tensor f = at::gelu(project(h2, kinds[2], fc), tanh ? "tanh" : "none");
-  return at::add(x1, project(f, kinds[3], out));
+  TORCH_CHECK(false, "unknown projection kind ", kind);
 }
 
 }  // namespace
+
+#include "blocks.h"  // attention and whole blocks, on the products above
 
 TORCH_LIBRARY(decodekit_cpu, m) {
   m.def("gpt_block(Tensor x, Tensor?[] norms, Tensor?[] attn, Tensor?[] proj, Tensor?[] fc, Tensor?[] out, "
@@ -359,6 +247,9 @@ TORCH_LIBRARY(decodekit_cpu, m) {
         &gpt_block);
   m.def("attention_step(Tensor qkv, Tensor keys, Tensor values, int[] pos, Tensor mask, int n_head) -> Tensor",
         &attention_step);
+  m.def("llama_block(Tensor x, Tensor[] norms, Tensor?[] parts, int[] kinds, Tensor keys, Tensor values, int[] pos, "
+        "int[] rope_pos, Tensor mask, int n_head, float eps, Tensor cos, Tensor sin) -> Tensor",
+        &llama_block);
   m.def("linear_f32(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_f32);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor", &linear_int8);

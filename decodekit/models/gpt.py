@@ -13,7 +13,6 @@ through ``lm_head``.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Literal
 
 import torch
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
+from decodekit.models.native import Reads, cache_rows, kept, one_position, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -120,7 +120,7 @@ def _native_attention(layer: nn.Module, qkv: torch.Tensor, mask: torch.Tensor | 
     if (kernels is None or mask is None or mask.dtype != torch.float32 or qkv.dtype != torch.float32
             or qkv.device.type != "cpu" or qkv.requires_grad or torch.compiler.is_compiling()):  # fmt: skip
         return None
-    rows, positions = _cache_rows(cache)
+    rows, positions = cache_rows(cache)
     flat = mask.reshape(mask.shape[0], -1)
 
     def step(qkv: torch.Tensor, index: int, n_head: int) -> torch.Tensor:
@@ -128,13 +128,6 @@ def _native_attention(layer: nn.Module, qkv: torch.Tensor, mask: torch.Tensor | 
         return kernels.ops.attention_step(qkv, keys, values, positions, flat, n_head)
 
     return step
-
-
-def _cache_rows(cache: KVCache | SlotCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-    """Each layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
-    if isinstance(cache, KVCache):
-        return cache._layers, [cache.length] * cache.batch_size
-    return list(zip(cache.k.unbind(0), cache.v.unbind(0))), cache.lengths.tolist()
 
 
 class MLP(nn.Module):
@@ -312,61 +305,40 @@ class GPT(nn.Module):
         return self.lm_head(x).float(), cache
 
     def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
-        """Each block's arguments for the native one-row block (decodekit.kernels) if this step
-        can take it: one row and one position, float32 on CPU, every projection set to the same
-        native kernels; else ``None``.
-
-        The arguments are kept from the last step while every module, tensor and setting they
-        were read from is still the one in place (a replaced layer, a converted or moved weight,
-        new kernels make them again): checking takes about 15 us a step where reading them again
-        takes about 120 (GPT-2 124M, warm; through ``nn.Module.__getattr__`` it was more).
-        """
-        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        """Each block's arguments for the native GPT block (decodekit.kernels) if this step can take
+        it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
+        projection set to the same native kernels; else ``None``. Kept between steps
+        (:mod:`decodekit.models.native`)."""
+        if not one_position(x):
             return None
-        kept = self.__dict__.get("_native_plan")
-        if kept is not None and all(map(operator.is_, map(dict.get, kept[0], kept[1]), kept[2])):  # no Python loop
-            return kept[3] if x.shape[0] <= kept[4] else None
+        found, plan = kept(self, x.shape[0])
+        if found:
+            return plan
         kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
         if kernels is None or not hasattr(kernels.ops, "gpt_block"):
             return None
-        transformer = self._modules["transformer"]
-        blocks = transformer._modules["h"]
-        read = [(self._modules, "transformer", transformer), (transformer._modules, "h", blocks)]
-
-        def take(owner: dict[str, Any], key: str) -> Any:  # a value, remembered with where it came from
-            value = owner.get(key)
-            read.append((owner, key, value))
-            return value
-
-        plan, rows = [], 8  # the most rows every projection takes natively (the kernels' 8 at most)
+        reads = Reads()
+        take = reads.take
+        blocks = take(take(self._modules, "transformer")._modules, "h")
+        plan = []
         for i in range(len(blocks)):
             parts = take(blocks._modules, str(i))._modules
             attn, mlp = take(parts, "attn")._modules, take(parts, "mlp")
             layers = [take(attn, "c_attn"), take(attn, "c_proj"), take(mlp._modules, "c_fc"), take(mlp._modules, "c_proj")]
-            if any(take(m.__dict__, "kernels") is not kernels for m in layers):
+            args = reads.projections(layers, kernels)
+            if args is None:
                 return None
             norms, eps = [], None
             for name in ("ln_1", "ln_2"):
                 norm = take(parts, name)
                 norms += [take(norm._parameters, "weight"), take(norm._parameters, "bias")]
                 eps = take(norm.__dict__, "eps")
-            args = [m.native_args() for m in layers]
-            for m in layers:  # the tensors native_args read, and how many rows it takes
-                own = m._parameters if isinstance(m, Linear) else m._buffers
-                for key in own:
-                    take(own, key)
-                own_rows = take(m.__dict__, "native_rows")
-                rows = min(rows, type(m).native_rows if own_rows is None else own_rows)
             tanh = take(mlp.__dict__, "approximate") == "tanh"
             plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
-        owners, keys, values = zip(*read)
-        self.__dict__["_native_plan"] = (owners, keys, values, plan, rows)
-        return plan if x.shape[0] <= rows else None
+        return reads.keep(self, plan, x.shape[0])
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
-        state = dict(self.__dict__)
-        state.pop("_native_plan", None)
-        return state
+        return without_plan(self.__dict__)
 
     def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, mask: torch.Tensor,
                      cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
@@ -374,7 +346,7 @@ class GPT(nn.Module):
         each: the same arithmetic as :class:`Block` (LayerNorm and GELU are torch's; the projections
         are the kernels' few-row products; attention is float32 with the new key and value written first)."""
         B, _, C = x.shape
-        layers, positions = _cache_rows(cache)
+        layers, positions = cache_rows(cache)
         rows, heads = mask.reshape(B, -1), self.config.n_head  # rows: [B, S] additive
         y = x.reshape(B, C)
         for (op, norms, attn, proj, fc, out, kinds, eps, tanh), (keys, values) in zip(plan, layers):

@@ -14,7 +14,7 @@ Hugging Face's ``rotate_half`` form on the original weights (:func:`permute_for_
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.gpt import GPT
+from decodekit.models.native import Reads, cache_rows, kept, one_position, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["Llama", "LlamaConfig", "permute_for_gguf"]
@@ -213,12 +214,66 @@ class Llama(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
              cache: KVCache | SlotCache | None) -> torch.Tensor:  # fmt: skip
+        x = self.tok_embeddings(input_ids)  # [B, T, C]
+        plan = self._native_blocks(x, cache) if cache is not None and mask is not None else None
+        if plan is not None:  # one position per row, few rows: each block in one native call
+            return self._native_step(plan, x, position_ids, mask, cache)
         cos, sin = self.rotary(position_ids)
         rope = (cos, sin, self.rotary.dim)
-        x = self.tok_embeddings(input_ids)  # [B, T, C]
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, cache, i)
         return x
+
+    def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
+        """Each block's arguments for the native Llama block (decodekit.kernels) if this step can
+        take it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU,
+        every projection set to the same native kernels; else ``None``. Kept between steps
+        (:mod:`decodekit.models.native`)."""
+        if not one_position(x):
+            return None
+        found, plan = kept(self, x.shape[0])
+        if found:
+            return plan
+        kernels = self.layers[0].attention.wq.__dict__.get("kernels")
+        if kernels is None or not hasattr(kernels.ops, "llama_block"):
+            return None
+        reads = Reads()
+        take = reads.take
+        rotary = take(self._modules, "rotary")
+        tables = [take(rotary._buffers, "cos"), take(rotary._buffers, "sin")]
+        layers = take(self._modules, "layers")
+        plan = []
+        for i in range(len(layers)):
+            parts = take(layers._modules, str(i))._modules
+            attention, ffn = take(parts, "attention"), take(parts, "feed_forward")._modules
+            names = [(attention._modules, n) for n in ("wq", "wk", "wv", "wo")] + [(ffn, n) for n in ("w1", "w3", "w2")]
+            args = reads.projections([take(owner, n) for owner, n in names], kernels)
+            norms = [take(parts, "attention_norm"), take(parts, "ffn_norm")]
+            eps = {take(n.__dict__, "eps") for n in norms}
+            if args is None or len(eps) != 1:
+                return None
+            weights = [take(n._parameters, "weight") for n in norms]
+            tensors = [t for _, a in args for t in a]
+            plan.append((kernels.ops.llama_block, weights, tensors, [k for k, _ in args],
+                         take(attention.__dict__, "n_head"), eps.pop(), *tables))  # fmt: skip
+        return reads.keep(self, plan, x.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
+        return without_plan(self.__dict__)
+
+    def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, position_ids: torch.Tensor,
+                     mask: torch.Tensor, cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
+        """The blocks for ``B`` rows at one new position each (``x``: ``[B, 1, C]``), a native call
+        each: the same arithmetic as :class:`Block` (RMSNorm, SiLU and the products' rounding as
+        torch's; attention in float32 with each row's new key and value written first)."""
+        B, _, C = x.shape
+        layers, positions = cache_rows(cache)
+        additive = torch.zeros(B, mask.shape[-1]).masked_fill_(~mask.reshape(B, -1), float("-inf"))  # [B, S]
+        rope = position_ids.reshape(-1).tolist()
+        y = x.reshape(B, C)
+        for (op, norms, parts, kinds, heads, eps, cos, sin), (keys, values) in zip(plan, layers):
+            y = op(y, norms, parts, kinds, keys, values, positions, rope, additive, heads, eps, cos, sin)
+        return y.view(B, 1, C)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits at every position, ``[B, T, V]``, for ``idx`` ``[B, T]`` (no padding, no cache)."""

@@ -1,0 +1,224 @@
+// decodekit's native attention step and whole transformer blocks for a decoding step's 1 to 8 rows,
+// one new position each. Included by cpu.cpp after the products (project) they call.
+//
+//   attention_step(qkv [B, 3C], keys, values, pos, mask, n_head) -> [B, C]: GPT's attention.
+//   gpt_block(x [B, C], ...) -> [B, C]: a pre-LayerNorm GPT block.
+//   llama_block(x [B, C], ...) -> [B, C]: a Llama block (RMSNorm, rotary positions, grouped-query
+//       attention, SwiGLU).
+//
+// Each row's arithmetic is the same whatever the other rows: the products sum each row alone, and
+// attention takes each row and head alone.
+#pragma once
+
+namespace {
+
+// e^x for 16 values x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, then scaled by
+// 2^n; within 2 ulp of std::exp); below -87.3 (and -inf) gives 0, NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN passes (the second operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_set1_ps(1.9875691500e-4f);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
+  e = _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(e, n));
+}
+
+// Where each row's new keys / values come from and go: row b's queries [H, D] at q + b * q_row, its
+// new keys and values [Hkv, D] at k + b * k_row and v + b * v_row; the cache keys / values [B, Hkv,
+// L, D] with strides st; the new position pos[b]; mask [B, S] additive (-inf hides a position).
+struct Step {
+  const float *q, *k, *v;
+  int64_t q_row, k_row, v_row;
+  float *keys, *values;
+  const int64_t* st;
+  int64_t B, H, Hkv, D, S;
+  const int64_t* pos;
+  const float* mask;
+};
+
+// One query per row and head against positions 0 .. S-1 of the row's cache, after each row's new
+// keys and values are written: softmax(q k^T / sqrt(D) + mask) v in float32, query head h reading
+// key / value head h / (H / Hkv). y: [B, H * D].
+void attend(const Step& a, float* y) {
+  const int64_t D = a.D, S = a.S, group = a.H / a.Hkv;
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.Hkv; ++g) {
+      const int64_t at = b * a.st[0] + g * a.st[1] + a.pos[b] * a.st[2];
+      std::copy(a.k + b * a.k_row + g * D, a.k + b * a.k_row + (g + 1) * D, a.keys + at);
+      std::copy(a.v + b * a.v_row + g * D, a.v + b * a.v_row + (g + 1) * D, a.values + at);
+    }
+  const float scale = 1.f / std::sqrt((float)D);
+  at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / a.H, h = i % a.H;
+      const float* add = a.mask + b * S;
+      const float* kh = a.keys + b * a.st[0] + (h / group) * a.st[1];
+      const float* vh = a.values + b * a.st[0] + (h / group) * a.st[1];
+      const float* q = a.q + b * a.q_row + h * D;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* k = kh + s * a.st[2];
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = mask16(D - d);
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + d), acc);
+        }
+        p[s] = _mm512_reduce_add_ps(acc) * scale + add[s];
+        top = std::max(top, p[s]);
+      }
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 m = mask16(S - s);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.data() + s), _mm512_set1_ps(top)));
+        _mm512_mask_storeu_ps(p.data() + s, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+      }
+      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+      float* out = y + b * a.H * D + h * D;
+      for (int64_t d = 0; d < D; d += 64) {  // 64 columns at a time: four independent sums
+        const __mmask16 m0 = mask16(D - d), m1 = mask16(D - d - 16), m2 = mask16(D - d - 32), m3 = mask16(D - d - 48);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t s = 0; s < S; ++s) {
+          if (p[s] == 0.f) continue;  // a hidden position (whatever its row of the cache holds)
+          const __m512 w = _mm512_set1_ps(p[s]);
+          const float* v = vh + s * a.st[2] + d;
+          a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m0, v), a0);
+          a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m1, v + 16), a1);
+          a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m2, v + 32), a2);
+          a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m3, v + 48), a3);
+        }
+        _mm512_mask_storeu_ps(out + d, m0, _mm512_div_ps(a0, total));
+        _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, total));
+        _mm512_mask_storeu_ps(out + d + 32, m2, _mm512_div_ps(a2, total));
+        _mm512_mask_storeu_ps(out + d + 48, m3, _mm512_div_ps(a3, total));
+      }
+    }
+  });
+}
+
+// the checks every attention step makes; returns the step's rows B and span S
+std::pair<int64_t, int64_t> check_cache(const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos,
+                                        const at::Tensor& mask, const char* op) {
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
+                  keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.stride(3) == 1,
+              op, ": keys and values must be float32 [B, H, L, D] caches of the same layout");
+  const int64_t B = keys.size(0), S = mask.size(-1);
+  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && mask.numel() == B * S && S <= keys.size(2),
+              op, ": mask must be a contiguous float32 [B, S] with S at most the cache's length");
+  TORCH_CHECK((int64_t)pos.size() == B, op, ": pos must give one position per row");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, op, ": a row's new position must be among the S attended");
+  return {B, S};
+}
+
+// GPT's attention for one new position per row: qkv [B, 3C] (any leading shape with B * 3C values) ->
+// [B, C]; each row's new key and value go into keys / values [B, H, L, D] at pos[b], and row b
+// attends to its positions 0 .. S-1 under mask [B, S] (additive float32; -inf hides a position).
+at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos,
+                          const at::Tensor& mask, int64_t n_head) {
+  const auto [B, S] = check_cache(keys, values, pos, mask, "attention_step");
+  TORCH_CHECK(keys.size(1) == n_head, "attention_step: the cache must hold n_head heads");
+  const int64_t C = n_head * keys.size(3);
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.numel() == B * 3 * C,
+              "attention_step: qkv must be a contiguous float32 CPU tensor of ", B, " rows of ", 3 * C, " values");
+  at::Tensor y = at::empty({B, C}, qkv.options());
+  const float* p = qkv.data_ptr<float>();
+  const int64_t st[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
+  attend({p, p + C, p + 2 * C, 3 * C, 3 * C, 3 * C, keys.data_ptr<float>(), values.data_ptr<float>(), st, B, n_head,
+          n_head, keys.size(3), S, pos.data(), mask.data_ptr<float>()},
+         y.data_ptr<float>());
+  return y;
+}
+
+// A pre-LayerNorm GPT block for B rows (1 to 8) at one new position each, x [B, C]: x + attn(ln_1(x)),
+// then + mlp(ln_2(x)). norms: [ln_1 weight, ln_1 bias?, ln_2 weight, ln_2 bias?]; kinds: the four
+// projections' formats (c_attn, attention c_proj, c_fc, MLP c_proj); keys / values: this layer's
+// cache [B, H, L, D]; pos: where each row's new key and value go; mask [B, S] additive.
+at::Tensor gpt_block(const at::Tensor& x, const Parts& norms, const Parts& attn, const Parts& proj, const Parts& fc,
+                     const Parts& out, at::IntArrayRef kinds, const at::Tensor& keys, const at::Tensor& values,
+                     at::IntArrayRef pos, const at::Tensor& mask, int64_t n_head, double eps, bool tanh) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == keys.size(0), "gpt_block: x must be [B, C], one row per cache row");
+  const int64_t C = x.size(1);
+  const at::Tensor h1 = at::layer_norm(x, at::IntArrayRef{C}, maybe(norms, 0), maybe(norms, 1), eps);
+  const at::Tensor a = attention_step(project(h1, kinds[0], attn), keys, values, pos, mask, n_head);
+  const at::Tensor x1 = at::add(x, project(a, kinds[1], proj));
+  const at::Tensor h2 = at::layer_norm(x1, at::IntArrayRef{C}, maybe(norms, 2), maybe(norms, 3), eps);
+  const at::Tensor f = at::gelu(project(h2, kinds[2], fc), tanh ? "tanh" : "none");
+  return at::add(x1, project(f, kinds[3], out));
+}
+
+// Rotary positions: each head's first 2R values of t [B, heads * D] taken as R adjacent pairs (x0, x1)
+// and turned by row b's angles (cos / sin rows rope_pos[b] of [P, R]): (x0 c - x1 s, x0 s + x1 c).
+void rotate(at::Tensor& t, int64_t heads, int64_t D, at::IntArrayRef rope_pos, const at::Tensor& cos,
+            const at::Tensor& sin) {
+  const int64_t R = cos.size(1), B = t.size(0);
+  float* p = t.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* c = cos.data_ptr<float>() + rope_pos[b] * R;
+    const float* s = sin.data_ptr<float>() + rope_pos[b] * R;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = p + (b * heads + h) * D;
+      for (int64_t i = 0; i < R; ++i) {
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        v[2 * i] = x0 * c[i] - x1 * s[i];
+        v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+      }
+    }
+  }
+}
+
+// A Llama block for B rows (1 to 8) at one new position each, x [B, C]: h = x + wo(attn(rope(wq n),
+// rope(wk n), wv n)) with n = rms_norm(x), then h + w2(silu(w1 m) * w3 m) with m = rms_norm(h).
+// norms: [attention_norm weight, ffn_norm weight]; parts / kinds: the seven projections (wq, wk, wv,
+// wo, w1, w3, w2) one after another, each kind's tensors as project takes them; keys / values: this
+// layer's cache [B, Hkv, L, D]; pos: where each row's new key and value go; rope_pos: each row's
+// position for the angles (cos / sin [P, R], R = rotated pairs per head); mask [B, S] additive.
+at::Tensor llama_block(const at::Tensor& x, at::TensorList norms, const Parts& parts, at::IntArrayRef kinds,
+                       const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos, at::IntArrayRef rope_pos,
+                       const at::Tensor& mask, int64_t n_head, double eps, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  const auto [B, S] = check_cache(keys, values, pos, mask, "llama_block");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && norms.size() == 2 && kinds.size() == 7 &&
+                  (int64_t)rope_pos.size() == B,
+              "llama_block: x must be [B, C], one row per cache row, with 2 norms, 7 projections and B positions");
+  const int64_t C = x.size(1), Hkv = keys.size(1), D = keys.size(3);
+  TORCH_CHECK(n_head % Hkv == 0, "llama_block: n_head must be a multiple of the cache's key/value heads");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.is_contiguous() && cos.sizes() == sin.sizes() &&
+                  sin.is_contiguous() && 2 * cos.size(1) <= D,
+              "llama_block: cos and sin must be contiguous float32 [P, R] tables with 2R at most the head size");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(rope_pos[b] >= 0 && rope_pos[b] < cos.size(0), "llama_block: a rotary position is past the tables");
+  size_t at[7];
+  for (size_t i = 0, next = 0; i < 7; next += kParts[kinds[i]], ++i) {
+    TORCH_CHECK(kinds[i] >= 0 && kinds[i] < 4, "llama_block: unknown projection kind ", kinds[i]);
+    at[i] = next;
+  }
+  const at::Tensor n = at::rms_norm(x, at::IntArrayRef{C}, norms[0], eps);
+  at::Tensor q = project(n, kinds[0], parts, at[0]), k = project(n, kinds[1], parts, at[1]);
+  const at::Tensor v = project(n, kinds[2], parts, at[2]);
+  TORCH_CHECK(q.size(1) == n_head * D && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
+              "llama_block: the query, key and value projections must give n_head and the cache's heads of its size");
+  rotate(q, n_head, D, rope_pos, cos, sin);
+  rotate(k, Hkv, D, rope_pos, cos, sin);
+  at::Tensor a = at::empty({B, n_head * D}, x.options());
+  const int64_t st[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
+  attend({q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), n_head * D, Hkv * D, Hkv * D,
+          keys.data_ptr<float>(), values.data_ptr<float>(), st, B, n_head, Hkv, D, S, pos.data(),
+          mask.data_ptr<float>()},
+         a.data_ptr<float>());
+  const at::Tensor h = at::add(x, project(a, kinds[3], parts, at[3]));
+  const at::Tensor m = at::rms_norm(h, at::IntArrayRef{C}, norms[1], eps);
+  const at::Tensor f = at::mul(at::silu(project(m, kinds[4], parts, at[4])), project(m, kinds[5], parts, at[5]));
+  return at::add(h, project(f, kinds[6], parts, at[6]));
+}
+
+}  // namespace

@@ -1,0 +1,85 @@
+"""The arguments of the native CPU blocks (:mod:`decodekit.kernels`): read from a model's modules
+once, and kept between steps while every module, tensor and setting they came from is still in place.
+
+A decoding step of few rows runs each block of the native GPT and Llama in one native call. The
+call's arguments (weights, norms, settings, the operator) are gathered by walking the model, which
+costs about 120 us a step for GPT-2 124M; kept, they are checked instead, in about 15 us, by
+looking every value up again where it was read (no Python loop) and comparing identities: a replaced
+layer, a converted or moved weight, or new kernels make them again.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from decodekit.models.cache import KVCache, SlotCache
+from decodekit.models.packing import Linear
+
+__all__ = ["Reads", "cache_rows", "kept", "one_position", "without_plan"]
+
+_KEY = "_native_plan"
+
+
+def one_position(x: torch.Tensor) -> bool:
+    """Whether a step's hidden states ``x`` ``[B, T, C]`` can take the native blocks: one new
+    position per row, float32 on CPU, outside ``torch.compile``."""
+    return x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def kept(model: torch.nn.Module, rows: int) -> tuple[bool, list[tuple[Any, ...]] | None]:
+    """``(True, plan)`` where ``model`` keeps a plan still in place (``plan`` ``None`` when ``rows``
+    exceeds what its projections take natively), else ``(False, None)``."""
+    found = model.__dict__.get(_KEY)
+    if found is not None and all(map(operator.is_, map(dict.get, found[0], found[1]), found[2])):
+        return True, found[3] if rows <= found[4] else None
+    return False, None
+
+
+def without_plan(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's ``__dict__`` for a copy or a pickle: the copy makes its own plan."""
+    state = dict(state)
+    state.pop(_KEY, None)
+    return state
+
+
+class Reads:
+    """Values read from modules' dicts, each remembered with the dict and key it came from."""
+
+    def __init__(self) -> None:
+        self.read: list[tuple[dict[str, Any], str, Any]] = []
+        self.rows = 8  # the most rows every projection takes natively (the kernels' 8 at most)
+
+    def take(self, owner: dict[str, Any], key: str) -> Any:
+        value = owner.get(key)
+        self.read.append((owner, key, value))
+        return value
+
+    def projections(self, layers: list[Any], kernels: Any) -> list[tuple[int, list[torch.Tensor | None]]] | None:
+        """Each layer's ``(kind, tensors)`` for the native block, or ``None`` unless all of them are
+        set to ``kernels``; records the tensors they come from and the rows they take."""
+        if any(self.take(m.__dict__, "kernels") is not kernels for m in layers):
+            return None
+        args = [m.native_args() for m in layers]
+        for m in layers:
+            own = m._parameters if isinstance(m, Linear) else m._buffers
+            for key in own:
+                self.take(own, key)
+            rows = self.take(m.__dict__, "native_rows")
+            self.rows = min(self.rows, type(m).native_rows if rows is None else rows)
+        return args
+
+    def keep(self, model: torch.nn.Module, plan: list[tuple[Any, ...]], rows: int) -> list[tuple[Any, ...]] | None:
+        """Keep ``plan`` on ``model``; returns it if a step of ``rows`` rows can take it."""
+        owners, keys, values = zip(*self.read)
+        model.__dict__[_KEY] = (owners, keys, values, plan, self.rows)
+        return plan if rows <= self.rows else None
+
+
+def cache_rows(cache: KVCache | SlotCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """Each layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
+    if isinstance(cache, KVCache):
+        return cache._layers, [cache.length] * cache.batch_size
+    return list(zip(cache.k.unbind(0), cache.v.unbind(0))), cache.lengths.tolist()
