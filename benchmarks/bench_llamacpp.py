@@ -8,6 +8,8 @@ batch), greedy and top-p 0.9, 1 and 2 threads. Prints tokens/s and ratios; check
 tokens equal llama.cpp F32's (the first divergence otherwise); and the physical bound at batch
 1: every weight is read once per token, so tokens/s <= memory bandwidth / weight bytes, with
 the bandwidth measured here (a 512 MiB tensor copy) and the fraction of it each side reaches.
+``--model llama`` runs a small Llama's shape instead (``tools/export_gguf.py llama-random``: 12
+layers, width 1024, grouped-query attention, 200M parameters; decodekit's native Llama).
 
 Runs in its own environment (llama-cpp-python is built from source there, never in CI's):
 
@@ -35,13 +37,16 @@ MODES = ("greedy", "top_p")
 PEERS = (("float32", "F32"), ("bf16", "F16"), ("int8", "Q8_0"), ("w8a8", "Q8_0"))  # the ratios printed
 
 
-def gguf_files(folder: Path, seed: int) -> dict[str, Path]:
-    """The GPT-2-shaped random model in every type, written once (the same seed: the same weights)."""
+MODELS = {"gpt2": "GPT-2 124M shape", "llama": "a small Llama shape (tools/export_gguf.py llama-random: 200M parameters)"}
+
+
+def gguf_files(folder: Path, seed: int, model: str = "gpt2") -> dict[str, Path]:
+    """The random model (``gpt2`` or ``llama``) in every type, written once (the same seed: the same weights)."""
     files = {}
     for kind in LLAMA_TYPES:
-        path = folder / f"gpt2-random-seed{seed}-{kind.lower()}.gguf"
+        path = folder / f"{model}-random-seed{seed}-{kind.lower()}.gguf"
         if not path.is_file():
-            tool = [sys.executable, str(ROOT / "tools" / "export_gguf.py"), "gpt2-random", str(path)]
+            tool = [sys.executable, str(ROOT / "tools" / "export_gguf.py"), f"{model}-random", str(path)]
             subprocess.run([*tool, "--type", kind, "--seed", str(seed)], check=True)
         files[kind] = path
     return files
@@ -86,7 +91,7 @@ def model_bytes(model: torch.nn.Module) -> int:
     (one row each; a tied float32 head is counted under its own name, a converted head is its own copy)."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "wpe" not in name and "wte" not in name and t.data_ptr() not in seen:
+        if "wpe" not in name and "wte" not in name and "tok_embeddings" not in name and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
@@ -95,7 +100,9 @@ def model_bytes(model: torch.nn.Module) -> int:
 def file_bytes(path: Path) -> int:
     from decodekit.models.gguf import GGUFFile
 
-    return sum(t.n_bytes for t in GGUFFile(path).reader.tensors if t.name != "position_embd.weight")
+    tensors = GGUFFile(path).reader.tensors
+    skip = {"position_embd.weight"} | ({"token_embd.weight"} if any(t.name == "output.weight" for t in tensors) else set())
+    return sum(t.n_bytes for t in tensors if t.name not in skip)  # an untied token table: one row a token
 
 
 def architecture_checks(folder: Path, runner: Any) -> list[str]:
@@ -137,6 +144,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--seed", type=int, default=0, help="the random weights")
+    p.add_argument("--model", choices=sorted(MODELS), default="gpt2", help="the random model's shape")
     p.add_argument("--folder", type=Path, default=Path("/tmp/decodekit-bench-gguf"), help="where the GGUF files are kept")
     args = p.parse_args()
     common.setup(args)
@@ -149,11 +157,12 @@ def main() -> None:
     thread_counts = [int(t) for t in args.thread_counts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     args.folder.mkdir(parents=True, exist_ok=True)
-    files = gguf_files(args.folder, args.seed)
+    files = gguf_files(args.folder, args.seed, args.model)
     ours = decodekit_models(files["F32"])
     n, length = args.new_tokens, args.prompt + args.new_tokens
     theirs = {(k, b): LlamaCpp(files[k], batch=b, length=length, threads=1) for k in LLAMA_TYPES for b in batches}
-    ids = torch.randint(0, 50256, (max(batches), args.prompt), generator=torch.Generator().manual_seed(1))
+    vocab = ours["decodekit float32"].config.vocab_size
+    ids = torch.randint(0, vocab - 1, (max(batches), args.prompt), generator=torch.Generator().manual_seed(1))
 
     # each format against the llama.cpp type of its size
     pairs = [(f"decodekit {a}", f"llama.cpp {b}") for a, b in PEERS if f"decodekit {a}" in ours]
@@ -219,7 +228,7 @@ def main() -> None:
     args.threads = " and ".join(map(str, thread_counts))
     common.report(
         "decodekit against llama.cpp on the same GGUF weights (bench_llamacpp.py)", args, body,
-        setup_lines=[f"model: GPT-2 124M shape, random weights (seed {args.seed}), GGUF F32 / F16 / Q8_0; "
+        setup_lines=[f"model: {MODELS[args.model]}, random weights (seed {args.seed}), GGUF F32 / F16 / Q8_0; "
                      f"prompt {args.prompt} tokens, {n} new tokens; llama-cpp-python {llama_cpp.__version__}",
                      kernels_line()],
     )  # fmt: skip
