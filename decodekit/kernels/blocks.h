@@ -176,6 +176,32 @@ void rotate(at::Tensor& t, int64_t heads, int64_t D, at::IntArrayRef rope_pos, c
   }
 }
 
+// RMSNorm of each row of x [B, C]: (x * r) * w with r = 1 / sqrt(mean(x^2) + eps), in float32 (torch's
+// rms_norm went through about ten small operators a call: 32 us, 0.8 ms a token for a 12-layer model).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(x.is_contiguous() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == C,
+              "llama_block: the norms' weights must be contiguous float32 vectors of the width");
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xp + b * C;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < C; k += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(mask16(C - k), row + k);
+      a = _mm512_fmadd_ps(v, v, a);
+    }
+    const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(a) / (float)C + (float)eps));
+    for (int64_t k = 0; k < C; k += 16) {
+      const __mmask16 m = mask16(C - k);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), r);
+      _mm512_mask_storeu_ps(yp + b * C + k, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, wp + k)));
+    }
+  }
+  return y;
+}
+
 // A Llama block for B rows (1 to 8) at one new position each, x [B, C]: h = x + wo(attn(rope(wq n),
 // rope(wk n), wv n)) with n = rms_norm(x), then h + w2(silu(w1 m) * w3 m) with m = rms_norm(h).
 // norms: [attention_norm weight, ffn_norm weight]; parts / kinds: the seven projections (wq, wk, wv,
@@ -202,7 +228,8 @@ at::Tensor llama_block(const at::Tensor& x, at::TensorList norms, const Parts& p
     TORCH_CHECK(kinds[i] >= 0 && kinds[i] < 4, "llama_block: unknown projection kind ", kinds[i]);
     at[i] = next;
   }
-  const at::Tensor n = at::rms_norm(x, at::IntArrayRef{C}, norms[0], eps);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "llama_block: x must be contiguous float32");
+  const at::Tensor n = rms_norm(x, norms[0], eps);
   at::Tensor q = project(n, kinds[0], parts, at[0]), k = project(n, kinds[1], parts, at[1]);
   const at::Tensor v = project(n, kinds[2], parts, at[2]);
   TORCH_CHECK(q.size(1) == n_head * D && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
@@ -216,7 +243,7 @@ at::Tensor llama_block(const at::Tensor& x, at::TensorList norms, const Parts& p
           mask.data_ptr<float>()},
          a.data_ptr<float>());
   const at::Tensor h = at::add(x, project(a, kinds[3], parts, at[3]));
-  const at::Tensor m = at::rms_norm(h, at::IntArrayRef{C}, norms[1], eps);
+  const at::Tensor m = rms_norm(h, norms[1], eps);
   const at::Tensor f = at::mul(at::silu(project(m, kinds[4], parts, at[4])), project(m, kinds[5], parts, at[5]));
   return at::add(h, project(f, kinds[6], parts, at[6]));
 }

@@ -22,11 +22,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/rms_norm.h>
 #include <ATen/ops/silu.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -130,9 +130,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
                   [&](float* y, int64_t n0, int64_t n1) { for_rows<BF16>(M, xp, wp, y, K, N, n0, n1); });
 }
 
-// x [K] rounded to int16 with its own scale: q = round-half-even(x / step), step = max|x| / 32767 (at
-// least the smallest normal float; NaN where x holds NaN); returns step.
-float quantize_row16(const float* x, int16_t* q, int64_t K) {
+// a row's rounding step: max|x| / levels, at least the smallest normal float; NaN where x holds NaN,
+// so that the row's outputs are NaN too
+float row_step(const float* x, int64_t K, float levels) {
   __m512 top = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < K; k += 16) {
@@ -140,7 +140,13 @@ float quantize_row16(const float* x, int16_t* q, int64_t K) {
     top = _mm512_max_ps(top, _mm512_abs_ps(v));
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
-  const float step = nan ? NAN : std::max(_mm512_reduce_max_ps(top) / 32767.f, FLT_MIN);
+  return nan ? NAN : std::max(_mm512_reduce_max_ps(top) / levels, FLT_MIN);
+}
+
+// x [K] rounded to int16 with its own scale: q = round-half-even(x / step), step = max|x| / 32767;
+// returns step.
+float quantize_row16(const float* x, int16_t* q, int64_t K) {
+  const float step = row_step(x, K, 32767.f);
   const __m512 s = _mm512_set1_ps(step);
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = mask16(K - k);
@@ -171,14 +177,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // max|x| / 127, at least the smallest normal float. Vector division and conversion (in the default
 // rounding mode) give the bits of the scalar x / step and nearbyint.
 float quantize_row(const float* x, uint8_t* u, int64_t K) {
-  __m512 top = _mm512_setzero_ps();
-  __mmask16 nan = 0;  // a NaN input makes the step NaN, so that the row's outputs are NaN too
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(mask16(K - k), x + k);
-    top = _mm512_max_ps(top, _mm512_abs_ps(v));
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  }
-  const float step = nan ? NAN : std::max(_mm512_reduce_max_ps(top) / 127.f, FLT_MIN);
+  const float step = row_step(x, K, 127.f);
   const __m512 s = _mm512_set1_ps(step);
   const __m512i bias = _mm512_set1_epi32(128);
   for (int64_t k = 0; k < K; k += 16) {

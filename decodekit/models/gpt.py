@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
-from decodekit.models.native import Reads, cache_rows, kept, one_position, without_plan
+from decodekit.models.native import Reads, cache_rows, lookup, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -309,14 +309,9 @@ class GPT(nn.Module):
         it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
         projection set to the same native kernels; else ``None``. Kept between steps
         (:mod:`decodekit.models.native`)."""
-        if not one_position(x):
-            return None
-        found, plan = kept(self, x.shape[0])
-        if found:
+        plan, kernels = lookup(self, x, self.transformer.h[0].attn.c_attn, "gpt_block")
+        if kernels is None:
             return plan
-        kernels = self.transformer.h[0].attn.c_attn.__dict__.get("kernels")
-        if kernels is None or not hasattr(kernels.ops, "gpt_block"):
-            return None
         reads = Reads()
         take = reads.take
         blocks = take(take(self._modules, "transformer")._modules, "h")

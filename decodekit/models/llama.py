@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.gpt import GPT
-from decodekit.models.native import Reads, cache_rows, kept, one_position, without_plan
+from decodekit.models.native import Reads, cache_rows, lookup, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["Llama", "LlamaConfig", "permute_for_gguf"]
@@ -229,14 +229,9 @@ class Llama(nn.Module):
         take it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU,
         every projection set to the same native kernels; else ``None``. Kept between steps
         (:mod:`decodekit.models.native`)."""
-        if not one_position(x):
-            return None
-        found, plan = kept(self, x.shape[0])
-        if found:
+        plan, kernels = lookup(self, x, self.layers[0].attention.wq, "llama_block")
+        if kernels is None:
             return plan
-        kernels = self.layers[0].attention.wq.__dict__.get("kernels")
-        if kernels is None or not hasattr(kernels.ops, "llama_block"):
-            return None
         reads = Reads()
         take = reads.take
         rotary = take(self._modules, "rotary")

@@ -18,7 +18,7 @@ import torch
 from decodekit.models.cache import KVCache, SlotCache
 from decodekit.models.packing import Linear
 
-__all__ = ["Reads", "cache_rows", "kept", "one_position", "without_plan"]
+__all__ = ["Reads", "cache_rows", "kept", "lookup", "one_position", "without_plan"]
 
 _KEY = "_native_plan"
 
@@ -27,6 +27,21 @@ def one_position(x: torch.Tensor) -> bool:
     """Whether a step's hidden states ``x`` ``[B, T, C]`` can take the native blocks: one new
     position per row, float32 on CPU, outside ``torch.compile``."""
     return x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def lookup(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, op: str) -> tuple[Any, Any]:
+    """Where a step with hidden states ``x`` stands: ``(plan, None)`` where that is settled (a kept
+    plan, or ``None`` where the native blocks cannot take this step), else ``(None, kernels)``: make
+    a plan for the native operator ``op`` with the kernels ``layer`` (a first projection) is set to."""
+    if not one_position(x):
+        return None, None
+    found, plan = kept(model, x.shape[0])
+    if found:
+        return plan, None
+    kernels = layer.__dict__.get("kernels")
+    if kernels is None or not hasattr(kernels.ops, op):
+        return None, None
+    return None, kernels
 
 
 def kept(model: torch.nn.Module, rows: int) -> tuple[bool, list[tuple[Any, ...]] | None]:
