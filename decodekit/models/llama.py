@@ -259,8 +259,9 @@ class Llama(nn.Module):
     def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, position_ids: torch.Tensor,
                      mask: torch.Tensor, cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
         """The blocks for ``B`` rows at one new position each (``x``: ``[B, 1, C]``), a native call
-        each: the same arithmetic as :class:`Block` (RMSNorm, SiLU and the products' rounding as
-        torch's; attention in float32 with each row's new key and value written first)."""
+        each: the arithmetic of :class:`Block` in float32 (RMSNorm and the rotary angles in native
+        loops, SiLU torch's, the kernels' few-row products; attention with each row's new key and
+        value written first), equal to it to float32 rounding."""
         B, _, C = x.shape
         layers, positions = cache_rows(cache)
         additive = torch.zeros(B, mask.shape[-1]).masked_fill_(~mask.reshape(B, -1), float("-inf"))  # [B, S]
