@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
-from decodekit.models.native import Reads, cache_rows, lookup, without_plan
+from decodekit.models.native import Reads, cache_layer, cache_positions, cache_rows, lookup, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -98,8 +98,9 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)
-        if T == 1 and cache is not None and (step := _native_attention(self.c_attn, qkv, mask, cache)) is not None:
-            return self.c_proj(step(qkv, layer, self.n_head).view(B, T, C))  # cache write and attention, one call
+        y = _native_attention(self.c_attn, qkv, mask, cache, layer, self.n_head) if T == 1 and cache is not None else None
+        if y is not None:  # the cache write and attention in one native call
+            return self.c_proj(y.view(B, T, C))
         # q, k, v: [B, H, T, D]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
         if cache is not None:
@@ -111,23 +112,20 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def _native_attention(layer: nn.Module, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | SlotCache) -> Any:
-    """The native kernels' attention for one new position per row (``qkv`` ``[B, 1, 3C]``, ``mask``
-    additive ``[B, 1, 1, S]``), as ``(qkv, layer, n_head) -> [B, C]``, where the step can take it:
-    float32 on CPU, the projections on the native kernels, no autograd; else ``None``. Each row and
-    head is summed alone, in float32, as the native one-row block does."""
+def _native_attention(layer: nn.Module, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | SlotCache,
+                      index: int, n_head: int) -> torch.Tensor | None:  # fmt: skip
+    """Attention for one new position per row through the native kernels (``qkv`` ``[B, 1, 3C]``,
+    ``mask`` additive ``[B, 1, 1, S]``; the new keys and values written into layer ``index`` of the
+    cache), ``[B, C]``, where the step can take it: float32 on CPU, ``layer`` (the projection) on the
+    native kernels, no autograd; else ``None``. Each row and head is summed alone, in float32, as in
+    the native blocks."""
     kernels = layer.__dict__.get("kernels")
     if (kernels is None or mask is None or mask.dtype != torch.float32 or qkv.dtype != torch.float32
             or qkv.device.type != "cpu" or qkv.requires_grad or torch.compiler.is_compiling()):  # fmt: skip
         return None
-    rows, positions = cache_rows(cache)
-    flat = mask.reshape(mask.shape[0], -1)
-
-    def step(qkv: torch.Tensor, index: int, n_head: int) -> torch.Tensor:
-        keys, values = rows[index]
-        return kernels.ops.attention_step(qkv, keys, values, positions, flat, n_head)
-
-    return step
+    keys, values = cache_layer(cache, index)
+    rows = mask.reshape(mask.shape[0], -1)  # [B, S]
+    return kernels.ops.attention_step(qkv, keys, values, cache_positions(cache), rows, n_head)
 
 
 class MLP(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from decodekit.models.cache import KVCache, SlotCache
 from decodekit.models.packing import Linear
 
-__all__ = ["Reads", "cache_rows", "kept", "lookup", "one_position", "without_plan"]
+__all__ = ["Reads", "cache_layer", "cache_positions", "cache_rows", "kept", "lookup", "one_position", "without_plan"]
 
 _KEY = "_native_plan"
 
@@ -93,8 +93,17 @@ class Reads:
         return plan if rows <= self.rows else None
 
 
+def cache_positions(cache: KVCache | SlotCache) -> list[int]:
+    """Where each row's new position goes: a batch's shared length, or each slot's own."""
+    return [cache.length] * cache.batch_size if isinstance(cache, KVCache) else cache.lengths.tolist()
+
+
+def cache_layer(cache: KVCache | SlotCache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``index``'s ``(keys, values)`` ``[B, H, L, D]``."""
+    return cache._layers[index] if isinstance(cache, KVCache) else (cache.k[index], cache.v[index])
+
+
 def cache_rows(cache: KVCache | SlotCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-    """Each layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
-    if isinstance(cache, KVCache):
-        return cache._layers, [cache.length] * cache.batch_size
-    return list(zip(cache.k.unbind(0), cache.v.unbind(0))), cache.lengths.tolist()
+    """Every layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
+    layers = cache._layers if isinstance(cache, KVCache) else list(zip(cache.k.unbind(0), cache.v.unbind(0)))
+    return layers, cache_positions(cache)
