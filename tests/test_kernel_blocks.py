@@ -17,6 +17,7 @@ from decodekit.models import load_model
 
 NATIVE, WHY_NOT = native_kernels()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
+SAMPLERS_ARGMAX = "decodekit_cpu::argmax_rows"  # the greedy sampler's, where the kernels are loaded: not the model's
 
 
 def _reference(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: list[int], mask: torch.Tensor,
@@ -85,7 +86,7 @@ def _ops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[dict[str,
         out = generate(model, ids, output_scores=True, **kwargs)
     counts: dict[str, int] = {}
     for event in prof.events():
-        if event.name.startswith("decodekit_cpu::"):
+        if event.name.startswith("decodekit_cpu::") and event.name != SAMPLERS_ARGMAX:
             counts[event.name] = counts.get(event.name, 0) + 1
     return counts, out
 
@@ -206,3 +207,38 @@ def test_llama_block_refuses_bad_arguments_in_one_line() -> None:
     with pytest.raises(RuntimeError, match="a rotary position is past the tables"):
         NATIVE.ops.llama_block(x, [torch.ones(16)] * 2, [w, None] * 7, [0] * 7, keys, keys.clone(), [2], [8], mask, 4,
                                1e-5, table, table)  # fmt: skip
+
+
+def test_argmax_rows_gives_the_python_argmaxs_indices() -> None:
+    from decodekit.samplers import base
+
+    g = torch.Generator().manual_seed(3)
+    for width in (1, 15, 16, 17, 1000, 50257):
+        x = torch.randn(8, width, generator=g)
+        x[1] = x[1].round()  # ties: the first index wins
+        x[2, width // 2] = float("inf")  # the first +inf; a row holding NaN: 0, as the Python function gives
+        x[3, width - 1] = float("nan")
+        x[4] = float("-inf")
+        x[5, :] = 0.0
+        x[5, width - 1] = -0.0
+        x[6, width - 1] = x[6].max() + 1  # the maximum in the tail
+        got = NATIVE.ops.argmax_rows(x)
+        assert torch.equal(got, _python_argmax(x))
+        assert torch.equal(base.argmax(x), got)  # the kernels are loaded here: the native operator
+        finite = [0, 1, 2, 4, 5, 6, 7]
+        assert torch.equal(got[finite], x[finite].argmax(dim=-1))
+    with pytest.raises(RuntimeError, match=r"contiguous float32 CPU matrix \[B, V\] with V > 0"):
+        NATIVE.ops.argmax_rows(torch.zeros(2, 0))
+
+
+def _python_argmax(x: torch.Tensor) -> torch.Tensor:
+    """decodekit.samplers.base.argmax without the native operator."""
+    import decodekit.kernels as kernels_module
+    from decodekit.samplers import base
+
+    loaded = kernels_module._loaded
+    kernels_module._loaded = None
+    try:
+        return base.argmax(x)
+    finally:
+        kernels_module._loaded = loaded

@@ -42,7 +42,7 @@ import torch
 
 from decodekit.errors import ConfigError
 
-__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "native_kernels", "use_kernels"]
+__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "loaded_kernels", "native_kernels", "use_kernels"]
 
 logger = logging.getLogger("decodekit")
 
@@ -109,6 +109,13 @@ def cache_folder() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "decodekit"
     )
     return Path(root) / "kernels"
+
+
+def loaded_kernels() -> NativeKernels | None:
+    """The native kernels if this process has loaded them already (a model took them), else ``None``;
+    never builds or loads (for operators whose results do not depend on them, such as a greedy
+    step's argmax)."""
+    return _loaded
 
 
 def native_kernels() -> tuple[NativeKernels | None, str | None]:
