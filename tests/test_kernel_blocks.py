@@ -17,7 +17,7 @@ from decodekit.models import load_model
 
 NATIVE, WHY_NOT = native_kernels()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
-SAMPLERS_ARGMAX = "decodekit_cpu::argmax_rows"  # the greedy sampler's, where the kernels are loaded: not the model's
+LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows"}  # the decoding loop's, not the model's
 
 
 def _reference(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: list[int], mask: torch.Tensor,
@@ -86,7 +86,7 @@ def _ops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[dict[str,
         out = generate(model, ids, output_scores=True, **kwargs)
     counts: dict[str, int] = {}
     for event in prof.events():
-        if event.name.startswith("decodekit_cpu::") and event.name != SAMPLERS_ARGMAX:
+        if event.name.startswith("decodekit_cpu::") and event.name not in LOOP_OPS:
             counts[event.name] = counts.get(event.name, 0) + 1
     return counts, out
 
@@ -240,5 +240,24 @@ def _python_argmax(x: torch.Tensor) -> torch.Tensor:
     kernels_module._loaded = None
     try:
         return base.argmax(x)
+    finally:
+        kernels_module._loaded = loaded
+
+
+def test_invalid_rows_gives_the_python_answer_in_one_operator() -> None:
+    import decodekit.kernels as kernels_module
+    from decodekit.processors.base import invalid_rows
+
+    x = torch.randn(6, 37)
+    x[1, 36] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = float("-inf")  # every token removed
+    x[4, :30] = float("-inf")  # some removed: still valid
+    want = torch.tensor([False, True, True, True, False, False])
+    assert torch.equal(NATIVE.ops.invalid_rows(x), want)
+    assert torch.equal(invalid_rows(x), want)
+    loaded, kernels_module._loaded = kernels_module._loaded, None
+    try:
+        assert torch.equal(invalid_rows(x), want)  # the torch operators' answer
     finally:
         kernels_module._loaded = loaded

@@ -20,7 +20,7 @@ from decodekit.models.weights import BF16Linear, Int8Linear, W8A8Linear, convert
 
 NATIVE, WHY_NOT = native_kernels()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
-SAMPLERS_ARGMAX = "decodekit_cpu::argmax_rows"  # the greedy sampler's, where the kernels are loaded: not the model's
+LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows"}  # the decoding loop's, not the model's
 SHAPES = [(1, 1), (3, 5), (17, 33), (100, 64), (64, 100), (250, 768), (40, 129)]  # (N, K): tails of every width
 
 
@@ -164,7 +164,7 @@ def _one_row_ops(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, int]:
         generate(model, ids, max_new_tokens=2)
     counts: dict[str, int] = {}
     for event in prof.events():
-        if event.name.startswith("decodekit_cpu::") and event.name != SAMPLERS_ARGMAX:
+        if event.name.startswith("decodekit_cpu::") and event.name not in LOOP_OPS:
             counts[event.name] = counts.get(event.name, 0) + 1
     return counts
 

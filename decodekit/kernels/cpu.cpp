@@ -217,26 +217,35 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // maximum and one to find it (an infinite maximum included); a row holding NaN gives 0, as
 // decodekit.samplers.base.argmax does. A greedy step after the weights have flushed the caches took
 // 0.15-0.25 ms less through one operator than through that function's ten.
-at::Tensor argmax_rows(const at::Tensor& x) {
+void check_logits(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                   x.size(1) > 0,
-              "argmax_rows: x must be a contiguous float32 CPU matrix [B, V] with V > 0");
+              op, ": x must be a contiguous float32 CPU matrix [B, V] with V > 0");
+}
+
+// the largest of r[0 .. V-1], NaN where any is NaN
+float row_max(const float* r, int64_t V) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < V; k += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(V - k), r + k);
+    top = _mm512_max_ps(top, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan ? NAN : _mm512_reduce_max_ps(top);
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_logits(x, "argmax_rows");
   const int64_t B = x.size(0), V = x.size(1);
   at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     const float* r = xp + b * V;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    for (int64_t k = 0; k < V; k += 16) {
-      const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(V - k), r + k);
-      top = _mm512_max_ps(top, v);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
-    const float best = _mm512_reduce_max_ps(top);
+    const float best = row_max(r, V);
     op[b] = 0;
-    if (nan) continue;
+    if (std::isnan(best)) continue;
     const __m512 target = _mm512_set1_ps(best);
     for (int64_t k = 0; k < V; k += 16) {
       const __mmask16 m = mask16(V - k);
@@ -247,6 +256,17 @@ at::Tensor argmax_rows(const at::Tensor& x) {
       }
     }
   }
+  return out;
+}
+
+// [B] bool: the rows of x [B, V] float32 holding NaN or +inf, or with every value -inf (every token
+// removed), in one pass each: decodekit.processors.base.invalid_rows's answer.
+at::Tensor invalid_rows(const at::Tensor& x) {
+  check_logits(x, "invalid_rows");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kBool));
+  bool* op = out.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) op[b] = !std::isfinite(row_max(x.data_ptr<float>() + b * V, V));
   return out;
 }
 
@@ -290,6 +310,7 @@ TORCH_LIBRARY(decodekit_cpu, m) {
         &llama_block);
   m.def("linear_f32(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_f32);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
+  m.def("invalid_rows(Tensor x) -> Tensor", &invalid_rows);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor", &linear_int8);
   m.def("linear_w8a8(Tensor x, Tensor w, Tensor wsum, Tensor scale, Tensor? b) -> Tensor", &linear_w8a8);

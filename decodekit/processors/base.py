@@ -55,6 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.kernels import loaded_kernels
 from decodekit.processors.rows import column, common_shape, float_rows, int_rows, is_row_list, pad_to, row_values
 from decodekit.validation import field_model, validate
 
@@ -369,8 +370,14 @@ def _fuse(processors: list[Processor]) -> list[Processor]:
 def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
     """``[B]`` bool: rows holding NaN or ``+inf``, or with every token removed (no sync).
 
-    All three show in the row maximum (NaN propagates through ``amax``): one reduction.
+    All three show in the row maximum (NaN propagates through ``amax``): one reduction (one
+    operator, where this process has loaded decodekit's native CPU kernels and the logits are
+    float32 on CPU: fewer operators for a step run after the weights have flushed the caches).
     """
+    native = loaded_kernels()
+    if native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2:
+        if logits.shape[-1] and logits.is_contiguous():
+            return native.ops.invalid_rows(logits)
     return ~torch.isfinite(logits.amax(dim=-1))
 
 
