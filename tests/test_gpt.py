@@ -213,3 +213,18 @@ def test_torch_compile_traces_the_plain_linear_not_the_packed_one() -> None:
     assert targets and not any("mkldnn" in t for t in targets)
     assert any("linear" in t for t in targets)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_one_position_mask_is_the_general_causal_formula() -> None:
+    from decodekit.models.cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    for B, L, length in [(1, 8, 0), (3, 10, 4), (2, 6, 5)]:
+        cache = KVCache(torch.zeros(1, B, 1, L, 2), torch.zeros(1, B, 1, L, 2), length)
+        padding = torch.rand(B, length + 1, generator=g) > 0.4  # some earlier positions hidden
+        query, key = torch.arange(length, length + 1)[:, None], torch.arange(length + 1)[None, :]
+        want = ((key <= query) & padding[:, None, None, :]) | (key == query)  # causal, the padding, itself
+        before = padding.clone()
+        assert torch.equal(cache.attention_mask(padding, 1), want)
+        assert torch.equal(cache.attention_mask(padding.long(), 1), want)
+        assert torch.equal(padding, before)  # the caller's mask is left as it was

@@ -56,6 +56,10 @@ class KVCache:
             raise ConfigError(f"cache holds {self.max_length} positions; {S} were needed")
         if attention_mask.shape != (B, S):
             raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})")
+        if T == 1:  # a decoding step: every cached position is earlier; the new one sees itself
+            allowed = attention_mask.bool().clone()
+            allowed[:, -1] = True
+            return allowed[:, None, None, :]
         device = attention_mask.device
         query_pos = torch.arange(self.length, S, device=device)[:, None]  # [T, 1]
         key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
