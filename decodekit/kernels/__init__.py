@@ -4,8 +4,12 @@ A batch-1 decoding step on CPU is a chain of matrix-vector products, each stream
 from memory once; the library kernels behind ``F.linear`` (MKL, oneDNN) reach a fraction of the
 memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for 1 to 8 rows in each
 weight format: float32, bfloat16 (AVX512-BF16), int8 weights (int16 inputs), and int8 x int8
-(AVX512-VNNI). They
-read each weight row in order with two accumulators and split rows over torch's thread pool.
+(AVX512-VNNI). They read each weight row in order with two accumulators and split rows over
+torch's thread pool. ``blocks.h`` builds on them: attention for one new position per row, and
+whole GPT and Llama blocks in one call for a step's 1 to 8 rows (the models gather and keep the
+arguments: :mod:`decodekit.models.native`). Two operators serve the decoding loop once a process has
+loaded the kernels (:func:`loaded_kernels`): the greedy argmax and the invalid-logits check, each
+with its torch version's answers.
 
 Which kernels a model's few-row products take is the ``kernels`` setting:
 
