@@ -8,7 +8,7 @@ weight format: float32, bfloat16 (AVX512-BF16), int8 weights (int16 inputs), and
 torch's thread pool. ``blocks.h`` builds on them: attention for one new position per row, and
 whole GPT and Llama blocks in one call for a step's 1 to 8 rows (the models gather and keep the
 arguments: :mod:`decodekit.models.native`). Two operators serve the decoding loop once a process has
-loaded the kernels (:func:`loaded_kernels`): the greedy argmax and the invalid-logits check, each
+loaded the kernels (:func:`logits_ops`): the greedy argmax and the invalid-logits check, each
 with its torch version's answers.
 
 Which kernels a model's few-row products take is the ``kernels`` setting:
@@ -46,7 +46,7 @@ import torch
 
 from decodekit.errors import ConfigError
 
-__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "loaded_kernels", "native_kernels", "use_kernels"]
+__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "logits_ops", "native_kernels", "use_kernels"]
 
 logger = logging.getLogger("decodekit")
 
@@ -115,11 +115,15 @@ def cache_folder() -> Path:
     return Path(root) / "kernels"
 
 
-def loaded_kernels() -> NativeKernels | None:
-    """The native kernels if this process has loaded them already (a model took them), else ``None``;
-    never builds or loads (for operators whose results do not depend on them, such as a greedy
-    step's argmax)."""
-    return _loaded
+def logits_ops(logits: torch.Tensor) -> Any:
+    """The native operators for ``logits`` (``argmax_rows``, ``invalid_rows``) where this process has
+    loaded the kernels already (a model took them) and ``logits`` is a contiguous float32 CPU matrix
+    ``[B, V]``, ``V > 0``; else ``None``. Never builds or loads: their answers equal the torch
+    versions', so where they run is a matter of speed only."""
+    if (_loaded is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2
+            or not logits.shape[-1] or not logits.is_contiguous()):  # fmt: skip
+        return None
+    return _loaded.ops
 
 
 def native_kernels() -> tuple[NativeKernels | None, str | None]:

@@ -55,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
-from decodekit.kernels import loaded_kernels
+from decodekit.kernels import logits_ops
 from decodekit.processors.rows import column, common_shape, float_rows, int_rows, is_row_list, pad_to, row_values
 from decodekit.validation import field_model, validate
 
@@ -374,10 +374,9 @@ def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
     operator, where this process has loaded decodekit's native CPU kernels and the logits are
     float32 on CPU: fewer operators for a step run after the weights have flushed the caches).
     """
-    native = loaded_kernels()
-    if native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2:
-        if logits.shape[-1] and logits.is_contiguous():
-            return native.ops.invalid_rows(logits)
+    ops = logits_ops(logits)
+    if ops is not None:
+        return ops.invalid_rows(logits)
     return ~torch.isfinite(logits.amax(dim=-1))
 
 

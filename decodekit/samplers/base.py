@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel
 
-from decodekit.kernels import loaded_kernels
+from decodekit.kernels import logits_ops
 from decodekit.processors.base import NoParams
 from decodekit.random import RowRandom
 
@@ -38,9 +38,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     if x.device.type != "cpu" or n >= 1 << 24 or not x.is_floating_point() or x.dim() != 2:
         return x.argmax(dim=-1)
-    native = loaded_kernels()
-    if native is not None and x.dtype == torch.float32 and x.is_contiguous() and n:
-        return native.ops.argmax_rows(x)  # the same indices in one operator
+    ops = logits_ops(x)
+    if ops is not None:
+        return ops.argmax_rows(x)  # the same indices in one operator
     reversed_ = _REVERSED.get((n, x.device))
     if reversed_ is None:  # n, n-1, ..., 1: the largest marks the first index of a tie
         reversed_ = _REVERSED[(n, x.device)] = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)
