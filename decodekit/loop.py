@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import ConfigError, InvalidLogitsError, PluginError
+from decodekit.kernels import loop_ops
 from decodekit.logprobs import LogprobsRecorder, TokenLogprobs, check_logprobs, to_host
 from decodekit.processors.base import ProcessorChain, check_logits, invalid_rows, processor_name
 from decodekit.random import RowRandom, row_seeds
@@ -238,26 +239,22 @@ def generate(
         raw = logits.float()
         processed = run_chain(chain, history, raw, step)  # [B, V]
         invalid = invalid_rows(processed).any()
-        bad = bad | invalid
-        if check_every == 1 and bool(invalid):
+        if check_every != 1:
+            bad = bad | invalid  # looked at after the loop: no sync per step
+        elif bool(invalid):
             diagnose(chain, history, raw, step)
         token = _sample(sampler, history, processed, rng, step)  # [B]
         if record is not None:  # a filter fused into the sampler, applied for the record only
             processed = record(history, processed)
         cut = nucleus(processed, token) if nucleus is not None else None  # its bounds, for logprobs
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        seq[:, end] = token
-        lengths += (~finished).long()
+        token, finished, reason = settle(token, finished, reason, lengths, seq, end, eos, pad)  # EOS stops a row
         if recorder is not None:
             recorder.record(raw, processed, token, cut)
         if output_scores:
             scores.append(processed)
             chosen.append(torch.log_softmax(processed, dim=-1).gather(-1, token[:, None]).squeeze(-1))
 
-        # Stop checks: EOS, then the caller's criteria; a row keeps its first reason.
-        hit_eos = torch.isin(token, eos) & ~finished
-        reason = torch.where(hit_eos, torch.ones_like(reason), reason)
-        finished = finished | hit_eos
+        # The caller's stop checks after EOS's; a row keeps its first reason.
         for criterion in stopping:
             stop = criterion(seq[:, : end + 1], step + 1).to(device) & ~finished
             reason = torch.where(stop, torch.full_like(reason, 2), reason)
@@ -313,6 +310,22 @@ def rescored(model: Any, out: GenerateOutput, ids: torch.Tensor, mask: torch.Ten
     out.logprobs, out.top_logprobs, out.top_ids = chosen[:, :width].to(device), values.to(device), top_ids.to(device)
     out.logprobs_mode = "raw"
     return out
+
+
+def settle(token: torch.Tensor, finished: torch.Tensor, reason: torch.Tensor, lengths: torch.Tensor,
+           seq: torch.Tensor, end: int, eos: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Record a step's tokens ``[B]``: a finished row's becomes ``pad``; each is written at
+    ``seq[:, end]`` and an unfinished row's length grows by one (both in place); a row whose token
+    is in ``eos`` finishes with reason 1. Returns ``(token, finished, reason)`` as new tensors (a
+    callback may keep the old ones). One native operator where the kernels are loaded, on CPU."""
+    ops = loop_ops(token.device)
+    if ops is not None:
+        return ops.settle_rows(token, finished, reason, lengths, seq, end, eos, pad)
+    token = torch.where(finished, torch.full_like(token, pad), token)
+    seq[:, end] = token
+    lengths += (~finished).long()
+    hit_eos = torch.isin(token, eos) & ~finished
+    return token, finished | hit_eos, torch.where(hit_eos, torch.ones_like(reason), reason)
 
 
 def run_chain(chain: ProcessorChain, history: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from decodekit.models import load_model
 
 NATIVE, WHY_NOT = native_kernels()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
-LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows"}  # the decoding loop's, not the model's
+LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows", "decodekit_cpu::settle_rows"}  # the loop's
 
 
 def _reference(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: list[int], mask: torch.Tensor,
@@ -92,7 +92,7 @@ def _ops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[dict[str,
 
 
 @pytest.mark.parametrize("weights", ["float32", "w8a8"])
-def test_a_batch_steps_through_native_blocks_with_the_layer_by_layer_bits(weights: str) -> None:
+def test_a_batch_steps_in_one_native_call_with_the_layer_by_layer_tokens(weights: str) -> None:
     if weights == "w8a8" and not NATIVE.vnni:
         pytest.skip("this CPU lacks AVX512-VNNI")
     model, _ = load_model("default", device="cpu", weights=weights, kernels="native")
@@ -100,15 +100,19 @@ def test_a_batch_steps_through_native_blocks_with_the_layer_by_layer_bits(weight
     mask = (ids != 0) | (torch.arange(8) >= 2)
     mask[0, :2] = False
     mask[2, 0] = False  # two rows left padded
-    counts, blocks = _ops(model, ids, attention_mask=mask, max_new_tokens=10)
-    assert counts["decodekit_cpu::gpt_block"] == 9 * model.config.n_layer  # every step after the prefill
+    counts, whole = _ops(model, ids, attention_mask=mask, max_new_tokens=10)
+    assert counts["decodekit_cpu::gpt_step"] == 9  # every step after the prefill, in one call
     layered = copy.deepcopy(model)
-    layered._native_blocks = lambda *args: None  # layer by layer: the same kernels and attention
+    layered._step_plan = lambda *args: None  # layer by layer: the same products and attention
     counts, by_layer = _ops(layered, ids, attention_mask=mask, max_new_tokens=10)
-    assert "decodekit_cpu::gpt_block" not in counts
+    assert "decodekit_cpu::gpt_step" not in counts
     assert counts["decodekit_cpu::attention_step"] == 9 * model.config.n_layer
-    assert torch.equal(blocks.tokens, by_layer.tokens)
-    assert all(torch.equal(x, y) for x, y in zip(blocks.scores, by_layer.scores))
+    assert torch.equal(whole.tokens, by_layer.tokens)
+    tolerance = 1e-4 if weights == "float32" else 0.2  # w8a8 rounds each input to int8: a last-bit change moves a step
+    for x, y in zip(whole.scores, by_layer.scores):  # LayerNorm and GELU: native loops against torch's
+        torch.testing.assert_close(x, y, atol=tolerance, rtol=0)
+    alone = generate(model, ids[1:2], max_new_tokens=10, output_scores=True)  # the unpadded row by itself
+    assert all(torch.equal(x[1], y[0]) for x, y in zip(whole.scores, alone.scores))  # the same bits as in the batch
 
 
 def test_a_larger_batch_attends_natively_layer_by_layer_with_the_library_paths_tokens() -> None:
@@ -116,7 +120,7 @@ def test_a_larger_batch_attends_natively_layer_by_layer_with_the_library_paths_t
     library, _ = load_model("default", device="cpu", kernels="library")
     ids = torch.randint(1, 250, (6, 7), generator=torch.Generator().manual_seed(0))  # 6 rows: past float32's 4
     counts, got = _ops(native, ids, max_new_tokens=12)
-    assert "decodekit_cpu::gpt_block" not in counts
+    assert "decodekit_cpu::gpt_step" not in counts
     assert counts["decodekit_cpu::attention_step"] == 11 * native.config.n_layer
     counts, want = _ops(library, ids, max_new_tokens=12)
     assert counts == {}
@@ -136,8 +140,8 @@ def test_the_engine_steps_its_slots_through_native_blocks_at_their_own_lengths()
     requests = [Request(prompt=p, max_new_tokens=6 + 3 * i, id=i) for i, p in enumerate(prompts)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         got = Engine(native, tokenizer, processors=[], max_slots=3).generate(requests)
-    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::gpt_block"]
-    assert rows.count(3) >= 5 * native.config.n_layer  # three slots at once, each at its own length
+    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::gpt_step"]
+    assert rows.count(3) >= 5  # three slots at once, each at its own length
     want = Engine(library, tokenizer, processors=[], max_slots=3).generate(requests)
     assert [o.tokens for o in got] == [o.tokens for o in want]
 
@@ -261,3 +265,36 @@ def test_invalid_rows_gives_the_python_answer_in_one_operator() -> None:
         assert torch.equal(invalid_rows(x), want)  # the torch operators' answer
     finally:
         kernels_module._loaded = loaded
+
+
+def test_settle_rows_records_a_step_as_the_torch_version_does() -> None:
+    import decodekit.kernels as kernels_module
+    from decodekit.loop import settle
+
+    token = torch.tensor([5, 7, 2, 9, 2, 3])
+    finished = torch.tensor([False, True, False, False, True, False])
+    reason = torch.tensor([0, 1, 0, 0, 2, 0], dtype=torch.int8)
+    for eos in (torch.tensor([2, 9]), torch.tensor([3]), torch.empty(0, dtype=torch.long)):
+        results = []
+        for native in (True, False):
+            seq = torch.full((6, 12), -1)[:, ::2]  # a strided view, as the loop's windows may be
+            lengths = torch.tensor([3, 1, 0, 4, 2, 5])
+            loaded = kernels_module._loaded
+            kernels_module._loaded = loaded if native else None
+            try:
+                out = settle(token, finished, reason, lengths, seq, 4, eos, 0)
+            finally:
+                kernels_module._loaded = loaded
+            results.append((*out, lengths, seq))
+        for got, want in zip(*results):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        token_out, done, why, lengths, seq = results[0]
+        assert token_out.tolist() == [5, 0, 2, 9, 0, 3] and torch.equal(seq[:, 4], token_out)  # finished rows: pad
+        assert lengths.tolist() == [4, 1, 1, 5, 2, 6]  # unfinished rows grew
+        hits = [not finished[b] and int(token[b]) in eos.tolist() for b in range(6)]
+        assert done.tolist() == [bool(f) or h for f, h in zip(finished.tolist(), hits)]
+        assert why.tolist() == [1 if h else int(r) for h, r in zip(hits, reason.tolist())]
+    assert finished.tolist() == [False, True, False, False, True, False]  # inputs untouched: new tensors out
+    with pytest.raises(RuntimeError, match=r"seq must be int64 \[B, T\] with end < T"):
+        NATIVE.ops.settle_rows(token, finished, reason, torch.zeros(6, dtype=torch.long), torch.zeros(6, 3, dtype=torch.long),
+                               3, torch.tensor([2]), 0)  # fmt: skip

@@ -20,7 +20,7 @@ from decodekit.models.weights import BF16Linear, Int8Linear, W8A8Linear, convert
 
 NATIVE, WHY_NOT = native_kernels()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native kernels unavailable here: {WHY_NOT}")
-LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows"}  # the decoding loop's, not the model's
+LOOP_OPS = {"decodekit_cpu::argmax_rows", "decodekit_cpu::invalid_rows", "decodekit_cpu::settle_rows"}  # the loop's
 SHAPES = [(1, 1), (3, 5), (17, 33), (100, 64), (64, 100), (250, 768), (40, 129)]  # (N, K): tails of every width
 
 
@@ -179,12 +179,12 @@ def test_the_default_model_decodes_through_them_with_the_library_paths_tokens(we
     ids = torch.tensor([[5, 40, 41, 42, 99, 7]])
     counts = _one_row_ops(native, ids)
     op = {"float32": "linear_f32", "bf16": "linear_bf16", "int8": "linear_int8", "w8a8": "linear_w8a8"}[weights]
-    # the step after the prefill: each block in one native call, then the head; the prefill's head
-    # (its last position only) is a single row too, and a prefill of few rows (up to the format's
+    # the step after the prefill: one native call (its products inside it); the prefill's head (its
+    # last position only) is a single row too, and a prefill of few rows (up to the format's
     # native_rows) takes the native products for every projection
     layer = native.lm_head
     projections = 4 * native.config.n_layer if layer.native_rows >= ids.shape[1] else 0
-    assert counts == {"decodekit_cpu::gpt_block": native.config.n_layer, f"decodekit_cpu::{op}": 2 + projections}
+    assert counts == {"decodekit_cpu::gpt_step": 1, f"decodekit_cpu::{op}": 1 + projections}
     assert _one_row_ops(library, ids) == {}
     a = generate(native, ids, max_new_tokens=24)
     b = generate(library, ids, max_new_tokens=24)
@@ -237,7 +237,7 @@ def test_autograd_and_batches_take_the_library_path() -> None:
 def _per_op(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose blocks run op by op (the native one-row products still on)."""
     other = copy.deepcopy(model)
-    other._native_blocks = lambda *args: None
+    other._step_plan = lambda *args: None
     return other
 
 
@@ -290,7 +290,7 @@ def test_the_engine_decodes_one_slot_through_native_blocks() -> None:
     requests = [Request(prompt=p, max_new_tokens=16, id=i) for i, p in enumerate(["Once upon", "The sea", "Why"])]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got = Engine(native, tokenizer, processors=[], max_slots=1).generate(requests)
-    assert sum(e.name == "decodekit_cpu::gpt_block" for e in prof.events()) >= 3 * 15 * native.config.n_layer
+    assert sum(e.name == "decodekit_cpu::gpt_step" for e in prof.events()) >= 3 * 15
     want = Engine(library, tokenizer, processors=[], max_slots=1).generate(requests)
     assert [o.tokens for o in got] == [o.tokens for o in want]
 

@@ -6,10 +6,11 @@ memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for 
 weight format: float32, bfloat16 (AVX512-BF16), int8 weights (int16 inputs), and int8 x int8
 (AVX512-VNNI). They read each weight row in order with two accumulators and split rows over
 torch's thread pool. ``blocks.h`` builds on them: attention for one new position per row, and
-whole GPT and Llama blocks in one call for a step's 1 to 8 rows (the models gather and keep the
-arguments: :mod:`decodekit.models.native`). Two operators serve the decoding loop once a process has
-loaded the kernels (:func:`logits_ops`): the greedy argmax and the invalid-logits check, each
-with its torch version's answers.
+a whole GPT step (embeddings, blocks, head) and whole Llama blocks in one call for a step's 1 to 8
+rows (the models gather and keep the arguments: :mod:`decodekit.models.native`). Three operators
+serve the decoding loop once a process has loaded the kernels (:func:`logits_ops`,
+:func:`loop_ops`): the greedy argmax, the invalid-logits check and the record of a step's tokens,
+each with its torch version's answers.
 
 Which kernels a model's few-row products take is the ``kernels`` setting:
 
@@ -46,7 +47,7 @@ import torch
 
 from decodekit.errors import ConfigError
 
-__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "logits_ops", "native_kernels", "use_kernels"]
+__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "logits_ops", "loop_ops", "native_kernels", "use_kernels"]
 
 logger = logging.getLogger("decodekit")
 
@@ -124,6 +125,13 @@ def logits_ops(logits: torch.Tensor) -> Any:
             or not logits.shape[-1] or not logits.is_contiguous()):  # fmt: skip
         return None
     return _loaded.ops
+
+
+def loop_ops(device: torch.device) -> Any:
+    """The native operators for the decoding loop's bookkeeping (``settle_rows``) where this process
+    has loaded the kernels already and the loop runs on CPU; else ``None`` (never builds or loads:
+    the answers are the torch version's)."""
+    return _loaded.ops if _loaded is not None and device.type == "cpu" else None
 
 
 def native_kernels() -> tuple[NativeKernels | None, str | None]:

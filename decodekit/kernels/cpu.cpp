@@ -18,14 +18,12 @@
 //   linear_w8a8(x, w [N, K] i8, wsum [N] i32, scale [N] f32, b?): each row rounded to int8 with its
 //       own scale (step = max|x| / 127), int8 x int8 into int32, then (sum * step) * scale[n]: the
 //       same rounding as decodekit.models.weights.W8A8Linear.
-//   attention_step(...), gpt_block(...), llama_block(...): see blocks.h.
+//   attention_step(...), gpt_step(...), llama_block(...): see blocks.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/gelu.h>
-#include <ATen/ops/layer_norm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
 #include <torch/library.h>
@@ -270,6 +268,42 @@ at::Tensor invalid_rows(const at::Tensor& x) {
   return out;
 }
 
+// ------------------------------------------------------------------ a step's bookkeeping
+
+// The decoding loop's record of a step's tokens (decodekit.loop.settle): a finished row's token becomes
+// pad; each token is written at seq[b, end]; an unfinished row's length grows by one (in place); a
+// row whose token is among eos finishes with reason 1. Returns (tokens, finished, reason), new
+// tensors: one operator where the loop's torch version takes about twelve.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> settle_rows(const at::Tensor& token, const at::Tensor& finished,
+                                                           const at::Tensor& reason, at::Tensor& lengths,
+                                                           at::Tensor& seq, int64_t end, const at::Tensor& eos,
+                                                           int64_t pad) {
+  const int64_t B = finished.numel();
+  TORCH_CHECK(token.device().is_cpu() && token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == B &&
+                  finished.scalar_type() == at::kBool && finished.is_contiguous() && reason.scalar_type() == at::kChar &&
+                  reason.is_contiguous() && reason.numel() == B && lengths.scalar_type() == at::kLong &&
+                  lengths.is_contiguous() && lengths.numel() == B,
+              "settle_rows: token [B] int64, finished [B] bool, reason [B] int8 and lengths [B] int64 on CPU");
+  TORCH_CHECK(seq.scalar_type() == at::kLong && seq.dim() == 2 && seq.size(0) == B && end >= 0 && end < seq.size(1) &&
+                  eos.scalar_type() == at::kLong && eos.dim() == 1 && eos.is_contiguous(),
+              "settle_rows: seq must be int64 [B, T] with end < T, eos an int64 vector");
+  at::Tensor out = at::empty({B}, token.options()), done = at::empty_like(finished), why = at::empty_like(reason);
+  const int64_t *tp = token.data_ptr<int64_t>(), *ep = eos.data_ptr<int64_t>();
+  const bool* fp = finished.data_ptr<bool>();
+  const int8_t* rp = reason.data_ptr<int8_t>();
+  int64_t *op = out.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>(), *sp = seq.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = fp[b] ? pad : tp[b * token.stride(0)];
+    op[b] = t;
+    sp[b * seq.stride(0) + end * seq.stride(1)] = t;
+    lp[b] += !fp[b];
+    const bool hit = !fp[b] && std::find(ep, ep + eos.numel(), t) != ep + eos.numel();
+    done.data_ptr<bool>()[b] = fp[b] || hit;
+    why.data_ptr<int8_t>()[b] = hit ? 1 : rp[b];
+  }
+  return {out, done, why};
+}
+
 // ------------------------------------------------------------------ the blocks' projections
 
 using Parts = c10::List<std::optional<at::Tensor>>;
@@ -300,9 +334,10 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const Parts& p, size_t at 
 #include "blocks.h"  // attention and whole blocks, on the products above
 
 TORCH_LIBRARY(decodekit_cpu, m) {
-  m.def("gpt_block(Tensor x, Tensor?[] norms, Tensor?[] attn, Tensor?[] proj, Tensor?[] fc, Tensor?[] out, "
-        "int[] kinds, Tensor keys, Tensor values, int[] pos, Tensor mask, int n_head, float eps, bool tanh) -> Tensor",
-        &gpt_block);
+  m.def("gpt_step(Tensor ids, Tensor positions, Tensor? attention_mask, Tensor? lengths, int length, int span, "
+        "Tensor wte, Tensor wpe, Tensor?[] parts, int[] kinds, Tensor keys, Tensor values, int n_head, float eps, "
+        "bool tanh) -> Tensor",
+        &gpt_step);
   m.def("attention_step(Tensor qkv, Tensor keys, Tensor values, int[] pos, Tensor mask, int n_head) -> Tensor",
         &attention_step);
   m.def("llama_block(Tensor x, Tensor[] norms, Tensor?[] parts, int[] kinds, Tensor keys, Tensor values, int[] pos, "
@@ -311,6 +346,9 @@ TORCH_LIBRARY(decodekit_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_f32);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("invalid_rows(Tensor x) -> Tensor", &invalid_rows);
+  m.def("settle_rows(Tensor token, Tensor finished, Tensor reason, Tensor(a!) lengths, Tensor(b!) seq, int end, "
+        "Tensor eos, int pad) -> (Tensor, Tensor, Tensor)",
+        &settle_rows);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor", &linear_int8);
   m.def("linear_w8a8(Tensor x, Tensor w, Tensor wsum, Tensor scale, Tensor? b) -> Tensor", &linear_w8a8);

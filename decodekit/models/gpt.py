@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
-from decodekit.models.native import Reads, cache_layer, cache_positions, cache_rows, lookup, without_plan
+from decodekit.models.native import Reads, cache_layer, cache_positions, lookup, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -286,65 +286,89 @@ class GPT(nn.Module):
         :class:`SlotCache`, ``T`` is 1, ``position_ids`` are the rows' lengths, and the cache
         makes the mask itself (``attention_mask`` may be ``None``).
         """
+        plan = self._step_plan(input_ids, cache)
+        if plan is not None:  # one position per row, few rows: the whole step in one native call
+            return self._native_step(plan, input_ids, position_ids, attention_mask, cache), cache
         allowed = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S] bool
         # additive once per step: given the bool mask, attention would convert it in every layer
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
         pos = position_ids.clamp(min=0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, T, C]
-        plan = self._native_blocks(x, cache)
-        if plan is not None:  # one position per row, few rows: each block in one native call
-            x = self._native_step(plan, x, mask, cache)
-        else:
-            for i, block in enumerate(self.transformer.h):
-                x = block(x, mask, cache, i)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i)
         cache.advance(input_ids.shape[1])
         x = self.transformer.ln_f(x[:, -1, :])  # [B, C]: only the last position is needed
         return self.lm_head(x).float(), cache
 
-    def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
-        """Each block's arguments for the native GPT block (decodekit.kernels) if this step can take
-        it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
-        projection set to the same native kernels; else ``None``. Kept between steps
-        (:mod:`decodekit.models.native`)."""
-        plan, kernels = lookup(self, x, self.transformer.h[0].attn.c_attn, "gpt_block")
+    def _step_plan(self, input_ids: torch.Tensor, cache: KVCache | SlotCache) -> tuple[Any, ...] | None:
+        """The arguments of the native GPT step (decodekit.kernels) if this step can take it: one
+        position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
+        projection (the head's too) set to the same native kernels; else ``None``. Kept between
+        steps (:mod:`decodekit.models.native`)."""
+        B, T = input_ids.shape
+        plan, kernels = lookup(self, T, B, self.transformer.wte.weight, self.lm_head, "gpt_step")
         if kernels is None:
             return plan
         reads = Reads()
         take = reads.take
-        blocks = take(take(self._modules, "transformer")._modules, "h")
-        plan = []
+        transformer = take(self._modules, "transformer")._modules
+        blocks = take(transformer, "h")
+        parts: list[torch.Tensor | None] = []
+        kinds: list[int] = []
+        eps: set[float] = set()
+        tanh: set[bool] = set()
         for i in range(len(blocks)):
-            parts = take(blocks._modules, str(i))._modules
-            attn, mlp = take(parts, "attn")._modules, take(parts, "mlp")
+            block = take(blocks._modules, str(i))._modules
+            attn, mlp = take(block, "attn")._modules, take(block, "mlp")
             layers = [take(attn, "c_attn"), take(attn, "c_proj"), take(mlp._modules, "c_fc"), take(mlp._modules, "c_proj")]
             args = reads.projections(layers, kernels)
             if args is None:
                 return None
-            norms, eps = [], None
             for name in ("ln_1", "ln_2"):
-                norm = take(parts, name)
-                norms += [take(norm._parameters, "weight"), take(norm._parameters, "bias")]
-                eps = take(norm.__dict__, "eps")
-            tanh = take(mlp.__dict__, "approximate") == "tanh"
-            plan.append((kernels.ops.gpt_block, norms, *(a for _, a in args), [k for k, _ in args], eps, tanh))
-        return reads.keep(self, plan, x.shape[0])
+                norm = take(block, name)
+                parts += [take(norm._parameters, "weight"), take(norm._parameters, "bias")]
+                eps.add(take(norm.__dict__, "eps"))
+            parts += [t for _, a in args for t in a]
+            kinds += [k for k, _ in args]
+            tanh.add(take(mlp.__dict__, "approximate") == "tanh")
+        ln_f, head = take(transformer, "ln_f"), reads.projections([take(self._modules, "lm_head")], kernels)
+        eps.add(take(ln_f.__dict__, "eps"))
+        embeddings = [take(take(transformer, name)._parameters, "weight") for name in ("wte", "wpe")]
+        if head is None or len(eps) != 1 or len(tanh) > 1 or any(e.dtype != torch.float32 for e in embeddings):
+            return None
+        parts += [take(ln_f._parameters, "weight"), take(ln_f._parameters, "bias"), *head[0][1]]
+        kinds.append(head[0][0])
+        plan = (kernels.ops.gpt_step, *embeddings, parts, kinds, self.config.n_head, eps.pop(), tanh.pop() if tanh else True)
+        return reads.keep(self, plan, input_ids.shape[0])
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
         return without_plan(self.__dict__)
 
-    def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, mask: torch.Tensor,
-                     cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
-        """The blocks for ``B`` rows at one new position each (``x``: ``[B, 1, C]``), a native call
-        each: the same arithmetic as :class:`Block` (LayerNorm and GELU are torch's; the projections
-        are the kernels' few-row products; attention is float32 with the new key and value written first)."""
-        B, _, C = x.shape
-        layers, positions = cache_rows(cache)
-        rows, heads = mask.reshape(B, -1), self.config.n_head  # rows: [B, S] additive
-        y = x.reshape(B, C)
-        for (op, norms, attn, proj, fc, out, kinds, eps, tanh), (keys, values) in zip(plan, layers):
-            y = op(y, norms, attn, proj, fc, out, kinds, keys, values, positions, rows, heads, eps, tanh)
-        return y.view(B, 1, C)
+    def _native_step(self, plan: tuple[Any, ...], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None, cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
+        """Logits ``[B, V]`` for ``B`` rows at one new position each, in one native call: the
+        arithmetic of :meth:`step` in float32 (LayerNorm and GELU in native loops, within a few 1e-7
+        of torch's; the kernels' few-row products; attention with each row's new key and value
+        written first), the cache advanced."""
+        op, wte, wpe, parts, kinds, heads, eps, tanh = plan
+        if isinstance(cache, KVCache):
+            lengths, length, span = None, cache.length, cache.length + 1
+            if span > cache.max_length:
+                raise ConfigError(f"cache holds {cache.max_length} positions; {span} were needed")
+            if attention_mask is None or attention_mask.shape != (input_ids.shape[0], span):
+                got = None if attention_mask is None else tuple(attention_mask.shape)
+                raise ConfigError(f"attention_mask has shape {got}; expected ({input_ids.shape[0]}, {span})")
+        else:
+            lengths, length, span = cache.lengths, 0, cache.span
+            if span > cache.max_length:
+                raise ConfigError(f"slot cache holds {cache.max_length} positions; {span} were needed")
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.bool()
+        logits = op(input_ids, position_ids, attention_mask, lengths, length, span, wte, wpe, parts, kinds, cache.k,
+                    cache.v, heads, eps, tanh)  # fmt: skip
+        cache.advance(1)
+        return logits
 
     def new_slot_cache(self, slots: int, max_length: int) -> SlotCache:
         """An empty :class:`SlotCache`: ``slots`` rows of up to ``max_length`` positions each."""

@@ -229,7 +229,7 @@ class Llama(nn.Module):
         take it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU,
         every projection set to the same native kernels; else ``None``. Kept between steps
         (:mod:`decodekit.models.native`)."""
-        plan, kernels = lookup(self, x, self.layers[0].attention.wq, "llama_block")
+        plan, kernels = lookup(self, x.shape[1], x.shape[0], x, self.layers[0].attention.wq, "llama_block")
         if kernels is None:
             return plan
         reads = Reads()

@@ -23,19 +23,21 @@ __all__ = ["Reads", "cache_layer", "cache_positions", "cache_rows", "kept", "loo
 _KEY = "_native_plan"
 
 
-def one_position(x: torch.Tensor) -> bool:
-    """Whether a step's hidden states ``x`` ``[B, T, C]`` can take the native blocks: one new
-    position per row, float32 on CPU, outside ``torch.compile``."""
-    return x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+def one_position(T: int, like: torch.Tensor) -> bool:
+    """Whether a step of ``T`` new positions per row can take the native blocks: ``T`` is 1, the
+    model's float32 on CPU (``like``: a weight, or the hidden states), outside ``torch.compile``."""
+    return T == 1 and like.dtype == torch.float32 and like.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def lookup(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, op: str) -> tuple[Any, Any]:
-    """Where a step with hidden states ``x`` stands: ``(plan, None)`` where that is settled (a kept
-    plan, or ``None`` where the native blocks cannot take this step), else ``(None, kernels)``: make
-    a plan for the native operator ``op`` with the kernels ``layer`` (a first projection) is set to."""
-    if not one_position(x):
+def lookup(model: torch.nn.Module, T: int, rows: int, like: torch.Tensor, layer: torch.nn.Module,
+           op: str) -> tuple[Any, Any]:  # fmt: skip
+    """Where a step of ``rows`` rows of ``T`` new positions stands: ``(plan, None)`` where that is settled (a
+    kept plan, or ``None`` where the native blocks cannot take this step), else ``(None, kernels)``:
+    make a plan for the native operator ``op`` with the kernels ``layer`` (a projection) is set to.
+    ``like``: see :func:`one_position`."""
+    if not one_position(T, like):
         return None, None
-    found, plan = kept(model, x.shape[0])
+    found, plan = kept(model, rows)
     if found:
         return plan, None
     kernels = layer.__dict__.get("kernels")
