@@ -167,7 +167,7 @@ def test_a_llama_steps_through_native_blocks_with_the_library_paths_tokens(chang
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :2] = False  # a left-padded row: its rotary positions start later than its cache's
     counts, got = _ops(native, ids, attention_mask=mask, max_new_tokens=16)
-    assert counts["decodekit_cpu::llama_block"] == 15 * native.config.n_layer  # every step after the prefill
+    assert counts["decodekit_cpu::llama_step"] == 15  # every step after the prefill, in one call
     want = generate(library, ids, attention_mask=mask, max_new_tokens=16, output_scores=True)
     assert torch.equal(got.tokens, want.tokens)
     for x, y in zip(got.scores, want.scores):
@@ -195,22 +195,43 @@ def test_a_w8a8_llama_in_the_engines_slots_through_native_blocks() -> None:
     requests = [Request(prompt=p, max_new_tokens=5 + 4 * i, id=i) for i, p in enumerate(["Once", "The sea", "Why", "Hi"])]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         got = Engine(native, ByteTokenizer(), processors=[], max_slots=3).generate(requests)
-    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::llama_block"]
-    assert rows.count(3) >= 3 * native.config.n_layer
+    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "decodekit_cpu::llama_step"]
+    assert rows.count(3) >= 3
     want = Engine(library, ByteTokenizer(), processors=[], max_slots=3).generate(requests)
     assert [o.tokens for o in got] == [o.tokens for o in want]
 
 
-def test_llama_block_refuses_bad_arguments_in_one_line() -> None:
-    keys = torch.zeros(1, 2, 8, 4)
-    x, mask, table = torch.zeros(1, 16), torch.zeros(1, 3), torch.zeros(8, 2)
-    w = torch.zeros(16, 16)
-    with pytest.raises(RuntimeError, match="2 norms, 7 projections and B positions"):
-        NATIVE.ops.llama_block(x, [torch.ones(16)] * 2, [w, None] * 6, [0] * 6, keys, keys.clone(), [2], [2], mask, 4,
-                               1e-5, table, table)  # fmt: skip
+def test_the_whole_steps_refuse_bad_arguments_in_one_line() -> None:
+    keys = torch.zeros(1, 1, 2, 8, 4)  # one layer, one row, two heads of 4
+    ids, pos, mask = torch.tensor([[3]]), torch.tensor([[2]]), torch.ones(1, 3, dtype=torch.bool)
+    emb, table, w = torch.zeros(10, 8), torch.zeros(8, 2), torch.zeros(8, 8)
+    llama = [torch.ones(8), torch.ones(8), *[w] * 7, torch.ones(8), torch.zeros(10, 8)]
+    args = (mask, None, 2, 3, emb, llama)
+    with pytest.raises(RuntimeError, match="kinds must give 8 projections"):
+        NATIVE.ops.llama_step(ids, pos, *args, [0] * 7, keys, keys.clone(), 2, 1e-5, table, table)
+    with pytest.raises(RuntimeError, match="parts must hold 19 tensors for these kinds"):
+        NATIVE.ops.llama_step(ids, pos, *args, [0] * 8, keys, keys.clone(), 2, 1e-5, table, table)
+    llama = [torch.ones(8), torch.ones(8), *[w, None] * 7, torch.ones(8), torch.zeros(10, 8), None]
     with pytest.raises(RuntimeError, match="a rotary position is past the tables"):
-        NATIVE.ops.llama_block(x, [torch.ones(16)] * 2, [w, None] * 7, [0] * 7, keys, keys.clone(), [2], [8], mask, 4,
-                               1e-5, table, table)  # fmt: skip
+        NATIVE.ops.llama_step(ids, torch.tensor([[8]]), mask, None, 2, 3, emb, llama, [0] * 8, keys, keys.clone(), 2,
+                              1e-5, table, table)  # fmt: skip
+    with pytest.raises(RuntimeError, match="index 10 is outside the embedding table of 10"):
+        NATIVE.ops.llama_step(torch.tensor([[10]]), pos, mask, None, 2, 3, emb, llama, [0] * 8, keys, keys.clone(), 2,
+                              1e-5, table, table)  # fmt: skip
+    gpt = [None] * 4 + [torch.zeros(24, 8), None, w, None, torch.zeros(32, 8), None, torch.zeros(8, 32), None]
+    gpt += [None, None, torch.zeros(10, 8), None]
+    with pytest.raises(RuntimeError, match="index 9 is outside the embedding table of 9"):
+        NATIVE.ops.gpt_step(ids, torch.tensor([[9]]), mask, None, 2, 3, emb, torch.zeros(9, 8), gpt, [0] * 5, keys,
+                            keys.clone(), 2, 1e-5, True)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"attention_mask must be a bool \[B, S\]"):
+        NATIVE.ops.gpt_step(ids, pos, mask[:, :2], None, 2, 3, emb, torch.zeros(9, 8), gpt, [0] * 5, keys,
+                            keys.clone(), 2, 1e-5, True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="one of each per row"):
+        NATIVE.ops.gpt_step(torch.tensor([[1], [2]]), pos, mask, None, 2, 3, emb, torch.zeros(9, 8), gpt, [0] * 5,
+                            keys, keys.clone(), 2, 1e-5, True)  # fmt: skip
+    got = NATIVE.ops.gpt_step(ids, pos, mask, None, 2, 3, emb, torch.zeros(9, 8), gpt, [0] * 5, keys, keys.clone(), 2,
+                              1e-5, True)  # fmt: skip
+    assert got.shape == (1, 10) and torch.equal(got, torch.zeros(1, 10))  # zero weights: zero logits
 
 
 def test_argmax_rows_gives_the_python_argmaxs_indices() -> None:

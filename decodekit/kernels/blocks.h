@@ -4,8 +4,8 @@
 //   attention_step(qkv [B, 3C], keys, values, pos, mask, n_head) -> [B, C]: GPT's attention.
 //   gpt_step(ids [B], positions [B], ...) -> [B, V]: a whole step of a GPT (embeddings, pre-LayerNorm
 //       blocks, ln_f and the head) for B rows.
-//   llama_block(x [B, C], ...) -> [B, C]: a Llama block (RMSNorm, rotary positions, grouped-query
-//       attention, SwiGLU).
+//   llama_step(ids [B], positions [B], ...) -> [B, V]: a whole step of a Llama (RMSNorm, rotary
+//       positions, grouped-query attention, SwiGLU).
 //
 // Each row's arithmetic is the same whatever the other rows: the products sum each row alone, and
 // attention takes each row and head alone.
@@ -223,6 +223,24 @@ at::Tensor& add_(at::Tensor& y, const at::Tensor& x) {
   return y;
 }
 
+// f = silu(f) * g in place (f, g contiguous float32 of one size), SiLU through exp16 on -|v|
+void silu_mul_(at::Tensor& f, const at::Tensor& g) {
+  TORCH_CHECK(f.sizes() == g.sizes(), "llama_step: w1 and w3 must give the same width");
+  float* fp = f.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const int64_t n = f.numel();
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = mask16(n - k);
+    const __m512 v = _mm512_maskz_loadu_ps(m, fp + k);
+    // sigmoid(v) = 1 / (1 + e^-v): with e = e^-|v|, 1 / (1 + e) for v >= 0, e / (1 + e) below
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), r, e);
+    _mm512_mask_storeu_ps(fp + k, m, _mm512_mul_ps(_mm512_mul_ps(v, sig), _mm512_maskz_loadu_ps(m, gp + k)));
+  }
+}
+
 // A pre-LayerNorm GPT block for B rows (1 to 8) at one new position each, x [B, C]: x + attn(ln_1(x)),
 // then + mlp(ln_2(x)). parts[at ..]: ln_1 weight and bias, ln_2 weight and bias (each may be None),
 // then the four projections (c_attn, attention c_proj, c_fc, MLP c_proj) in the formats kinds[0 .. 3]
@@ -244,15 +262,15 @@ at::Tensor gpt_layer(const at::Tensor& x, const Parts& parts, size_t at, const i
 }
 
 // The additive mask [B, S] of a step of one new position per row: row b sees positions j <= pos[b]
-// that `allowed` [B, S] (bool; none: all) lets it see, and always its own new one (j = pos[b]).
-at::Tensor step_mask(const std::optional<at::Tensor>& allowed, at::IntArrayRef pos, int64_t S) {
+// that `allowed` [B, S] (bool, any strides; none: all) lets it see, and always its own new one.
+at::Tensor step_mask(const std::optional<at::Tensor>& allowed, at::IntArrayRef pos, int64_t S, const char* op) {
   const int64_t B = pos.size();
   const bool* ap = nullptr;
-  int64_t sb = 0, sj = 0;  // a window of the loop's mask for the whole run: any strides
+  int64_t sb = 0, sj = 0;  // a window of the loop's mask for the whole run
   if (allowed.has_value()) {
     TORCH_CHECK(allowed->scalar_type() == at::kBool && allowed->dim() == 2 && allowed->size(0) == B &&
                     allowed->size(1) == S,
-                "gpt_step: attention_mask must be a bool [B, S]");
+                op, ": attention_mask must be a bool [B, S]");
     ap = allowed->data_ptr<bool>();
     sb = allowed->stride(0), sj = allowed->stride(1);
   }
@@ -264,57 +282,86 @@ at::Tensor step_mask(const std::optional<at::Tensor>& allowed, at::IntArrayRef p
   return mask;
 }
 
+// What a whole step's rows share: ids [B] or [B, 1] (any strides) and their positions, where each
+// row's new key and value go (lengths[b], or every row at `length`) and the mask (step_mask).
+struct Rows {
+  int64_t B;
+  std::vector<int64_t> id, position, pos;  // position: clamped at 0 (left padding's -1)
+  at::Tensor mask;
+};
+
+Rows step_rows(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& allowed,
+               const std::optional<at::Tensor>& lengths, int64_t length, int64_t S, const at::Tensor& k,
+               const at::Tensor& v, const char* op) {
+  const int64_t B = ids.dim() >= 1 ? ids.size(0) : 0;
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() >= 1 && ids.dim() <= 2 && ids.numel() == B &&
+                  positions.scalar_type() == at::kLong && positions.dim() == ids.dim() && positions.numel() == B &&
+                  positions.size(0) == B,
+              op, ": ids and positions must be int64 [B] or [B, 1], one of each per row");
+  TORCH_CHECK(k.dim() == 5 && k.sizes() == v.sizes() && k.size(1) == B, op,
+              ": the cache's keys and values must be [L, B, H, Lmax, D], B the rows of ids");
+  Rows r{B, std::vector<int64_t>(B), std::vector<int64_t>(B), std::vector<int64_t>(B, length), at::Tensor()};
+  for (int64_t b = 0; b < B; ++b) {
+    r.id[b] = ids.data_ptr<int64_t>()[b * ids.stride(0)];
+    r.position[b] = std::max<int64_t>(positions.data_ptr<int64_t>()[b * positions.stride(0)], 0);
+  }
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->is_contiguous() && lengths->numel() == B, op,
+                ": lengths must be a contiguous int64 [B]");
+    std::copy_n(lengths->data_ptr<int64_t>(), B, r.pos.begin());
+  }
+  r.mask = step_mask(allowed, r.pos, S, op);
+  return r;
+}
+
+// checks that parts holds `fixed` tensors plus each projection's for these kinds (n of them)
+void check_parts(const Parts& parts, at::IntArrayRef kinds, int64_t n, size_t fixed, const char* op) {
+  TORCH_CHECK((int64_t)kinds.size() == n, op, ": kinds must give ", n, " projections (each block's, then the head's)");
+  for (int64_t kind : kinds) {
+    TORCH_CHECK(kind >= 0 && kind < 4, op, ": unknown projection kind ", kind);
+    fixed += kParts[kind];
+  }
+  TORCH_CHECK(parts.size() == fixed, op, ": parts must hold ", fixed, " tensors for these kinds");
+}
+
+// row `id` of a float32 matrix (any strides) into out [C]
+void embed_row(const at::Tensor& table, int64_t id, float* out, bool add, const char* op) {
+  TORCH_CHECK(id >= 0 && id < table.size(0), op, ": index ", id, " is outside the embedding table of ", table.size(0));
+  const float* e = table.data_ptr<float>() + id * table.stride(0);
+  const int64_t st = table.stride(1), C = table.size(1);  // GPT-2's tied wte is stored column-major
+  for (int64_t c = 0; c < C; ++c) out[c] = add ? out[c] + e[c * st] : e[c * st];
+}
+
+void check_table(const at::Tensor& t, int64_t C, const char* op) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && (C < 0 || t.size(1) == C), op,
+              ": the embedding tables must be float32 CPU matrices as wide as the model");
+}
+
 // A whole decoding step of a GPT for B rows (1 to 8) at one new position each: the embeddings of
-// ids [B] at positions [B] (wte [V, C], wpe [P, C]; a negative position, left padding's, reads 0),
-// (any strides) the L blocks, ln_f and the head -> logits [B, V] float32. k / v: the cache [L, B, H, Lmax, D]; row b
-// writes its new key and value at lengths[b] (none: every row at `length`) and attends to positions
-// 0 .. S-1 as step_mask says. parts: each block's as gpt_layer takes them, then ln_f weight and bias
-// and the head's tensors; kinds: four per block, then the head's. No Python runs between the blocks,
-// and nothing of torch's but allocation and the checks: a batch-1 step took ~0.5 ms of small
-// operators around GPT-2 124M's blocks (embeddings, mask, norms, GELU, adds, a call per block).
+// ids at their positions (wte [V, C], wpe [P, C]), the L blocks, ln_f and the head -> logits [B, V]
+// float32. k / v: the cache [L, B, H, Lmax, D]; row b writes its new key and value at lengths[b]
+// (none: every row at `length`) and attends to positions 0 .. S-1 as step_mask says. parts: each
+// block's as gpt_layer takes them, then ln_f weight and bias and the head's tensors; kinds: four per
+// block, then the head's. No Python runs between the blocks, and nothing of torch's but allocation
+// and the checks: a batch-1 step took ~0.5 ms of small operators around GPT-2 124M's blocks
+// (embeddings, mask, norms, GELU, adds, a call per block).
 at::Tensor gpt_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& allowed,
                     const std::optional<at::Tensor>& lengths, int64_t length, int64_t S, const at::Tensor& wte,
                     const at::Tensor& wpe, const Parts& parts, at::IntArrayRef kinds, const at::Tensor& k,
                     const at::Tensor& v, int64_t n_head, double eps, bool tanh) {
-  const int64_t B = ids.numel(), L = k.dim() == 5 ? k.size(0) : -1;
-  TORCH_CHECK(L >= 0 && k.sizes() == v.sizes() && k.size(1) == B,
-              "gpt_step: the cache's keys and values must be [L, B, H, Lmax, D], B the rows of ids");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() >= 1 && ids.dim() <= 2 && positions.scalar_type() == at::kLong &&
-                  positions.dim() == ids.dim() && positions.numel() == B && ids.size(0) == B && positions.size(0) == B,
-              "gpt_step: ids and positions must be int64 [B] or [B, 1], one of each per row");
-  TORCH_CHECK((int64_t)kinds.size() == 4 * L + 1, "gpt_step: kinds must give four projections per block and the head's");
-  size_t count = 4 * L + 2;
-  for (int64_t kind : kinds) {
-    TORCH_CHECK(kind >= 0 && kind < 4, "gpt_step: unknown projection kind ", kind);
-    count += kParts[kind];
-  }
-  TORCH_CHECK(parts.size() == count, "gpt_step: parts must hold ", count, " tensors for these kinds");
-  for (const at::Tensor* t : {&wte, &wpe})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2,
-                "gpt_step: wte and wpe must be float32 CPU matrices");
-  const int64_t C = wte.size(1);
-  TORCH_CHECK(wpe.size(1) == C, "gpt_step: wte and wpe must be as wide");
-  std::vector<int64_t> pos(B, length);
-  if (lengths.has_value()) {
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->is_contiguous() && lengths->numel() == B,
-                "gpt_step: lengths must be a contiguous int64 [B]");
-    std::copy_n(lengths->data_ptr<int64_t>(), B, pos.begin());
-  }
-  const at::Tensor mask = step_mask(allowed, pos, S);
-  at::Tensor x = at::empty({B, C}, wte.options());
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t id = ids.data_ptr<int64_t>()[b * ids.stride(0)];
-    const int64_t p = std::max<int64_t>(positions.data_ptr<int64_t>()[b * positions.stride(0)], 0);
-    TORCH_CHECK(id >= 0 && id < wte.size(0), "gpt_step: token id ", id, " is outside the vocabulary");
-    TORCH_CHECK(p < wpe.size(0), "gpt_step: position ", p, " is past the model's positions");
-    const float *e = wte.data_ptr<float>() + id * wte.stride(0), *q = wpe.data_ptr<float>() + p * wpe.stride(0);
-    const int64_t se = wte.stride(1), sq = wpe.stride(1);  // GPT-2's tied wte is stored column-major
-    float* out = x.data_ptr<float>() + b * C;
-    for (int64_t c = 0; c < C; ++c) out[c] = e[c * se] + q[c * sq];
+  const Rows r = step_rows(ids, positions, allowed, lengths, length, S, k, v, "gpt_step");
+  const int64_t L = k.size(0), C = wte.dim() == 2 ? wte.size(1) : -1;
+  check_parts(parts, kinds, 4 * L + 1, 4 * L + 2, "gpt_step");
+  check_table(wte, C, "gpt_step");
+  check_table(wpe, C, "gpt_step");
+  at::Tensor x = at::empty({r.B, C}, wte.options());
+  for (int64_t b = 0; b < r.B; ++b) {
+    embed_row(wte, r.id[b], x.data_ptr<float>() + b * C, false, "gpt_step");
+    embed_row(wpe, r.position[b], x.data_ptr<float>() + b * C, true, "gpt_step");
   }
   size_t at = 0;
   for (int64_t l = 0; l < L; ++l) {
-    x = gpt_layer(x, parts, at, kinds.data() + 4 * l, k.select(0, l), v.select(0, l), pos, mask, n_head, eps, tanh);
+    x = gpt_layer(x, parts, at, kinds.data() + 4 * l, k.select(0, l), v.select(0, l), r.pos, r.mask, n_head, eps, tanh);
     at += 4;
     for (int64_t i = 0; i < 4; ++i) at += kParts[kinds[4 * l + i]];
   }
@@ -346,7 +393,7 @@ void rotate(at::Tensor& t, int64_t heads, int64_t D, at::IntArrayRef rope_pos, c
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t B = x.size(0), C = x.size(1);
   TORCH_CHECK(x.is_contiguous() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == C,
-              "llama_block: the norms' weights must be contiguous float32 vectors of the width");
+              "llama_step: the norms' weights must be contiguous float32 vectors of the width");
   at::Tensor y = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -369,36 +416,24 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 // A Llama block for B rows (1 to 8) at one new position each, x [B, C]: h = x + wo(attn(rope(wq n),
 // rope(wk n), wv n)) with n = rms_norm(x), then h + w2(silu(w1 m) * w3 m) with m = rms_norm(h).
-// norms: [attention_norm weight, ffn_norm weight]; parts / kinds: the seven projections (wq, wk, wv,
-// wo, w1, w3, w2) one after another, each kind's tensors as project takes them; keys / values: this
-// layer's cache [B, Hkv, L, D]; pos: where each row's new key and value go; rope_pos: each row's
-// position for the angles (cos / sin [P, R], R = rotated pairs per head); mask [B, S] additive.
-at::Tensor llama_block(const at::Tensor& x, at::TensorList norms, const Parts& parts, at::IntArrayRef kinds,
+// parts[at ..]: attention_norm and ffn_norm weights, then the seven projections (wq, wk, wv, wo, w1,
+// w3, w2) in the formats kinds[0 .. 6] name, each kind's tensors as project takes them; keys /
+// values: this layer's cache [B, Hkv, L, D]; pos: where each row's new key and value go; rope_pos:
+// each row's position for the angles (cos / sin [P, R], R = rotated pairs per head); mask [B, S].
+at::Tensor llama_layer(const at::Tensor& x, const Parts& parts, size_t at, const int64_t* kinds,
                        const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos, at::IntArrayRef rope_pos,
                        const at::Tensor& mask, int64_t n_head, double eps, const at::Tensor& cos,
                        const at::Tensor& sin) {
-  const auto [B, S] = check_cache(keys, values, pos, mask, "llama_block");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && norms.size() == 2 && kinds.size() == 7 &&
-                  (int64_t)rope_pos.size() == B,
-              "llama_block: x must be [B, C], one row per cache row, with 2 norms, 7 projections and B positions");
-  const int64_t C = x.size(1), Hkv = keys.size(1), D = keys.size(3);
-  TORCH_CHECK(n_head % Hkv == 0, "llama_block: n_head must be a multiple of the cache's key/value heads");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.is_contiguous() && cos.sizes() == sin.sizes() &&
-                  sin.is_contiguous() && 2 * cos.size(1) <= D,
-              "llama_block: cos and sin must be contiguous float32 [P, R] tables with 2R at most the head size");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(rope_pos[b] >= 0 && rope_pos[b] < cos.size(0), "llama_block: a rotary position is past the tables");
-  size_t at[7];
-  for (size_t i = 0, next = 0; i < 7; next += kParts[kinds[i]], ++i) {
-    TORCH_CHECK(kinds[i] >= 0 && kinds[i] < 4, "llama_block: unknown projection kind ", kinds[i]);
-    at[i] = next;
-  }
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "llama_block: x must be contiguous float32");
-  const at::Tensor n = rms_norm(x, norms[0], eps);
-  at::Tensor q = project(n, kinds[0], parts, at[0]), k = project(n, kinds[1], parts, at[1]);
-  const at::Tensor v = project(n, kinds[2], parts, at[2]);
+  const auto [B, S] = check_cache(keys, values, pos, mask, "llama_step");
+  const int64_t Hkv = keys.size(1), D = keys.size(3);
+  TORCH_CHECK(n_head % Hkv == 0, "llama_step: n_head must be a multiple of the cache's key/value heads");
+  size_t p[7];
+  for (size_t i = 0, next = at + 2; i < 7; next += kParts[kinds[i]], ++i) p[i] = next;
+  const at::Tensor n = rms_norm(x, part(parts, at), eps);
+  at::Tensor q = project(n, kinds[0], parts, p[0]), k = project(n, kinds[1], parts, p[1]);
+  const at::Tensor v = project(n, kinds[2], parts, p[2]);
   TORCH_CHECK(q.size(1) == n_head * D && k.size(1) == Hkv * D && v.size(1) == Hkv * D,
-              "llama_block: the query, key and value projections must give n_head and the cache's heads of its size");
+              "llama_step: the query, key and value projections must give n_head and the cache's heads of its size");
   rotate(q, n_head, D, rope_pos, cos, sin);
   rotate(k, Hkv, D, rope_pos, cos, sin);
   at::Tensor a = at::empty({B, n_head * D}, x.options());
@@ -407,10 +442,43 @@ at::Tensor llama_block(const at::Tensor& x, at::TensorList norms, const Parts& p
           keys.data_ptr<float>(), values.data_ptr<float>(), st, B, n_head, Hkv, D, S, pos.data(),
           mask.data_ptr<float>()},
          a.data_ptr<float>());
-  const at::Tensor h = at::add(x, project(a, kinds[3], parts, at[3]));
-  const at::Tensor m = rms_norm(h, norms[1], eps);
-  const at::Tensor f = at::mul(at::silu(project(m, kinds[4], parts, at[4])), project(m, kinds[5], parts, at[5]));
-  return at::add(h, project(f, kinds[6], parts, at[6]));
+  at::Tensor h = project(a, kinds[3], parts, p[3]);
+  add_(h, x);
+  const at::Tensor m = rms_norm(h, part(parts, at + 1), eps);
+  at::Tensor f = project(m, kinds[4], parts, p[4]);
+  silu_mul_(f, project(m, kinds[5], parts, p[5]));
+  at::Tensor y = project(f, kinds[6], parts, p[6]);
+  return add_(y, h);
+}
+
+// A whole decoding step of a Llama for B rows (1 to 8), as gpt_step: the embeddings of ids (emb
+// [V, C]), the L blocks (rotary angles at each row's position: cos / sin [P, R]), the final RMSNorm
+// and the head -> logits [B, V] float32. parts: each block's as llama_layer takes them, then the
+// final norm's weight and the head's tensors; kinds: seven per block, then the head's.
+at::Tensor llama_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& allowed,
+                      const std::optional<at::Tensor>& lengths, int64_t length, int64_t S, const at::Tensor& emb,
+                      const Parts& parts, at::IntArrayRef kinds, const at::Tensor& k, const at::Tensor& v,
+                      int64_t n_head, double eps, const at::Tensor& cos, const at::Tensor& sin) {
+  const Rows r = step_rows(ids, positions, allowed, lengths, length, S, k, v, "llama_step");
+  const int64_t L = k.size(0);
+  check_parts(parts, kinds, 7 * L + 1, 2 * L + 1, "llama_step");
+  check_table(emb, -1, "llama_step");
+  const int64_t C = emb.size(1);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.is_contiguous() && cos.sizes() == sin.sizes() &&
+                  sin.is_contiguous() && 2 * cos.size(1) <= k.size(4),
+              "llama_step: cos and sin must be contiguous float32 [P, R] tables with 2R at most the head size");
+  for (int64_t b = 0; b < r.B; ++b)
+    TORCH_CHECK(r.position[b] < cos.size(0), "llama_step: a rotary position is past the tables");
+  at::Tensor x = at::empty({r.B, C}, emb.options());
+  for (int64_t b = 0; b < r.B; ++b) embed_row(emb, r.id[b], x.data_ptr<float>() + b * C, false, "llama_step");
+  size_t at = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    x = llama_layer(x, parts, at, kinds.data() + 7 * l, k.select(0, l), v.select(0, l), r.pos, r.position, r.mask,
+                    n_head, eps, cos, sin);
+    at += 2;
+    for (int64_t i = 0; i < 7; ++i) at += kParts[kinds[7 * l + i]];
+  }
+  return project(rms_norm(x, part(parts, at), eps), kinds[7 * L], parts, at + 1);
 }
 
 }  // namespace

@@ -18,7 +18,7 @@
 //   linear_w8a8(x, w [N, K] i8, wsum [N] i32, scale [N] f32, b?): each row rounded to int8 with its
 //       own scale (step = max|x| / 127), int8 x int8 into int32, then (sum * step) * scale[n]: the
 //       same rounding as decodekit.models.weights.W8A8Linear.
-//   attention_step(...), gpt_step(...), llama_block(...): see blocks.h.
+//   attention_step(...), gpt_step(...), llama_step(...): see blocks.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -340,9 +340,10 @@ TORCH_LIBRARY(decodekit_cpu, m) {
         &gpt_step);
   m.def("attention_step(Tensor qkv, Tensor keys, Tensor values, int[] pos, Tensor mask, int n_head) -> Tensor",
         &attention_step);
-  m.def("llama_block(Tensor x, Tensor[] norms, Tensor?[] parts, int[] kinds, Tensor keys, Tensor values, int[] pos, "
-        "int[] rope_pos, Tensor mask, int n_head, float eps, Tensor cos, Tensor sin) -> Tensor",
-        &llama_block);
+  m.def("llama_step(Tensor ids, Tensor positions, Tensor? attention_mask, Tensor? lengths, int length, int span, "
+        "Tensor emb, Tensor?[] parts, int[] kinds, Tensor keys, Tensor values, int n_head, float eps, Tensor cos, "
+        "Tensor sin) -> Tensor",
+        &llama_step);
   m.def("linear_f32(Tensor x, Tensor w, Tensor? b) -> Tensor", &linear_f32);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("invalid_rows(Tensor x) -> Tensor", &invalid_rows);

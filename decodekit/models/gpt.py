@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
-from decodekit.models.native import Reads, cache_layer, cache_positions, lookup, without_plan
+from decodekit.models.native import Reads, cache_layer, cache_positions, lookup, step_cache, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "SlotCache"]
@@ -352,19 +352,7 @@ class GPT(nn.Module):
         of torch's; the kernels' few-row products; attention with each row's new key and value
         written first), the cache advanced."""
         op, wte, wpe, parts, kinds, heads, eps, tanh = plan
-        if isinstance(cache, KVCache):
-            lengths, length, span = None, cache.length, cache.length + 1
-            if span > cache.max_length:
-                raise ConfigError(f"cache holds {cache.max_length} positions; {span} were needed")
-            if attention_mask is None or attention_mask.shape != (input_ids.shape[0], span):
-                got = None if attention_mask is None else tuple(attention_mask.shape)
-                raise ConfigError(f"attention_mask has shape {got}; expected ({input_ids.shape[0]}, {span})")
-        else:
-            lengths, length, span = cache.lengths, 0, cache.span
-            if span > cache.max_length:
-                raise ConfigError(f"slot cache holds {cache.max_length} positions; {span} were needed")
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.bool()
+        lengths, length, span, attention_mask = step_cache(cache, attention_mask, input_ids.shape[0])
         logits = op(input_ids, position_ids, attention_mask, lengths, length, span, wte, wpe, parts, kinds, cache.k,
                     cache.v, heads, eps, tanh)  # fmt: skip
         cache.advance(1)

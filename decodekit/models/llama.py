@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache, empty_cache
 from decodekit.models.gpt import GPT
-from decodekit.models.native import Reads, cache_rows, lookup, without_plan
+from decodekit.models.native import Reads, lookup, step_cache, without_plan
 from decodekit.models.packing import Linear, hand_out_contiguous, pack_weights
 
 __all__ = ["Llama", "LlamaConfig", "permute_for_gguf"]
@@ -215,21 +215,19 @@ class Llama(nn.Module):
     def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
              cache: KVCache | SlotCache | None) -> torch.Tensor:  # fmt: skip
         x = self.tok_embeddings(input_ids)  # [B, T, C]
-        plan = self._native_blocks(x, cache) if cache is not None and mask is not None else None
-        if plan is not None:  # one position per row, few rows: each block in one native call
-            return self._native_step(plan, x, position_ids, mask, cache)
         cos, sin = self.rotary(position_ids)
         rope = (cos, sin, self.rotary.dim)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, cache, i)
         return x
 
-    def _native_blocks(self, x: torch.Tensor, cache: KVCache | SlotCache) -> list[tuple[Any, ...]] | None:
-        """Each block's arguments for the native Llama block (decodekit.kernels) if this step can
-        take it: one position per row, up to the projections' ``native_rows`` rows, float32 on CPU,
-        every projection set to the same native kernels; else ``None``. Kept between steps
-        (:mod:`decodekit.models.native`)."""
-        plan, kernels = lookup(self, x.shape[1], x.shape[0], x, self.layers[0].attention.wq, "llama_block")
+    def _step_plan(self, input_ids: torch.Tensor) -> tuple[Any, ...] | None:
+        """The arguments of the native Llama step (decodekit.kernels) if this step can take it: one
+        position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
+        projection (the head's too) set to the same native kernels; else ``None``. Kept between
+        steps (:mod:`decodekit.models.native`)."""
+        B, T = input_ids.shape
+        plan, kernels = lookup(self, T, B, self.tok_embeddings.weight, self.output, "llama_step")
         if kernels is None:
             return plan
         reads = Reads()
@@ -237,39 +235,47 @@ class Llama(nn.Module):
         rotary = take(self._modules, "rotary")
         tables = [take(rotary._buffers, "cos"), take(rotary._buffers, "sin")]
         layers = take(self._modules, "layers")
-        plan = []
+        parts: list[torch.Tensor | None] = []
+        kinds: list[int] = []
+        eps: set[float] = set()
         for i in range(len(layers)):
-            parts = take(layers._modules, str(i))._modules
-            attention, ffn = take(parts, "attention"), take(parts, "feed_forward")._modules
+            block = take(layers._modules, str(i))._modules
+            attention, ffn = take(block, "attention"), take(block, "feed_forward")._modules
             names = [(attention._modules, n) for n in ("wq", "wk", "wv", "wo")] + [(ffn, n) for n in ("w1", "w3", "w2")]
             args = reads.projections([take(owner, n) for owner, n in names], kernels)
-            norms = [take(parts, "attention_norm"), take(parts, "ffn_norm")]
-            eps = {take(n.__dict__, "eps") for n in norms}
-            if args is None or len(eps) != 1:
+            if args is None:
                 return None
-            weights = [take(n._parameters, "weight") for n in norms]
-            tensors = [t for _, a in args for t in a]
-            plan.append((kernels.ops.llama_block, weights, tensors, [k for k, _ in args],
-                         take(attention.__dict__, "n_head"), eps.pop(), *tables))  # fmt: skip
-        return reads.keep(self, plan, x.shape[0])
+            for name in ("attention_norm", "ffn_norm"):
+                norm = take(block, name)
+                parts.append(take(norm._parameters, "weight"))
+                eps.add(take(norm.__dict__, "eps"))
+            parts += [t for _, a in args for t in a]
+            kinds += [k for k, _ in args]
+        norm, head = take(self._modules, "norm"), reads.projections([take(self._modules, "output")], kernels)
+        eps.add(take(norm.__dict__, "eps"))
+        embeddings = take(take(self._modules, "tok_embeddings")._parameters, "weight")
+        if head is None or len(eps) != 1 or embeddings.dtype != torch.float32:
+            return None
+        parts += [take(norm._parameters, "weight"), *head[0][1]]
+        kinds.append(head[0][0])
+        plan = (kernels.ops.llama_step, embeddings, parts, kinds, self.config.n_head, eps.pop(), *tables)
+        return reads.keep(self, plan, B)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
         return without_plan(self.__dict__)
 
-    def _native_step(self, plan: list[tuple[Any, ...]], x: torch.Tensor, position_ids: torch.Tensor,
-                     mask: torch.Tensor, cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
-        """The blocks for ``B`` rows at one new position each (``x``: ``[B, 1, C]``), a native call
-        each: the arithmetic of :class:`Block` in float32 (RMSNorm and the rotary angles in native
-        loops, SiLU torch's, the kernels' few-row products; attention with each row's new key and
-        value written first), equal to it to float32 rounding."""
-        B, _, C = x.shape
-        layers, positions = cache_rows(cache)
-        additive = torch.zeros(B, mask.shape[-1]).masked_fill_(~mask.reshape(B, -1), float("-inf"))  # [B, S]
-        rope = position_ids.reshape(-1).tolist()
-        y = x.reshape(B, C)
-        for (op, norms, parts, kinds, heads, eps, cos, sin), (keys, values) in zip(plan, layers):
-            y = op(y, norms, parts, kinds, keys, values, positions, rope, additive, heads, eps, cos, sin)
-        return y.view(B, 1, C)
+    def _native_step(self, plan: tuple[Any, ...], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None, cache: KVCache | SlotCache) -> torch.Tensor:  # fmt: skip
+        """Logits ``[B, V]`` for ``B`` rows at one new position each, in one native call: the
+        arithmetic of :meth:`step` in float32 (RMSNorm, the rotary angles and SiLU in native loops;
+        the kernels' few-row products; attention with each row's new key and value written first),
+        equal to it to float32 rounding; the cache advanced."""
+        op, embeddings, parts, kinds, heads, eps, cos, sin = plan
+        lengths, length, span, attention_mask = step_cache(cache, attention_mask, input_ids.shape[0])
+        logits = op(input_ids, position_ids, attention_mask, lengths, length, span, embeddings, parts, kinds, cache.k,
+                    cache.v, heads, eps, cos, sin)  # fmt: skip
+        cache.advance(1)
+        return logits
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits at every position, ``[B, T, V]``, for ``idx`` ``[B, T]`` (no padding, no cache)."""
@@ -293,6 +299,9 @@ class Llama(nn.Module):
         cache: KVCache | SlotCache,
     ) -> tuple[torch.Tensor, KVCache | SlotCache]:
         """Run ``T`` new positions; the last one's logits ``[B, V]`` (float32), the cache updated in place."""
+        plan = self._step_plan(input_ids)
+        if plan is not None:  # one position per row, few rows: the whole step in one native call
+            return self._native_step(plan, input_ids, position_ids, attention_mask, cache), cache
         mask = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S]
         # left padding gets position -1 from cumsum(mask) - 1: any valid index will do there
         x = self._run(input_ids, position_ids.clamp(min=0), mask, cache)

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from decodekit.errors import ConfigError
 from decodekit.models.cache import KVCache, SlotCache
 from decodekit.models.packing import Linear
 
-__all__ = ["Reads", "cache_layer", "cache_positions", "cache_rows", "kept", "lookup", "one_position", "without_plan"]
+__all__ = ["Reads", "cache_layer", "cache_positions", "kept", "lookup", "one_position", "step_cache", "without_plan"]
 
 _KEY = "_native_plan"
 
@@ -105,7 +106,21 @@ def cache_layer(cache: KVCache | SlotCache, index: int) -> tuple[torch.Tensor, t
     return cache._layers[index] if isinstance(cache, KVCache) else (cache.k[index], cache.v[index])
 
 
-def cache_rows(cache: KVCache | SlotCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-    """Every layer's ``(keys, values)`` ``[B, H, L, D]`` and where each row's new position goes."""
-    layers = cache._layers if isinstance(cache, KVCache) else list(zip(cache.k.unbind(0), cache.v.unbind(0)))
-    return layers, cache_positions(cache)
+def step_cache(cache: KVCache | SlotCache, attention_mask: torch.Tensor | None,
+               rows: int) -> tuple[torch.Tensor | None, int, int, torch.Tensor | None]:  # fmt: skip
+    """A whole native step's view of ``cache``: ``(lengths, length, span, attention_mask)``. Each row's
+    new position goes at ``lengths[b]`` (a slot cache's), or at ``length`` (a batch's shared
+    length); rows attend to positions ``0 .. span - 1``; the mask as bool. The checks of
+    ``cache.attention_mask``, with its one-line errors."""
+    if isinstance(cache, KVCache):
+        lengths, length, span = None, cache.length, cache.length + 1
+        if attention_mask is None or attention_mask.shape != (rows, span):
+            got = None if attention_mask is None else tuple(attention_mask.shape)
+            raise ConfigError(f"attention_mask has shape {got}; expected ({rows}, {span})")
+    else:
+        lengths, length, span = cache.lengths, 0, cache.span
+    if span > cache.max_length:
+        raise ConfigError(f"cache holds {cache.max_length} positions; {span} were needed")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.bool()
+    return lengths, length, span, attention_mask
