@@ -115,6 +115,26 @@ def test_a_batch_steps_in_one_native_call_with_the_layer_by_layer_tokens(weights
     assert all(torch.equal(x[1], y[0]) for x, y in zip(whole.scores, alone.scores))  # the same bits as in the batch
 
 
+@pytest.mark.parametrize("config", [{"activation": "gelu"}, {"activation": "gelu_tanh", "bias": False}])
+def test_the_native_steps_layernorm_and_gelu_follow_torchs(config: dict) -> None:
+    from decodekit.kernels import use_kernels
+    from decodekit.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    library = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=48, **config)).eval()
+    for name, p in library.named_parameters():  # norms away from 1 and 0, activations over GELU's curve
+        torch.nn.init.normal_(p, mean=0.5 if name.endswith("ln_1.weight") else 0.0, std=0.3)
+    native = use_kernels(copy.deepcopy(library), "native")
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    counts, got = _ops(native, ids, max_new_tokens=12)
+    assert counts["decodekit_cpu::gpt_step"] == 11
+    want = generate(use_kernels(library, "library"), ids, max_new_tokens=12, output_scores=True)
+    assert torch.equal(got.tokens, want.tokens)
+    for x, y in zip(got.scores, want.scores):  # erf to 1.5e-7, tanh through exp: float32 rounding apart
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+        assert x.std() > 0.1  # logits that move with the input, not a constant
+
+
 def test_a_larger_batch_attends_natively_layer_by_layer_with_the_library_paths_tokens() -> None:
     native, _ = load_model("default", device="cpu", kernels="native")
     library, _ = load_model("default", device="cpu", kernels="library")
@@ -317,5 +337,5 @@ def test_settle_rows_records_a_step_as_the_torch_version_does() -> None:
         assert why.tolist() == [1 if h else int(r) for h, r in zip(hits, reason.tolist())]
     assert finished.tolist() == [False, True, False, False, True, False]  # inputs untouched: new tensors out
     with pytest.raises(RuntimeError, match=r"seq must be int64 \[B, T\] with end < T"):
-        NATIVE.ops.settle_rows(token, finished, reason, torch.zeros(6, dtype=torch.long), torch.zeros(6, 3, dtype=torch.long),
-                               3, torch.tensor([2]), 0)  # fmt: skip
+        lengths, seq = torch.zeros(6, dtype=torch.long), torch.zeros(6, 3, dtype=torch.long)
+        NATIVE.ops.settle_rows(token, finished, reason, lengths, seq, 3, torch.tensor([2]), 0)

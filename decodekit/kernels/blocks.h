@@ -212,7 +212,7 @@ void gelu_(at::Tensor& x, bool tanh) {
 
 // y += x, both contiguous float32 of the same size; returns y
 at::Tensor& add_(at::Tensor& y, const at::Tensor& x) {
-  TORCH_CHECK(y.sizes() == x.sizes(), "gpt_step: the projections back to the width must give [B, C]");
+  TORCH_CHECK(y.sizes() == x.sizes(), "the projections back to the model's width must give [B, C]");
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const int64_t n = y.numel();
@@ -251,8 +251,8 @@ at::Tensor gpt_layer(const at::Tensor& x, const Parts& parts, size_t at, const i
                      bool tanh) {
   size_t p[4];
   for (size_t i = 0, next = at + 4; i < 4; next += kParts[kinds[i]], ++i) p[i] = next;
-  const at::Tensor a = attention_step(project(layer_norm(x, part(parts, at), part(parts, at + 1), eps), kinds[0], parts, p[0]),
-                                      keys, values, pos, mask, n_head);
+  const at::Tensor h = layer_norm(x, part(parts, at), part(parts, at + 1), eps);
+  const at::Tensor a = attention_step(project(h, kinds[0], parts, p[0]), keys, values, pos, mask, n_head);
   at::Tensor x1 = project(a, kinds[1], parts, p[1]);
   add_(x1, x);
   at::Tensor f = project(layer_norm(x1, part(parts, at + 2), part(parts, at + 3), eps), kinds[2], parts, p[2]);

@@ -21,11 +21,8 @@
 //   attention_step(...), gpt_step(...), llama_step(...): see blocks.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/silu.h>
 #include <torch/library.h>
 #include <immintrin.h>
 

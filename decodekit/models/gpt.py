@@ -339,7 +339,8 @@ class GPT(nn.Module):
             return None
         parts += [take(ln_f._parameters, "weight"), take(ln_f._parameters, "bias"), *head[0][1]]
         kinds.append(head[0][0])
-        plan = (kernels.ops.gpt_step, *embeddings, parts, kinds, self.config.n_head, eps.pop(), tanh.pop() if tanh else True)
+        gelu_tanh = tanh.pop() if tanh else True  # (no blocks: either)
+        plan = (kernels.ops.gpt_step, *embeddings, parts, kinds, self.config.n_head, eps.pop(), gelu_tanh)
         return reads.keep(self, plan, input_ids.shape[0])
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles make their own native plan
