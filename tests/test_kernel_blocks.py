@@ -1,7 +1,7 @@
-"""decodekit's native attention step and few-row GPT and Llama blocks (decodekit/kernels): attention
+"""decodekit's native attention step and few-row GPT and Llama steps (decodekit/kernels): attention
 against a float64 reference with each row's key and value written at its own position, batches and
-the engine's slots through the native blocks, and larger batches through the native attention
-layer by layer."""
+the engine's slots through the native steps, larger batches through the native attention layer by
+layer, and the loop's native operators against their torch versions."""
 
 from __future__ import annotations
 

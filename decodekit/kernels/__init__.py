@@ -6,7 +6,7 @@ memory bandwidth there. ``cpu.cpp`` (next to this file) has AVX-512 kernels for 
 weight format: float32, bfloat16 (AVX512-BF16), int8 weights (int16 inputs), and int8 x int8
 (AVX512-VNNI). They read each weight row in order with two accumulators and split rows over
 torch's thread pool. ``blocks.h`` builds on them: attention for one new position per row, and
-a whole GPT step (embeddings, blocks, head) and whole Llama blocks in one call for a step's 1 to 8
+a whole GPT or Llama step (embeddings, blocks, head) in one call for a step's 1 to 8
 rows (the models gather and keep the arguments: :mod:`decodekit.models.native`). Three operators
 serve the decoding loop once a process has loaded the kernels (:func:`logits_ops`,
 :func:`loop_ops`): the greedy argmax, the invalid-logits check and the record of a step's tokens,

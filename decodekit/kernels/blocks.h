@@ -241,6 +241,16 @@ void silu_mul_(at::Tensor& f, const at::Tensor& g) {
   }
 }
 
+// Where each of n projections' tensors start in a whole step's parts (p[0 .. n-1]), the first at
+// `at`, in the formats kinds[0 .. n-1] name; returns the index after the last one's.
+size_t place(const int64_t* kinds, int64_t n, size_t at, size_t* p = nullptr) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (p != nullptr) p[i] = at;
+    at += kParts[kinds[i]];
+  }
+  return at;
+}
+
 // A pre-LayerNorm GPT block for B rows (1 to 8) at one new position each, x [B, C]: x + attn(ln_1(x)),
 // then + mlp(ln_2(x)). parts[at ..]: ln_1 weight and bias, ln_2 weight and bias (each may be None),
 // then the four projections (c_attn, attention c_proj, c_fc, MLP c_proj) in the formats kinds[0 .. 3]
@@ -250,7 +260,7 @@ at::Tensor gpt_layer(const at::Tensor& x, const Parts& parts, size_t at, const i
                      const at::Tensor& values, at::IntArrayRef pos, const at::Tensor& mask, int64_t n_head, double eps,
                      bool tanh) {
   size_t p[4];
-  for (size_t i = 0, next = at + 4; i < 4; next += kParts[kinds[i]], ++i) p[i] = next;
+  place(kinds, 4, at + 4, p);
   const at::Tensor h = layer_norm(x, part(parts, at), part(parts, at + 1), eps);
   const at::Tensor a = attention_step(project(h, kinds[0], parts, p[0]), keys, values, pos, mask, n_head);
   at::Tensor x1 = project(a, kinds[1], parts, p[1]);
@@ -362,8 +372,7 @@ at::Tensor gpt_step(const at::Tensor& ids, const at::Tensor& positions, const st
   size_t at = 0;
   for (int64_t l = 0; l < L; ++l) {
     x = gpt_layer(x, parts, at, kinds.data() + 4 * l, k.select(0, l), v.select(0, l), r.pos, r.mask, n_head, eps, tanh);
-    at += 4;
-    for (int64_t i = 0; i < 4; ++i) at += kParts[kinds[4 * l + i]];
+    at = place(kinds.data() + 4 * l, 4, at + 4);
   }
   return project(layer_norm(x, part(parts, at), part(parts, at + 1), eps), kinds[4 * L], parts, at + 2);
 }
@@ -428,7 +437,7 @@ at::Tensor llama_layer(const at::Tensor& x, const Parts& parts, size_t at, const
   const int64_t Hkv = keys.size(1), D = keys.size(3);
   TORCH_CHECK(n_head % Hkv == 0, "llama_step: n_head must be a multiple of the cache's key/value heads");
   size_t p[7];
-  for (size_t i = 0, next = at + 2; i < 7; next += kParts[kinds[i]], ++i) p[i] = next;
+  place(kinds, 7, at + 2, p);
   const at::Tensor n = rms_norm(x, part(parts, at), eps);
   at::Tensor q = project(n, kinds[0], parts, p[0]), k = project(n, kinds[1], parts, p[1]);
   const at::Tensor v = project(n, kinds[2], parts, p[2]);
@@ -475,8 +484,7 @@ at::Tensor llama_step(const at::Tensor& ids, const at::Tensor& positions, const 
   for (int64_t l = 0; l < L; ++l) {
     x = llama_layer(x, parts, at, kinds.data() + 7 * l, k.select(0, l), v.select(0, l), r.pos, r.position, r.mask,
                     n_head, eps, cos, sin);
-    at += 2;
-    for (int64_t i = 0; i < 7; ++i) at += kParts[kinds[7 * l + i]];
+    at = place(kinds.data() + 7 * l, 7, at + 2);
   }
   return project(rms_norm(x, part(parts, at), eps), kinds[7 * L], parts, at + 1);
 }

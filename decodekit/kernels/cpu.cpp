@@ -1,5 +1,5 @@
 // decodekit's native CPU operators (AVX-512): y = x W^T (+ b) for a decoding step's 1 to 8 rows,
-// and (blocks.h) attention for one new position per row and whole GPT / Llama blocks for 1 to 8 rows.
+// and (blocks.h) attention for one new position per row and whole GPT / Llama steps for 1 to 8 rows.
 //
 // A batch-1 decoding step is a chain of matrix-vector products that each stream a weight from
 // memory once. The row kernels (rows.h) read the weight as one sequential stream, a row at a time
@@ -328,7 +328,7 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const Parts& p, size_t at 
 
 }  // namespace
 
-#include "blocks.h"  // attention and whole blocks, on the products above
+#include "blocks.h"  // attention and whole steps, on the products above
 
 TORCH_LIBRARY(decodekit_cpu, m) {
   m.def("gpt_step(Tensor ids, Tensor positions, Tensor? attention_mask, Tensor? lengths, int length, int span, "

@@ -45,17 +45,24 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
+    def checked_span(self, attention_mask: torch.Tensor | None, T: int) -> int:
+        """``S``, the positions a step of ``T`` new ones attends to, once they fit the cache and
+        ``attention_mask`` is ``[B, S]`` (one-line errors otherwise)."""
+        B, S = self.k.shape[1], self.length + T
+        if S > self.max_length:
+            raise ConfigError(f"cache holds {self.max_length} positions; {S} were needed")
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        if got != (B, S):
+            raise ConfigError(f"attention_mask has shape {got}; expected ({B}, {S})")
+        return S
+
     def attention_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
         """The ``[B, 1, T, S]`` mask for ``T`` new positions: causal, minus the caller's padding.
 
         Each query may attend to earlier real tokens and to itself (so a left-padding row never
         attends to nothing).
         """
-        B, S = self.k.shape[1], self.length + T
-        if S > self.max_length:
-            raise ConfigError(f"cache holds {self.max_length} positions; {S} were needed")
-        if attention_mask.shape != (B, S):
-            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {S})")
+        S = self.checked_span(attention_mask, T)
         if T == 1:  # a decoding step: every cached position is earlier; the new one sees itself
             allowed = attention_mask.bool().clone()
             allowed[:, -1] = True
@@ -120,12 +127,18 @@ class SlotCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
         self.lengths[dst] = self.lengths[src]
 
-    def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
-        """``[B, 1, 1, span]``: each row sees its own positions and the one it writes now."""
+    def checked_span(self, attention_mask: torch.Tensor | None, T: int) -> int:
+        """``span``, the positions a step attends to, once the step is one new position per row
+        and ``span`` fits the cache (one-line errors otherwise)."""
         if T != 1:
             raise ConfigError(f"a slot cache takes one new position per row and step, not {T}")
         if self.span > self.max_length:
             raise ConfigError(f"slot cache holds {self.max_length} positions; {self.span} were needed")
+        return self.span
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """``[B, 1, 1, span]``: each row sees its own positions and the one it writes now."""
+        self.checked_span(attention_mask, T)
         key_pos = torch.arange(self.span, device=self.lengths.device)
         mask = key_pos[None, :] <= self.lengths[:, None]  # [B, span]
         if attention_mask is not None:

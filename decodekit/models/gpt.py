@@ -286,7 +286,7 @@ class GPT(nn.Module):
         :class:`SlotCache`, ``T`` is 1, ``position_ids`` are the rows' lengths, and the cache
         makes the mask itself (``attention_mask`` may be ``None``).
         """
-        plan = self._step_plan(input_ids, cache)
+        plan = self._step_plan(input_ids)
         if plan is not None:  # one position per row, few rows: the whole step in one native call
             return self._native_step(plan, input_ids, position_ids, attention_mask, cache), cache
         allowed = cache.attention_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S] bool
@@ -301,7 +301,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x[:, -1, :])  # [B, C]: only the last position is needed
         return self.lm_head(x).float(), cache
 
-    def _step_plan(self, input_ids: torch.Tensor, cache: KVCache | SlotCache) -> tuple[Any, ...] | None:
+    def _step_plan(self, input_ids: torch.Tensor) -> tuple[Any, ...] | None:
         """The arguments of the native GPT step (decodekit.kernels) if this step can take it: one
         position per row, up to the projections' ``native_rows`` rows, float32 on CPU, every
         projection (the head's too) set to the same native kernels; else ``None``. Kept between
@@ -353,7 +353,7 @@ class GPT(nn.Module):
         of torch's; the kernels' few-row products; attention with each row's new key and value
         written first), the cache advanced."""
         op, wte, wpe, parts, kinds, heads, eps, tanh = plan
-        lengths, length, span, attention_mask = step_cache(cache, attention_mask, input_ids.shape[0])
+        lengths, length, span, attention_mask = step_cache(cache, attention_mask)
         logits = op(input_ids, position_ids, attention_mask, lengths, length, span, wte, wpe, parts, kinds, cache.k,
                     cache.v, heads, eps, tanh)  # fmt: skip
         cache.advance(1)

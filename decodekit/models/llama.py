@@ -271,7 +271,7 @@ class Llama(nn.Module):
         the kernels' few-row products; attention with each row's new key and value written first),
         equal to it to float32 rounding; the cache advanced."""
         op, embeddings, parts, kinds, heads, eps, cos, sin = plan
-        lengths, length, span, attention_mask = step_cache(cache, attention_mask, input_ids.shape[0])
+        lengths, length, span, attention_mask = step_cache(cache, attention_mask)
         logits = op(input_ids, position_ids, attention_mask, lengths, length, span, embeddings, parts, kinds, cache.k,
                     cache.v, heads, eps, cos, sin)  # fmt: skip
         cache.advance(1)
