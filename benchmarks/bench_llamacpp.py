@@ -10,6 +10,10 @@ tokens equal llama.cpp F32's (the first divergence otherwise); and the physical 
 the bandwidth measured here (a 512 MiB tensor copy) and the fraction of it each side reaches.
 ``--model llama`` runs a small Llama's shape instead (``tools/export_gguf.py llama-random``: 12
 layers, width 1024, grouped-query attention, 200M parameters; decodekit's native Llama).
+``--formats`` picks decodekit's weight formats (and so the llama.cpp types they are measured
+against); ``--kv-cache auto,bf16`` runs each of them with both caches (``model.kv_cache``;
+llama.cpp's cache is F16): at long contexts, e.g. ``--new-tokens 384 --batches 8``, the cache is a
+large part of what a step reads.
 
 Runs in its own environment (llama-cpp-python is built from source there, never in CI's):
 
@@ -65,15 +69,27 @@ def bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def decodekit_models(f32: Path) -> dict[str, Any]:
-    """decodekit's contenders: float32 from the F32 file, and bf16 / int8 / w8a8 where load_model has ``weights``."""
+def decodekit_models(f32: Path, formats: list[str], kv_caches: list[str]) -> dict[str, Any]:
+    """decodekit's contenders from the F32 file: ``decodekit <format>`` for each weight format (where
+    load_model has ``weights``), ``decodekit <format> kv=<cache>`` for each cache but ``auto``."""
     from decodekit.models import load_model
 
-    models = {"decodekit float32": load_model(f32, device="cpu")[0]}
-    if "weights" in inspect.signature(load_model).parameters:
-        for weights in ("bf16", "int8", "w8a8"):
-            models[f"decodekit {weights}"] = load_model(f32, device="cpu", weights=weights)[0]
+    settings = inspect.signature(load_model).parameters
+    models = {}
+    for weights in formats:
+        if weights != "float32" and "weights" not in settings:
+            continue
+        for kv in kv_caches:
+            if kv != "auto" and "kv_cache" not in settings:
+                continue
+            kwargs = ({"weights": weights} if weights != "float32" else {}) | ({"kv_cache": kv} if kv != "auto" else {})
+            models[f"decodekit {weights}" + (f" kv={kv}" if kv != "auto" else "")] = load_model(f32, device="cpu", **kwargs)[0]
     return models
+
+
+def peer(name: str) -> str:
+    """The llama.cpp type a decodekit contender is measured against: its weights' size."""
+    return dict(PEERS)[name.split()[1]]
 
 
 def kernels_line() -> str:
@@ -146,6 +162,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the random weights")
     p.add_argument("--model", choices=sorted(MODELS), default="gpt2", help="the random model's shape")
     p.add_argument("--folder", type=Path, default=Path("/tmp/decodekit-bench-gguf"), help="where the GGUF files are kept")
+    p.add_argument("--formats", default="float32,bf16,int8,w8a8", help="decodekit's weight formats (model.weights)")
+    p.add_argument("--kv-cache", default="auto", help="decodekit's caches, e.g. auto,bf16 (model.kv_cache)")
+    p.add_argument("--modes", default=",".join(MODES), help="greedy, top_p or both")
     args = p.parse_args()
     common.setup(args)
     from llamacpp.runner import LlamaCpp
@@ -156,23 +175,25 @@ def main() -> None:
 
     thread_counts = [int(t) for t in args.thread_counts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
     args.folder.mkdir(parents=True, exist_ok=True)
     files = gguf_files(args.folder, args.seed, args.model)
-    ours = decodekit_models(files["F32"])
+    ours = decodekit_models(files["F32"], args.formats.split(","), args.kv_cache.split(","))
+    types = [k for k in LLAMA_TYPES if any(peer(name) == k for name in ours)]
     n, length = args.new_tokens, args.prompt + args.new_tokens
-    theirs = {(k, b): LlamaCpp(files[k], batch=b, length=length, threads=1) for k in LLAMA_TYPES for b in batches}
-    vocab = ours["decodekit float32"].config.vocab_size
+    theirs = {(k, b): LlamaCpp(files[k], batch=b, length=length, threads=1) for k in types for b in batches}
+    vocab = next(iter(ours.values())).config.vocab_size
     ids = torch.randint(0, vocab - 1, (max(batches), args.prompt), generator=torch.Generator().manual_seed(1))
 
     # each format against the llama.cpp type of its size
-    pairs = [(f"decodekit {a}", f"llama.cpp {b}") for a, b in PEERS if f"decodekit {a}" in ours]
+    pairs = [(name, f"llama.cpp {peer(name)}") for name in ours]
     rows, checks, speeds = [], architecture_checks(args.folder, LlamaCpp), {}
     for threads in thread_counts:
         for runner in theirs.values():
             runner.set_threads(threads)
         for batch in batches:
             prompt = ids[:batch]
-            for mode in MODES:
+            for mode in modes:
                 torch.set_num_threads(threads)
                 outputs: dict[str, list[list[int]]] = {}
                 processors, sampler = (TopP(0.9), Multinomial()) if mode == "top_p" else (None, Greedy())
@@ -189,7 +210,7 @@ def main() -> None:
                     return run  # fmt: skip
 
                 contenders = {k: ours_run(m, k) for k, m in ours.items()}
-                contenders |= {f"llama.cpp {k}": theirs_run(k, f"llama.cpp {k}") for k in LLAMA_TYPES}
+                contenders |= {f"llama.cpp {k}": theirs_run(k, f"llama.cpp {k}") for k in types}
                 times = common.round_robin(contenders, repeats=args.repeats, warmup=args.warmup)
                 tps = {k: batch * n / t.median for k, t in times.items()}
                 speeds[threads, batch, mode] = tps
@@ -197,23 +218,23 @@ def main() -> None:
                 print(f"threads {threads}, batch {batch}, {mode}: tok/s {line}", flush=True)
                 rows.append([threads, batch, mode, *(f"{v:.1f}" for v in tps.values()),
                              *(f"{tps[ours_k] / tps[theirs_k]:.2f}x" for ours_k, theirs_k in pairs)])  # fmt: skip
-                if mode == "greedy":
+                if mode == "greedy" and "decodekit float32" in outputs:
                     for key in outputs:
                         if key.startswith("llama.cpp"):
                             same = first_divergence(outputs["decodekit float32"], outputs[key])
                             checks.append(f"threads {threads}, batch {batch}: decodekit float32 vs {key}: {same}")
     print("\n".join(checks))
 
-    names = [*ours, *(f"llama.cpp {k}" for k in LLAMA_TYPES)]
+    names = [*ours, *(f"llama.cpp {k}" for k in types)]
     header = ["threads", "batch", "mode", *(f"{k} tok/s" for k in names),
               *(f"{a.removeprefix('decodekit ')} / {b.removeprefix('llama.cpp ')}" for a, b in pairs)]  # fmt: skip
-    sizes = {k: model_bytes(m) for k, m in ours.items()} | {f"llama.cpp {k}": file_bytes(files[k]) for k in LLAMA_TYPES}
+    sizes = {k: model_bytes(m) for k, m in ours.items()} | {f"llama.cpp {k}": file_bytes(files[k]) for k in types}
     bound_rows = []
     for threads in thread_counts:
         bw = bandwidth(threads)
         for name in names:
             bound = bw / sizes[name]
-            got = speeds[threads, 1, "greedy"][name] if 1 in batches else float("nan")
+            got = speeds[threads, 1, "greedy"][name] if 1 in batches and "greedy" in modes else float("nan")
             bound_rows.append([threads, f"{bw / 1e9:.1f}", name, f"{sizes[name] / 2**20:.0f}", f"{bound:.1f}",
                                f"{got:.1f}", f"{got / bound:.0%}"])  # fmt: skip
     body = "\n\n".join([
@@ -230,7 +251,7 @@ def main() -> None:
         "decodekit against llama.cpp on the same GGUF weights (bench_llamacpp.py)", args, body,
         setup_lines=[f"model: {MODELS[args.model]}, random weights (seed {args.seed}), GGUF F32 / F16 / Q8_0; "
                      f"prompt {args.prompt} tokens, {n} new tokens; llama-cpp-python {llama_cpp.__version__}",
-                     kernels_line()],
+                     kernels_line(), f"decodekit's key/value cache: {args.kv_cache} (model.kv_cache); llama.cpp's: F16, its default"],
     )  # fmt: skip
     for runner in theirs.values():
         runner.close()

@@ -112,6 +112,7 @@ class DefaultModel(BaseModel):
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
     kernels: Literal["auto", "native", "library"] = "auto"
+    kv_cache: Literal["auto", "bf16"] = "auto"
 
 
 class CheckpointModel(BaseModel):
@@ -122,6 +123,7 @@ class CheckpointModel(BaseModel):
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
     kernels: Literal["auto", "native", "library"] = "auto"
+    kv_cache: Literal["auto", "bf16"] = "auto"
 
 
 class GGUFModel(BaseModel):
@@ -131,6 +133,7 @@ class GGUFModel(BaseModel):
     pack_weights: Optional[bool] = None
     weights: Literal["float32", "bf16", "int8", "w8a8"] = "float32"
     kernels: Literal["auto", "native", "library"] = "auto"
+    kv_cache: Literal["auto", "bf16"] = "auto"
 
 
 class ByteTokenizerConfig(BaseModel):

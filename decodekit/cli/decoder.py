@@ -76,12 +76,12 @@ def load_cached(config: CommandConfig) -> tuple[Any, ModelExtras]:
     spec = config.model
     source = "default" if spec["name"] == "default" else spec["path"]
     backend, pack, weights = spec.get("backend", "auto"), spec.get("pack_weights"), spec.get("weights", "float32")
-    kernels = spec.get("kernels", "auto")
-    key = (source, backend, config.device, config.dtype, pack, weights, kernels)
+    kernels, kv_cache = spec.get("kernels", "auto"), spec.get("kv_cache", "auto")
+    key = (source, backend, config.device, config.dtype, pack, weights, kernels, kv_cache)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory
         _LOADED[key] = load_model(source, device=config.device, dtype=config.dtype, backend=backend, pack_weights=pack,
-                                  weights=weights, kernels=kernels)
+                                  weights=weights, kernels=kernels, kv_cache=kv_cache)
     return _LOADED[key]
 
 

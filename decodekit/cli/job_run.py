@@ -58,6 +58,6 @@ def run_job_command(config: CommandConfig) -> None:
     model = ModelSpec(
         source="default" if spec["name"] == "default" else spec["path"], device=config.device, dtype=config.dtype,
         backend=spec.get("backend", "auto"), pack_weights=spec.get("pack_weights"), weights=spec.get("weights", "float32"),
-        kernels=spec.get("kernels", "auto"), tokenizer=dict(config.tokenizer),
+        kernels=spec.get("kernels", "auto"), kv_cache=spec.get("kv_cache", "auto"), tokenizer=dict(config.tokenizer),
     )  # fmt: skip
     run_job(job, model, decoding)

@@ -90,6 +90,8 @@ def settings_help(registry: Registry) -> str:
     lines.append("  model.kernels          auto | native | library        a CPU step's few rows through decodekit's AVX-512 kernels")
     lines.append("                                                        (built once on first use) or the library's (default auto:")
     lines.append("                                                        native where they run)")
+    lines.append("  model.kv_cache         auto | bf16                    how the key/value cache is stored: bf16 halves its bytes")
+    lines.append("                                                        (native GPT and Llama; default auto: the model's dtype)")
     lines.append("  tokenizer.path         str                            tokenizer.json or folder (tokenizer=json / tokenizer=hf)")
     lines.append("")
     lines.append("Processor settings (null = off; set one to put its processor in the chain), in chain order:")

@@ -37,14 +37,17 @@ class ModelSpec:
     pack_weights: bool | None = None
     weights: str = "float32"  # float32 | bf16 | int8 | w8a8 (decodekit.models.weights)
     kernels: str = "auto"  # auto | native | library (decodekit.kernels)
+    kv_cache: str = "auto"  # auto | bf16 (decodekit.models.cache)
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
 
     def label(self) -> str:
         """The model as a job's signature names it: ``default`` or the checkpoint's absolute path,
-        with ``[weights=bf16]`` / ``[weights=int8]`` after it for a reduced weight format (so a job
-        is not resumed in another format)."""
+        with ``[weights=bf16]`` / ``[weights=int8]`` after it for a reduced weight format and
+        ``[kv_cache=bf16]`` for a bfloat16 cache (so a job is not resumed in another format)."""
         name = self.source if self.source == "default" else str(Path(self.source).resolve())
-        return name if self.weights == "float32" else f"{name} [weights={self.weights}]"
+        if self.weights != "float32":
+            name += f" [weights={self.weights}]"
+        return name if self.kv_cache == "auto" else f"{name} [kv_cache={self.kv_cache}]"
 
     def load(self) -> tuple[Any, Any, str]:
         """``(model, tokenizer or None, the model's name for the output rows)``."""
@@ -53,7 +56,7 @@ class ModelSpec:
 
         model, extras = load_model(
             self.source, device=self.device, dtype=self.dtype, backend=self.backend, pack_weights=self.pack_weights,
-            weights=self.weights, kernels=self.kernels,
+            weights=self.weights, kernels=self.kernels, kv_cache=self.kv_cache,
         )  # fmt: skip
         tokenizer = make_tokenizer(self.tokenizer, extras, needed=False)
         return model, tokenizer, str(extras.source)

@@ -8,7 +8,8 @@
 //       positions, grouped-query attention, SwiGLU).
 //
 // Each row's arithmetic is the same whatever the other rows: the products sum each row alone, and
-// attention takes each row and head alone.
+// attention takes each row and head alone. The key / value cache is float32 or bfloat16
+// (model.kv_cache=bf16: each new key and value rounded once as it is written, read widened to float32).
 #pragma once
 
 namespace {
@@ -34,27 +35,51 @@ inline __m512 exp16(__m512 x) {
 
 // Where each row's new keys / values come from and go: row b's queries [H, D] at q + b * q_row, its
 // new keys and values [Hkv, D] at k + b * k_row and v + b * v_row; the cache keys / values [B, Hkv,
-// L, D] with strides st; the new position pos[b]; mask [B, S] additive (-inf hides a position).
+// L, D] (float32, or bfloat16 where bf16) with strides st; the new position pos[b]; mask [B, S]
+// additive (-inf hides a position).
 struct Step {
   const float *q, *k, *v;
   int64_t q_row, k_row, v_row;
-  float *keys, *values;
+  void *keys, *values;
+  bool bf16;
   const int64_t* st;
   int64_t B, H, Hkv, D, S;
   const int64_t* pos;
   const float* mask;
 };
 
+// A cache's values, float32 or bfloat16 (a float32's upper 16 bits): 16 of them as float32, and a
+// row of D float32 values stored, rounded to bfloat16 as torch rounds (nearest even; NaN stays NaN).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_row(const float* x, float* out, int64_t D) { std::copy(x, x + D, out); }
+inline void store_row(const float* x, uint16_t* out, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = mask16(D - d);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + d);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm512_mask_cvtepi32_storeu_epi16(out + d, m, r);
+  }
+}
+
 // One query per row and head against positions 0 .. S-1 of the row's cache, after each row's new
 // keys and values are written: softmax(q k^T / sqrt(D) + mask) v in float32, query head h reading
-// key / value head h / (H / Hkv). y: [B, H * D].
-void attend(const Step& a, float* y) {
+// key / value head h / (H / Hkv). y: [B, H * D]. T: the cache's values (float, or uint16_t for bfloat16).
+template <typename T>
+void attend_as(const Step& a, float* y) {
   const int64_t D = a.D, S = a.S, group = a.H / a.Hkv;
+  T* const keys = static_cast<T*>(a.keys);
+  T* const values = static_cast<T*>(a.values);
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t g = 0; g < a.Hkv; ++g) {
       const int64_t at = b * a.st[0] + g * a.st[1] + a.pos[b] * a.st[2];
-      std::copy(a.k + b * a.k_row + g * D, a.k + b * a.k_row + (g + 1) * D, a.keys + at);
-      std::copy(a.v + b * a.v_row + g * D, a.v + b * a.v_row + (g + 1) * D, a.values + at);
+      store_row(a.k + b * a.k_row + g * D, keys + at, D);
+      store_row(a.v + b * a.v_row + g * D, values + at, D);
     }
   const float scale = 1.f / std::sqrt((float)D);
   at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) {
@@ -62,16 +87,16 @@ void attend(const Step& a, float* y) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / a.H, h = i % a.H;
       const float* add = a.mask + b * S;
-      const float* kh = a.keys + b * a.st[0] + (h / group) * a.st[1];
-      const float* vh = a.values + b * a.st[0] + (h / group) * a.st[1];
+      const T* kh = keys + b * a.st[0] + (h / group) * a.st[1];
+      const T* vh = values + b * a.st[0] + (h / group) * a.st[1];
       const float* q = a.q + b * a.q_row + h * D;
       float top = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
-        const float* k = kh + s * a.st[2];
+        const T* k = kh + s * a.st[2];
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
           const __mmask16 m = mask16(D - d);
-          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + d), acc);
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16(k + d, m), acc);
         }
         p[s] = _mm512_reduce_add_ps(acc) * scale + add[s];
         top = std::max(top, p[s]);
@@ -91,11 +116,11 @@ void attend(const Step& a, float* y) {
         for (int64_t s = 0; s < S; ++s) {
           if (p[s] == 0.f) continue;  // a hidden position (whatever its row of the cache holds)
           const __m512 w = _mm512_set1_ps(p[s]);
-          const float* v = vh + s * a.st[2] + d;
-          a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m0, v), a0);
-          a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m1, v + 16), a1);
-          a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m2, v + 32), a2);
-          a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m3, v + 48), a3);
+          const T* v = vh + s * a.st[2] + d;
+          a0 = _mm512_fmadd_ps(w, load16(v, m0), a0);
+          a1 = _mm512_fmadd_ps(w, load16(v + 16, m1), a1);
+          a2 = _mm512_fmadd_ps(w, load16(v + 32, m2), a2);
+          a3 = _mm512_fmadd_ps(w, load16(v + 48, m3), a3);
         }
         _mm512_mask_storeu_ps(out + d, m0, _mm512_div_ps(a0, total));
         _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, total));
@@ -106,12 +131,15 @@ void attend(const Step& a, float* y) {
   });
 }
 
+void attend(const Step& a, float* y) { a.bf16 ? attend_as<uint16_t>(a, y) : attend_as<float>(a, y); }
+
 // the checks every attention step makes; returns the step's rows B and span S
 std::pair<int64_t, int64_t> check_cache(const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef pos,
                                         const at::Tensor& mask, const char* op) {
-  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
-                  keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.stride(3) == 1,
-              op, ": keys and values must be float32 [B, H, L, D] caches of the same layout");
+  TORCH_CHECK((keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16) &&
+                  values.scalar_type() == keys.scalar_type() && keys.dim() == 4 && keys.sizes() == values.sizes() &&
+                  keys.strides() == values.strides() && keys.stride(3) == 1,
+              op, ": keys and values must be float32 or bfloat16 [B, H, L, D] caches of the same dtype and layout");
   const int64_t B = keys.size(0), S = mask.size(-1);
   TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && mask.numel() == B * S && S <= keys.size(2),
               op, ": mask must be a contiguous float32 [B, S] with S at most the cache's length");
@@ -134,8 +162,8 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& keys, const a
   at::Tensor y = at::empty({B, C}, qkv.options());
   const float* p = qkv.data_ptr<float>();
   const int64_t st[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
-  attend({p, p + C, p + 2 * C, 3 * C, 3 * C, 3 * C, keys.data_ptr<float>(), values.data_ptr<float>(), st, B, n_head,
-          n_head, keys.size(3), S, pos.data(), mask.data_ptr<float>()},
+  attend({p, p + C, p + 2 * C, 3 * C, 3 * C, 3 * C, keys.data_ptr(), values.data_ptr(),
+          keys.scalar_type() == at::kBFloat16, st, B, n_head, n_head, keys.size(3), S, pos.data(), mask.data_ptr<float>()},
          y.data_ptr<float>());
   return y;
 }
@@ -448,8 +476,8 @@ at::Tensor llama_layer(const at::Tensor& x, const Parts& parts, size_t at, const
   at::Tensor a = at::empty({B, n_head * D}, x.options());
   const int64_t st[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
   attend({q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), n_head * D, Hkv * D, Hkv * D,
-          keys.data_ptr<float>(), values.data_ptr<float>(), st, B, n_head, Hkv, D, S, pos.data(),
-          mask.data_ptr<float>()},
+          keys.data_ptr(), values.data_ptr(), keys.scalar_type() == at::kBFloat16, st, B, n_head, Hkv, D, S,
+          pos.data(), mask.data_ptr<float>()},
          a.data_ptr<float>());
   at::Tensor h = project(a, kinds[3], parts, p[3]);
   add_(h, x);

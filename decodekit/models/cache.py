@@ -16,7 +16,11 @@ import torch
 
 from decodekit.errors import ConfigError
 
-__all__ = ["KVCache", "SlotCache"]
+__all__ = ["KV_CACHE", "KVCache", "SlotCache", "check_kv_cache", "set_kv_cache"]
+
+# How a model's cache stores keys and values: "auto" in the model's dtype, "bf16" in bfloat16 (half
+# the bytes of float32: at long contexts and in large batches the cache is most of what a step reads).
+KV_CACHE = {"auto": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -77,9 +81,9 @@ class KVCache:
         """Store ``T`` new positions' keys and values ``[B, H, T, D]``; all so far ``[B, H, S, D]``."""
         start, n = self.length, k.shape[2]
         keys, values = self._layers[layer]  # [B, H, max_length, D]
-        keys.narrow(2, start, n).copy_(k)
+        keys.narrow(2, start, n).copy_(k)  # rounded to the cache's dtype (nearest even) if it differs
         values.narrow(2, start, n).copy_(v)
-        return keys.narrow(2, 0, start + n), values.narrow(2, 0, start + n)
+        return keys.narrow(2, 0, start + n).to(k.dtype), values.narrow(2, 0, start + n).to(v.dtype)
 
     def advance(self, T: int) -> None:
         self.length += T
@@ -148,19 +152,37 @@ class SlotCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new key and value ``[B, H, 1, D]`` at its own length."""
         index = self.lengths.view(-1, 1, 1, 1).expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[layer, :, :, : self.span].to(k.dtype), self.v[layer, :, :, : self.span].to(v.dtype)
 
     def advance(self, T: int) -> None:
         self.lengths += T
 
 
+def check_kv_cache(kv_cache: Any) -> None:
+    if not isinstance(kv_cache, str) or kv_cache not in KV_CACHE:
+        raise ConfigError(f"kv_cache={kv_cache!r} is not allowed: must be one of {', '.join(map(repr, KV_CACHE))}")
+
+
+def set_kv_cache(model: Any, kv_cache: str) -> None:
+    """Store ``model``'s keys and values as ``kv_cache`` says (:data:`KV_CACHE`) in the caches it
+    makes from now on. Attention reads them back in the model's dtype: a bfloat16 cache rounds
+    each key and value once, when it is written."""
+    check_kv_cache(kv_cache)
+    if kv_cache != "auto" and not hasattr(model, "kv_dtype"):
+        raise ConfigError(f"kv_cache={kv_cache!r}: {type(model).__name__} keeps a cache of its own; "
+                          "only the native GPT and Llama store theirs in another dtype (use kv_cache='auto')")  # fmt: skip
+    if hasattr(model, "kv_dtype"):
+        model.kv_dtype = KV_CACHE[kv_cache]
+
+
 def empty_cache(model: Any, batch_size: int, max_length: int, heads: int, head_dim: int) -> KVCache:
-    """An empty :class:`KVCache` ``[n_layer, B, heads, max_length, head_dim]`` in ``model``'s device
-    and dtype; ``max_length`` beyond the model's ``config.block_size`` is one line."""
+    """An empty :class:`KVCache` ``[n_layer, B, heads, max_length, head_dim]`` on ``model``'s device,
+    in its ``kv_dtype`` (:func:`set_kv_cache`) or else its dtype; ``max_length`` beyond the model's
+    ``config.block_size`` is one line."""
     if max_length > model.config.block_size:
         raise ConfigError(f"max_length={max_length} exceeds the model's block_size={model.config.block_size}")
     shape = (model.config.n_layer, batch_size, heads, max_length, head_dim)
-    k = torch.zeros(shape, device=model.device, dtype=model.dtype)
+    k = torch.zeros(shape, device=model.device, dtype=getattr(model, "kv_dtype", None) or model.dtype)
     return KVCache(k=k, v=torch.zeros_like(k), length=0)

@@ -174,6 +174,7 @@ class GPT(nn.Module):
         """``init=False`` skips GPT-2's weight initialisation (the loader fills every weight)."""
         super().__init__()
         self.config = config
+        self.kv_dtype: torch.dtype | None = None  # the caches' dtype; None: the model's (set_kv_cache)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),

@@ -179,6 +179,7 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, *, freq_factors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
+        self.kv_dtype: torch.dtype | None = None  # the caches' dtype; None: the model's (set_kv_cache)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)

@@ -40,6 +40,7 @@ import torch
 
 from decodekit.errors import ConfigError, ModelLoadError
 from decodekit.kernels import check_kernels, use_kernels
+from decodekit.models.cache import check_kv_cache, set_kv_cache
 from decodekit.models.checkpoints import (
     ModelExtras,
     folder_safetensors,
@@ -103,6 +104,7 @@ def load_model(
     pack_weights: bool | None = None,
     weights: str = "float32",
     kernels: str = "auto",
+    kv_cache: str = "auto",
 ) -> tuple[CausalLM, ModelExtras]:
     """Load a model and what its checkpoint says about itself.
 
@@ -126,14 +128,18 @@ def load_model(
         kernels: which kernels a CPU decoding step's few rows take (:mod:`decodekit.kernels`):
             ``"auto"`` (decodekit's native AVX-512 ones where they can run, built once on first
             use; the library's otherwise), ``"native"`` (those or an error) or ``"library"``.
+        kv_cache: how the key / value cache is stored (:func:`~decodekit.models.cache.set_kv_cache`):
+            ``"auto"`` (in the model's dtype) or ``"bf16"`` (half the bytes of float32; the native
+            GPT and Llama only).
 
     Returns:
         ``(model, extras)``: a model in eval mode following
         :class:`~decodekit.models.protocol.CausalLM`, and :class:`ModelExtras`.
 
     Raises:
-        ConfigError: a bad ``device``, ``dtype``, ``backend``, ``weights`` or ``kernels``
-            (``"native"`` where they cannot run).
+        ConfigError: a bad ``device``, ``dtype``, ``backend``, ``weights``, ``kernels``
+            (``"native"`` where they cannot run) or ``kv_cache`` (``"bf16"`` for a model that keeps
+            its own cache).
         ModelLoadError: a missing file, an unknown name, an unrecognised or unsafe
             checkpoint, or weights that do not fit their config.
     """
@@ -141,7 +147,9 @@ def load_model(
         raise ConfigError(f"pack_weights={pack_weights!r} is not allowed: must be true, false or null")
     check_weights(weights)
     check_kernels(kernels)
+    check_kv_cache(kv_cache)
     model, extras = _load(source, device, dtype, backend)
+    set_kv_cache(model, kv_cache)
     if pack_weights is not None:
         model.pack_weights(pack_weights)
     convert_model_weights(model, weights)
