@@ -119,7 +119,7 @@ def test_every_strategy_builds_its_chain_and_sampler(registry: Registry, strateg
 def test_defaults_are_the_embedded_model_and_nucleus(registry: Registry) -> None:
     with hydra_context():
         _, config = compose_config([], registry)
-    assert config.model == {"name": "default", "pack_weights": None, "weights": "float32", "kernels": "auto"}
+    assert config.model == {"name": "default", "pack_weights": None, "weights": "float32", "kernels": "auto", "kv_cache": "auto"}
     assert config.tokenizer == {"kind": "auto"}
     assert config.strategy == "nucleus" and config.sampler == "multinomial"
     preset = strategy_preset(registry, "nucleus")

@@ -64,8 +64,12 @@ def test_attention_step_refuses_bad_arguments_in_one_line() -> None:
         NATIVE.ops.attention_step(qkv, keys, keys.clone(), [1], mask, 2)
     with pytest.raises(RuntimeError, match="qkv must be a contiguous float32 CPU tensor of 2 rows of 24 values"):
         NATIVE.ops.attention_step(torch.zeros(2, 23), keys, keys.clone(), [1, 1], mask, 2)
-    with pytest.raises(RuntimeError, match="caches of the same layout"):
+    with pytest.raises(RuntimeError, match=r"float32 or bfloat16 \[B, H, L, D\] caches of the same dtype and layout"):
         NATIVE.ops.attention_step(qkv, keys, torch.zeros(2, 2, 7, 4), [1, 1], mask, 2)
+    with pytest.raises(RuntimeError, match="caches of the same dtype and layout"):  # bfloat16 keys, float32 values
+        NATIVE.ops.attention_step(qkv, keys.bfloat16(), keys.clone(), [1, 1], mask, 2)
+    with pytest.raises(RuntimeError, match="caches of the same dtype and layout"):  # float16: neither
+        NATIVE.ops.attention_step(qkv, keys.half(), keys.half(), [1, 1], mask, 2)
 
 
 def test_a_nan_input_row_gives_nan_outputs_through_w8a8() -> None:
