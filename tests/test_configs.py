@@ -204,6 +204,7 @@ BAD = [
     (["seed=4294967296"], ["seed=4294967296 is not allowed", "must be < 4294967296"]),
     (["overwrite=true", "append=true"], ["overwrite=true and append=true: give one"]),
     (["model.weights=int4"], ["model.weights='int4' is not allowed", "'float32', 'bf16', 'int8' or 'w8a8'"]),
+    (["model.kv_cache=fp8"], ["model.kv_cache='fp8' is not allowed", "'auto' or 'bf16'"]),
 ]
 
 
