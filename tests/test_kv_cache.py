@@ -194,3 +194,26 @@ def test_the_embedded_models_logits_and_perplexity_stay_close_to_the_float32_cac
     assert error.max() > 0  # the cache really is rounded
     assert error.max() < 0.1 and top1 > 0.99, (error.max(), top1)
     assert abs(ppl["bf16"] / ppl["auto"] - 1) < 0.002, ppl
+
+
+def test_a_large_cache_is_on_huge_pages_and_decodes_as_an_ordinary_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import decodekit.models.cache as cache_module
+    from decodekit.kernels import HUGE_ZEROS, huge_pages_available
+
+    if not huge_pages_available():
+        pytest.skip("no transparent huge pages here")
+    model, _ = load_model("default", device="cpu")
+    small, large = model.new_cache(1, 16), model.new_cache(64, 256)  # 18 KiB and 72 MiB of keys
+    assert large.k.numel() * 4 >= HUGE_ZEROS > small.k.numel() * 4
+    assert large.k.data_ptr() % (2 << 20) == 0 and large.v.data_ptr() % (2 << 20) == 0 and large.k.is_contiguous()
+    assert small.k.data_ptr() % (2 << 20) != 0 or small.k.untyped_storage().nbytes() < (2 << 20)
+    assert not large.k.any() and not large.v.any()
+    ids = torch.randint(1, 250, (64, 12), generator=torch.Generator().manual_seed(5))
+    made = []
+    real = cache_module.huge_zeros
+    monkeypatch.setattr(cache_module, "huge_zeros", lambda *args: made.append(real(*args)) or made[-1])
+    huge = generate(model, ids, max_new_tokens=20, output_scores=True)
+    assert len(made) == 2 and all(t is not None and t.data_ptr() % (2 << 20) == 0 for t in made)  # keys, values
+    monkeypatch.setattr(cache_module, "huge_zeros", lambda *args: None)
+    plain = generate(model, ids, max_new_tokens=20, output_scores=True)
+    assert torch.equal(huge.tokens, plain.tokens) and all(torch.equal(x, y) for x, y in zip(huge.scores, plain.scores))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import mmap
 import os
 import platform
@@ -47,7 +48,8 @@ import torch
 
 from decodekit.errors import ConfigError
 
-__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "logits_ops", "loop_ops", "native_kernels", "use_kernels"]
+__all__ = ["KERNELS", "Kernels", "check_kernels", "huge_pages", "huge_zeros", "logits_ops", "loop_ops", "native_kernels",
+           "use_kernels"]
 
 logger = logging.getLogger("decodekit")
 
@@ -221,6 +223,34 @@ def huge_pages_available() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and ("[always]" in mode or "[madvise]" in mode)
 
 
+def huge_block(nbytes: int) -> torch.Tensor:
+    """``nbytes`` zero bytes (``uint8``) from a 2 MB boundary, in memory that asks Linux for 2 MB pages
+    before its first touch (so they are made huge); the mapping lives as long as any view of it."""
+    arena = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(arena, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE
+    return raw[start : start + nbytes]
+
+
+HUGE_ZEROS = 8 << 20  # smaller tensors keep ordinary pages (a touched huge page is 2 MB zeroed)
+_huge_here: list[bool] = []
+
+
+def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A zero CPU tensor on 2 MB pages where Linux offers them and it takes ``HUGE_ZEROS`` bytes or more
+    (``None`` otherwise). A key/value cache is read in short runs, one per row and head, each
+    starting anew for the prefetchers; on 4 KB pages each run crosses a page every 4 KB (measured:
+    12 layers of GPT-2 124M's attention at 8 rows of 200 positions, 8.6 ms on 4 KB pages, 6.6 on
+    huge ones; a bfloat16 cache 5.8 and 4.7)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_ZEROS:
+        return None
+    if not _huge_here:
+        _huge_here.append(huge_pages_available())
+    return huge_block(nbytes).view(dtype).view(shape) if _huge_here[0] else None
+
+
 def huge_pages(module: Any) -> int:
     """Move the weights ``module``'s native kernels stream into one block of memory backed
     by 2 MB pages; returns the bytes moved (0 where Linux has no transparent huge pages).
@@ -258,13 +288,10 @@ def huge_pages(module: Any) -> int:
         total += -(-t.numel() * t.element_size() // 64) * 64  # each tensor on a cache line
     if total == 0:
         return 0
-    arena = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are made huge
-    raw = torch.frombuffer(arena, dtype=torch.uint8)  # holds the mapping for as long as any view lives
-    start = -raw.data_ptr() % _HUGE
+    block = huge_block(total)
     for (where, t), offset in zip(moves, offsets):
         n = t.numel() * t.element_size()
-        moved = raw[start + offset : start + offset + n].view(t.dtype).view(t.shape)
+        moved = block[offset : offset + n].view(t.dtype).view(t.shape)
         moved.copy_(t)
         if isinstance(where, nn.Parameter):
             where.data = moved

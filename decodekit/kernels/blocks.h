@@ -67,9 +67,21 @@ inline void store_row(const float* x, uint16_t* out, int64_t D) {
   }
 }
 
+// Asks for the cache lines of position s of a head's keys or values (rows of D values, `stride` apart).
+template <typename T>
+inline void fetch_row(const T* rows, int64_t stride, int64_t s, int64_t D) {
+  const char* at = (const char*)(rows + s * stride);
+  for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64) _mm_prefetch(at + b, _MM_HINT_T0);
+}
+constexpr int64_t kAheadRows = 16;  // positions of keys asked for ahead of the one in use
+
 // One query per row and head against positions 0 .. S-1 of the row's cache, after each row's new
 // keys and values are written: softmax(q k^T / sqrt(D) + mask) v in float32, query head h reading
 // key / value head h / (H / Hkv). y: [B, H * D]. T: the cache's values (float, or uint16_t for bfloat16).
+// The cache comes from memory (a step's weights evict it), in short runs: each row and head's keys,
+// then its values. Reading a head's keys asks for its keys kAheadRows on and its values; reading
+// its values, for the next head's first keys (measured: 12 layers of GPT-2 124M's attention, 8 rows
+// of 200 positions from memory, 6.7 -> 6.0 ms with a float32 cache, 4.7 -> 3.8 with bfloat16).
 template <typename T>
 void attend_as(const Step& a, float* y) {
   const int64_t D = a.D, S = a.S, group = a.H / a.Hkv;
@@ -84,14 +96,19 @@ void attend_as(const Step& a, float* y) {
   const float scale = 1.f / std::sqrt((float)D);
   at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(S);
+    const auto head = [&](int64_t i, T* cache) { return cache + i / a.H * a.st[0] + i % a.H / group * a.st[1]; };
+    for (int64_t s = 0; s < std::min(S, kAheadRows); ++s) fetch_row(head(i0, keys), a.st[2], s, D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / a.H, h = i % a.H;
       const float* add = a.mask + b * S;
-      const T* kh = keys + b * a.st[0] + (h / group) * a.st[1];
-      const T* vh = values + b * a.st[0] + (h / group) * a.st[1];
+      const T* kh = head(i, keys);
+      const T* vh = head(i, values);
+      const T* next = i + 1 < i1 ? head(i + 1, keys) : nullptr;
       const float* q = a.q + b * a.q_row + h * D;
       float top = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
+        if (s + kAheadRows < S) fetch_row(kh, a.st[2], s + kAheadRows, D);
+        fetch_row(vh, a.st[2], s, D);
         const T* k = kh + s * a.st[2];
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
@@ -114,6 +131,7 @@ void attend_as(const Step& a, float* y) {
         const __mmask16 m0 = mask16(D - d), m1 = mask16(D - d - 16), m2 = mask16(D - d - 32), m3 = mask16(D - d - 48);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t s = 0; s < S; ++s) {
+          if (d == 0 && next != nullptr && s < kAheadRows) fetch_row(next, a.st[2], s, D);
           if (p[s] == 0.f) continue;  // a hidden position (whatever its row of the cache holds)
           const __m512 w = _mm512_set1_ps(p[s]);
           const T* v = vh + s * a.st[2] + d;

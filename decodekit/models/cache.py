@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import ConfigError
+from decodekit.kernels import huge_zeros
 
 __all__ = ["KV_CACHE", "KVCache", "SlotCache", "check_kv_cache", "set_kv_cache"]
 
@@ -184,5 +185,8 @@ def empty_cache(model: Any, batch_size: int, max_length: int, heads: int, head_d
     if max_length > model.config.block_size:
         raise ConfigError(f"max_length={max_length} exceeds the model's block_size={model.config.block_size}")
     shape = (model.config.n_layer, batch_size, heads, max_length, head_dim)
-    k = torch.zeros(shape, device=model.device, dtype=getattr(model, "kv_dtype", None) or model.dtype)
+    dtype, device = getattr(model, "kv_dtype", None) or model.dtype, model.device
+    if device.type == "cpu" and (k := huge_zeros(shape, dtype)) is not None:  # large: on 2 MB pages
+        return KVCache(k=k, v=huge_zeros(shape, dtype), length=0)
+    k = torch.zeros(shape, device=device, dtype=dtype)
     return KVCache(k=k, v=torch.zeros_like(k), length=0)
