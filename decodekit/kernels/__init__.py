@@ -34,6 +34,7 @@ results are the same bits (integer sums, the same scales).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -234,7 +235,6 @@ def huge_block(nbytes: int) -> torch.Tensor:
 
 
 HUGE_ZEROS = 8 << 20  # smaller tensors keep ordinary pages (a touched huge page is 2 MB zeroed)
-_huge_here: list[bool] = []
 
 
 def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -244,11 +244,14 @@ def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | Non
     12 layers of GPT-2 124M's attention at 8 rows of 200 positions, 8.6 ms on 4 KB pages, 6.6 on
     huge ones; a bfloat16 cache 5.8 and 4.7)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HUGE_ZEROS:
+    if nbytes < HUGE_ZEROS or not _huge_pages_here():
         return None
-    if not _huge_here:
-        _huge_here.append(huge_pages_available())
-    return huge_block(nbytes).view(dtype).view(shape) if _huge_here[0] else None
+    return huge_block(nbytes).view(dtype).view(shape)
+
+
+@functools.cache
+def _huge_pages_here() -> bool:  # read once: every cache asks
+    return huge_pages_available()
 
 
 def huge_pages(module: Any) -> int:
