@@ -166,6 +166,10 @@ def main() -> None:
     p.add_argument("--kv-cache", default="auto", help="decodekit's caches, e.g. auto,bf16 (model.kv_cache)")
     p.add_argument("--modes", default=",".join(MODES), help="greedy, top_p or both")
     args = p.parse_args()
+    for option, given, allowed in (("--formats", args.formats, dict(PEERS)), ("--kv-cache", args.kv_cache, ("auto", "bf16")),
+                                   ("--modes", args.modes, MODES)):  # fmt: skip
+        if not set(given.split(",")) <= set(allowed):
+            p.error(f"{option}={given}: each must be one of {', '.join(allowed)}")
     common.setup(args)
     from llamacpp.runner import LlamaCpp
 
