@@ -3,7 +3,8 @@
 The one prepared script of issue 17 for a machine with a CUDA GPU (CI never runs it). In one run:
 
 1. correctness: a small native GPT and Llama (float32) decode the same greedy tokens on the CPU,
-   on the device with the default cache and on the device with ``static_cache=True``; GPT-2 124M
+   on the device with the default cache and on the device with ``static_cache=True``, with a
+   float32 and with a bfloat16 key/value cache (``kv_cache="bf16"``); GPT-2 124M
    (random weights, bf16) against transformers' greedy tokens on the same weights, the first
    divergence reported where their kernels differ;
 2. no host sync in the steady state: a static-cache run with ``check_every`` beyond its length
@@ -64,6 +65,7 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def correctness(device: torch.device) -> list[str]:
     import decodekit
+    from decodekit.models.cache import set_kv_cache
     from decodekit.models.gpt import GPT, GPTConfig
     from decodekit.models.llama import Llama, LlamaConfig
 
@@ -75,12 +77,15 @@ def correctness(device: torch.device) -> list[str]:
     }
     ids = torch.randint(0, 512, (4, 12), generator=torch.Generator().manual_seed(1))
     for name, model in small.items():
-        cpu = decodekit.generate(model, ids, max_new_tokens=48).tokens
-        on = model.to(device)
-        dynamic = decodekit.generate(on, ids.to(device), max_new_tokens=48).tokens.cpu()
-        static = decodekit.generate(on, ids.to(device), max_new_tokens=48, static_cache=True).tokens.cpu()
-        lines.append(f"small {name} float32, 48 greedy tokens at batch 4: {device} default vs CPU {first_divergence(dynamic, cpu)}; "
-                     f"{device} static vs CPU {first_divergence(static, cpu)}")  # fmt: skip
+        for kv_cache in ("auto", "bf16"):  # bf16: keys and values rounded as written (model.kv_cache=bf16)
+            set_kv_cache(model.cpu(), kv_cache)
+            cpu = decodekit.generate(model, ids, max_new_tokens=48).tokens
+            on = model.to(device)
+            dynamic = decodekit.generate(on, ids.to(device), max_new_tokens=48).tokens.cpu()
+            static = decodekit.generate(on, ids.to(device), max_new_tokens=48, static_cache=True).tokens.cpu()
+            lines.append(f"small {name} float32, kv_cache={kv_cache}, 48 greedy tokens at batch 4: {device} default vs CPU "
+                         f"{first_divergence(dynamic, cpu)}; {device} static vs CPU {first_divergence(static, cpu)}")  # fmt: skip
+        set_kv_cache(model, "auto")
     return lines
 
 
