@@ -42,6 +42,7 @@ def test_a_scripted_session_sets_reports_clears_and_ends_at_end_of_input(model_a
         "ab",                                      # greedy: 'aaaa'
         "/status",
         "/clear",
+        "/set threads=1",                          # the threads the next texts decode on
         "/status",
         "/sett x",
     ]) + "\n"  # fmt: skip
@@ -54,9 +55,10 @@ def test_a_scripted_session_sets_reports_clears_and_ends_at_end_of_input(model_a
     for command in ("/help", "/set", "/status", "/clear", "/quit"):
         assert re.search(rf"^(> )?  {command} +\S", out, flags=re.MULTILINE), command
     assert "ok: strategy=greedy max_new_tokens=4" in out
-    statuses = re.findall(r"^(?:> )?model: .*\nstrategy: (\S+) .*\n.*\nmax_new_tokens=(\d+) .*\n.*\ntext: (\d+) characters", out, flags=re.MULTILINE)
-    # after the first turn, after the second ('ab' typed + 'aaaa'), after /clear
-    assert statuses == [("greedy", "4", "10"), ("greedy", "4", "16"), ("greedy", "4", "0")]
+    statuses = re.findall(r"^(?:> )?model: .*, (cpu with \d+ threads?), .*\nstrategy: (\S+) .*\n.*\nmax_new_tokens=(\d+) .*\n.*\ntext: (\d+) characters", out, flags=re.MULTILINE)
+    # after the first turn, after the second ('ab' typed + 'aaaa'), after /clear and threads=1
+    assert [s[1:] for s in statuses] == [("greedy", "4", "10"), ("greedy", "4", "16"), ("greedy", "4", "0")]
+    assert statuses[2][0] == "cpu with 1 thread" and statuses[0][0] == statuses[1][0], statuses
     assert re.search(r"^> aaaa\n", out, flags=re.MULTILINE)
     assert "(the session's text is cleared)" in out
     assert run.stderr.splitlines() == [

@@ -185,6 +185,8 @@ REFUSED = [
                         "(temperature=0: greedy); beam search and plugin samplers are not supported in jobs"),
     (["job.part_size=0"], "job.part_size=0 is not allowed: must be >= 1"),
     (["job.ray.num_cpus=true"], "job.ray.num_cpus=True is not allowed: must be a number, not a boolean"),
+    (["job.runner=ray", "threads=2"], "threads=2: a Ray job's actors each decode on job.ray.num_cpus threads; "
+                                      "set job.ray.num_cpus instead"),
     (["job.outptu=o"], "job.outptu: job has no key 'outptu' (did you mean 'output'?); its keys: input, output, "
                        "runner, format, part_size, slots, logprobs, logprobs_mode, progress_every, ray"),
 ]  # fmt: skip

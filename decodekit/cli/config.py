@@ -75,6 +75,7 @@ class CommandConfig(BaseModel):
     temperature_last: bool = Field(False, description="run temperature after every other processor")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model precision")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads decoding uses; null = torch's default")
     output_file: Optional[str] = Field(None, description="JSONL file, one object per sample")
     overwrite: bool = Field(False, description="replace an output_file that exists")
     append: bool = Field(False, description="add to an output_file that exists")

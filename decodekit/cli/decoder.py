@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from decodekit.cli.config import CommandConfig
+from decodekit.cli.summary import placement
 from decodekit.errors import ConfigError
 from decodekit.models import ModelExtras, load_model
 from decodekit.processors.base import BuildContext, ProcessorChain
@@ -19,6 +22,13 @@ from decodekit.registry import Registry
 from decodekit.tokenization import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 
 _LOADED: dict[tuple[Any, ...], tuple[Any, ModelExtras]] = {}  # the model last loaded (a sweep's jobs reuse it)
+OWN_THREADS = torch.get_num_threads()  # torch's count when the command started: what threads=null decodes on
+
+
+def use_threads(threads: int | None) -> None:
+    """Decode on ``threads`` CPU threads (``None``: torch's own count), for this run and what follows
+    it in the process (a sweep's next job, the session's next text) until another says otherwise."""
+    torch.set_num_threads(OWN_THREADS if threads is None else threads)
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Decoder:
             settings, processor_order=config.processor_order, temperature_last=config.temperature_last, context=context
         )
         sampler = registry.build_sampler(config.sampler, settings, context=context)
+        use_threads(config.threads)
         return cls(config, model, extras, tokenizer, chain, sampler, eos)
 
     @property
@@ -65,9 +76,9 @@ class Decoder:
         return bool(getattr(self.sampler, "drives_loop", False))
 
     def describe(self) -> str:
-        """``/path/model.safetensors (safetensors, 257 tokens, cpu, torch.float32); tokenizer: ByteTokenizer``."""
+        """``/path/model.safetensors (safetensors, 257 tokens, cpu with 2 threads, torch.float32); tokenizer: ByteTokenizer``."""
         tok = type(self.tokenizer).__name__ if self.tokenizer is not None else "none"
-        shape = f"{self.extras.format}, {self.model.vocab_size} tokens, {self.model.device}, {self.model.dtype}"
+        shape = f"{self.extras.format}, {self.model.vocab_size} tokens, {placement(self.model.device)}, {self.model.dtype}"
         return f"{self.extras.source} ({shape}); tokenizer: {tok}"
 
 

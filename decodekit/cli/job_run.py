@@ -10,6 +10,7 @@ and stop strings. Keys that make no sense for a job (a prompt, ``num_samples``, 
 from __future__ import annotations
 
 from decodekit.cli.config import CommandConfig
+from decodekit.cli.decoder import use_threads
 from decodekit.errors import ConfigError
 from decodekit.jobs.local import Decoding, ModelSpec, run_job
 from decodekit.jobs.spec import parse_job
@@ -53,7 +54,11 @@ def run_job_command(config: CommandConfig) -> None:
     """Run or resume the job ``config.job`` describes."""
     job = parse_job(config.job)
     job.check()
+    if config.threads is not None and job.runner == "ray":
+        raise ConfigError(f"threads={config.threads}: a Ray job's actors each decode on job.ray.num_cpus threads; "
+                          "set job.ray.num_cpus instead")  # fmt: skip
     decoding = job_decoding(config)
+    use_threads(config.threads)
     spec = config.model
     model = ModelSpec(
         source="default" if spec["name"] == "default" else spec["path"], device=config.device, dtype=config.dtype,

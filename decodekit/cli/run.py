@@ -181,7 +181,7 @@ def run(config: CommandConfig, registry: Registry, *, heading: str | None = None
         print(f"=== {heading} ===", flush=True)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
     prompts = read_prompts(config) if config.prompt_tokens is None else []
-    summary = RunSummary.for_run(config)
+    summary = RunSummary.for_run(config, decoder.model.device)
     try:
         if config.score:
             run_score(decoder, prompts, out, writer)
