@@ -215,8 +215,10 @@ def use_kernels(model: Any, kernels: str = "auto") -> Any:
 _HUGE = 2 << 20  # a transparent huge page on x86-64
 
 
+@functools.cache
 def huge_pages_available() -> bool:
-    """Whether Linux hands out transparent huge pages to memory that asks (``always`` or ``madvise``)."""
+    """Whether Linux hands out transparent huge pages to memory that asks (``always`` or ``madvise``);
+    read once a process (every large cache asks)."""
     try:
         mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
@@ -244,14 +246,9 @@ def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | Non
     12 layers of GPT-2 124M's attention at 8 rows of 200 positions, 8.6 ms on 4 KB pages, 6.6 on
     huge ones; a bfloat16 cache 5.8 and 4.7)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HUGE_ZEROS or not _huge_pages_here():
+    if nbytes < HUGE_ZEROS or not huge_pages_available():
         return None
     return huge_block(nbytes).view(dtype).view(shape)
-
-
-@functools.cache
-def _huge_pages_here() -> bool:  # read once: every cache asks
-    return huge_pages_available()
 
 
 def huge_pages(module: Any) -> int:
